@@ -1,0 +1,42 @@
+# Two entry points for a fresh machine: `make demo` and `make test`; both run `make setup` first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+DEMO   := demo
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: setup demo test bench allen-env clean
+
+setup: $(VENV)/.installed
+
+# torch is installed first and pinned, so nothing pulls a multi-GB CUDA build on a CPU machine
+# (2.13.0 is the CPU wheel on disk here; on a GPU machine pip takes the CUDA build of the same release).
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	rm -rf $(DEMO)
+	$(PY) -m ingest synth --out $(DEMO)/nwb --sessions 6 --seed 0
+	$(PY) -m ingest run --src $(DEMO)/nwb --out $(DEMO)/store --workers 2
+	$(PY) -m shards ls $(DEMO)/store
+	$(PY) -m shards verify $(DEMO)/store
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/ingest.py
+
+# allensdk pins numpy<1.24 and pynwb 2.8: it gets an environment of its own, used only to download.
+allen-env: .venv-allen/.installed
+.venv-allen/.installed:
+	$(PYTHON) -m venv .venv-allen
+	.venv-allen/bin/pip install -q allensdk==2.16.2 "hdmf<4" "statsmodels<0.15"
+	touch $@
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

@@ -1,0 +1,307 @@
+"""``python -m ingest run``: NWB files -> shards + Parquet tables, one Ray task per file.
+
+Resumability is by source checksum: when a file's shards are all published, its
+task writes ``_ingest/done/<sha256>.json`` (the rows it contributes to the
+tables). A rerun skips any file whose marker exists, and the tables are always
+rebuilt from the markers, so an interrupted run followed by a rerun gives the
+same tables as an uninterrupted run. A file that fails is reported (one line,
+naming it), its published shards are removed, and the others carry on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import traceback
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from shards import manifest
+from shards.store import Store, is_remote
+from shards.writer import RecordShardWriter, sha256_file
+
+from .chunks import ChunkConfig, record_samples
+from .records import IngestError, SessionRecord
+from .regions import safe_component
+from .splits import SplitConfig, assign_splits
+
+DONE_DIR = "_ingest/done"
+FAILURES = "_ingest/failures.json"
+CONFIG = "_ingest/config.json"
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    chunk_s: float = 10.0
+    shard_bytes: int = 64 << 20
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["split"]["fractions"] = list(d["split"]["fractions"])
+        return d
+
+
+@dataclass
+class Source:
+    uri: str  # local path or s3://...
+    session_id: str
+
+
+@dataclass
+class IngestSummary:
+    ok: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+    tables: manifest.StoreTables | None = None
+    seconds: float = 0.0
+    source_bytes: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+# ---- discovery -------------------------------------------------------------------------------
+def discover(src: str) -> list[Source]:
+    """Every ``*.nwb`` under src (sorted), each with a session id that is a safe path component
+    and unique in this listing (duplicated stems get a short hash of their relative path)."""
+    if is_remote(src):
+        store = Store(src)
+        uris = [store.url(rel) for rel in store.list("", ".nwb")]
+        rels = [u[len(store.url("")) + 1:] for u in uris]
+    else:
+        root = Path(src)
+        if root.is_file():
+            uris, rels = [str(root.resolve())], [root.name]
+        elif root.is_dir():
+            files = sorted(p for p in root.rglob("*.nwb") if p.is_file())
+            uris, rels = [str(p.resolve()) for p in files], [str(p.relative_to(root)) for p in files]
+        else:
+            raise FileNotFoundError(f"{src}: no such file or directory")
+    ids = [safe_component(Path(r).stem) for r in rels]
+    counts = Counter(ids)
+    out = []
+    for uri, rel, sid in zip(uris, rels, ids):
+        if counts[sid] > 1:
+            import hashlib
+
+            sid = f"{sid}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
+        out.append(Source(uri, sid))
+    return out
+
+
+# ---- one file (runs inside a Ray task) -----------------------------------------------------------
+def _record_rows(rec: SessionRecord, sha: str, splits: dict) -> tuple[dict, list[dict]]:
+    session = {
+        "session_id": rec.session_id,
+        "modality": rec.modality,
+        "region": rec.region,
+        "subject": rec.subject,
+        "n_units": len(rec.unit_ids),
+        "duration_s": rec.duration_s,
+        "t_start": rec.t_start,
+        "t_end": rec.t_end,
+        "tasks": rec.tasks,
+        "source_file": rec.source_file,
+        "source_sha256": sha,
+        "splits": json.dumps({k: [list(iv) for iv in v] for k, v in splits.items()}),
+        "warnings": list(rec.warnings),
+    }
+    units = []
+    for i, local in enumerate(rec.unit_ids):
+        row = {
+            "unit_id": f"{rec.session_id}/{local}",
+            "session_id": rec.session_id,
+            "modality": rec.modality,
+            "region": rec.region,
+            "local_id": local,
+        }
+        for k, col in rec.unit_meta.items():
+            if k not in row:
+                row[k] = col[i]
+        units.append(row)
+    return session, units
+
+
+def ingest_file(source: Source, store_uri: str, config: IngestConfig) -> dict:
+    """Ingest one NWB file; never raises for bad input (returns status 'failed' and a reason)."""
+    from .readers import open_records  # imported here: heavy (pynwb), and only workers need it
+
+    t0 = time.perf_counter()
+    store = Store(store_uri)
+    local, tmp_download = source.uri, None
+    writers: list[RecordShardWriter] = []
+    try:
+        if is_remote(source.uri):
+            fd, tmp_download = tempfile.mkstemp(suffix=".nwb")
+            os.close(fd)
+            Store(source.uri.rsplit("/", 1)[0]).fs.get_file(source.uri[len("s3://"):], tmp_download)
+            local = tmp_download
+        size = os.path.getsize(local)
+        sha = sha256_file(local)
+        marker = f"{DONE_DIR}/{sha}.json"
+        if store.exists(marker):
+            return {"status": "skipped", "source": source.uri, "bytes": size, "seconds": time.perf_counter() - t0}
+        sessions, units = [], []
+        with open_records(local, source.session_id) as records:
+            for rec in records:
+                rec.source_file = source.uri
+                splits = assign_splits(rec.session_id, rec.region, rec.t_start, rec.t_end, rec.stimuli, config.split)
+                w = RecordShardWriter(store, rec.modality, rec.region, rec.session_id, config.shard_bytes)
+                writers.append(w)
+                for split, sample in record_samples(rec, splits, ChunkConfig(config.chunk_s)):
+                    w.add(split, sample)
+                w.close()
+                s_row, u_rows = _record_rows(rec, sha, splits)
+                sessions.append(s_row)
+                units += u_rows
+        done = {
+            "source": source.uri,
+            "source_sha256": sha,
+            "session_id": source.session_id,
+            "sessions": sessions,
+            "units": units,
+            "shards": [r for w in writers for r in w.shard_rows],
+            "chunks": [r for w in writers for r in w.chunk_rows],
+        }
+        store.write_bytes(marker, json.dumps(done, sort_keys=True).encode())
+        return {"status": "ok", "source": source.uri, "bytes": size, "seconds": time.perf_counter() - t0,
+                "warnings": [w for s in sessions for w in s["warnings"]]}
+    except Exception as exc:  # one bad file must not stop the others
+        for w in writers:
+            w.abort()
+            for row in w.shard_rows:
+                store.remove(row["path"])
+        reason = str(exc) if isinstance(exc, IngestError) else f"{type(exc).__name__}: {exc}"
+        result = {"status": "failed", "source": source.uri, "reason": reason.splitlines()[0] if reason else type(exc).__name__,
+                  "seconds": time.perf_counter() - t0}
+        if not isinstance(exc, IngestError):
+            result["traceback"] = traceback.format_exc()
+        return result
+    finally:
+        if tmp_download and os.path.exists(tmp_download):
+            os.remove(tmp_download)
+
+
+# ---- tables -------------------------------------------------------------------------------------
+def rebuild_tables(store: Store) -> manifest.StoreTables:
+    """All tables from the done markers; deterministic (rows sorted inside write_table)."""
+    rows: dict[str, list[dict]] = defaultdict(list)
+    for rel in store.list(DONE_DIR, ".json"):
+        done = json.loads(store.read_bytes(rel))
+        rows[manifest.MANIFEST] += done["shards"]
+        rows[manifest.SESSIONS] += done["sessions"]
+        rows[manifest.UNITS] += done["units"]
+        rows[manifest.CHUNKS] += done["chunks"]
+    # manifest last: its presence means the other tables are complete
+    tables = {name: manifest.write_table(store, name, rows[name])
+              for name in (manifest.SESSIONS, manifest.UNITS, manifest.CHUNKS, manifest.MANIFEST)}
+    return manifest.StoreTables(tables[manifest.MANIFEST], tables[manifest.SESSIONS],
+                                tables[manifest.UNITS], tables[manifest.CHUNKS])
+
+
+def _check_config(store: Store, config: IngestConfig) -> None:
+    want = config.to_json()
+    if store.exists(CONFIG):
+        have = json.loads(store.read_bytes(CONFIG))
+        if have != want:
+            raise ValueError(
+                f"{store.url(CONFIG)}: this store was ingested with different settings {have}; "
+                f"use a new --out (or the same settings) so shards stay consistent"
+            )
+    else:
+        store.write_bytes(CONFIG, json.dumps(want, sort_keys=True).encode())
+
+
+# ---- driver ---------------------------------------------------------------------------------------
+def ensure_ray(workers: int) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    kwargs: dict = {"address": address, "logging_level": "ERROR", "log_to_driver": False, "include_dashboard": False}
+    if address == "local":
+        kwargs.update(num_cpus=workers, object_store_memory=256 << 20)
+    ray.init(**kwargs)
+
+
+def run_ingest(src: str, out: str, workers: int = 2, config: IngestConfig = IngestConfig(),
+               progress: bool = True) -> IngestSummary:
+    import ray
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    store = Store(out)
+    sources = discover(src)
+    if not sources:
+        raise FileNotFoundError(f"{src}: no .nwb files found")
+    store.clean_tmp()
+    _check_config(store, config)
+    ensure_ray(workers)
+    task = ray.remote(num_cpus=1, max_retries=2)(ingest_file)
+    summary = IngestSummary()
+    pending: dict = {}
+    it = iter(sources)
+    bar = tqdm(total=len(sources), unit="file", desc="ingest", disable=not progress)
+
+    def submit() -> None:
+        for s in it:
+            pending[task.remote(s, out, config)] = s
+            if len(pending) >= 2 * workers:
+                return
+
+    submit()
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            source = pending.pop(ref)
+            try:
+                res = ray.get(ref)
+            except Exception as exc:  # the worker itself died (OOM kill, segfault) after retries
+                res = {"status": "failed", "source": source.uri, "reason": f"worker died: {type(exc).__name__}"}
+            summary.source_bytes += res.get("bytes", 0)
+            if res["status"] == "ok":
+                summary.ok.append(source.uri)
+            elif res["status"] == "skipped":
+                summary.skipped.append(source.uri)
+            else:
+                summary.failed.append({"file": source.uri, "reason": res["reason"]})
+                bar.write(f"FAILED {source.uri}: {res['reason']}")
+            bar.update(1)
+        submit()
+    bar.close()
+    store.write_bytes(FAILURES, json.dumps(sorted(summary.failed, key=lambda f: f["file"]), indent=1).encode())
+    summary.tables = rebuild_tables(store)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def format_summary(summary: IngestSummary, out: str) -> str:
+    """The one-screen summary: files, then sessions/units/samples/MB per modality and region."""
+    t = summary.tables
+    lines = [f"ingest: {len(summary.ok)} ingested, {len(summary.skipped)} already done, "
+             f"{len(summary.failed)} failed in {summary.seconds:.1f} s -> {out}"]
+    if t is not None and t.manifest.num_rows:
+        sessions = t.sessions.to_pandas()
+        shards = t.manifest.to_pandas()
+        g_s = sessions.groupby(["modality", "region"]).agg(records=("session_id", "count"), units=("n_units", "sum"))
+        g_m = shards.groupby(["modality", "region"]).agg(shards=("path", "count"), samples=("n_samples", "sum"),
+                                                         mb=("n_bytes", lambda b: b.sum() / 1e6))
+        table = g_s.join(g_m, how="outer").fillna(0)
+        lines.append(f"{'modality':9} {'region':10} {'records':>7} {'units':>7} {'shards':>7} {'samples':>8} {'MB':>9}")
+        for (mod, reg), r in table.iterrows():
+            lines.append(f"{mod:9} {reg:10} {int(r.records):7d} {int(r.units):7d} {int(r.shards):7d} "
+                         f"{int(r.samples):8d} {r.mb:9.2f}")
+        tot = table.sum()
+        lines.append(f"{'total':9} {'':10} {int(tot.records):7d} {int(tot.units):7d} {int(tot.shards):7d} "
+                     f"{int(tot.samples):8d} {tot.mb:9.2f}")
+    for f in summary.failed:
+        lines.append(f"FAILED {f['file']}: {f['reason']}")
+    if summary.failed:
+        lines.append(f"failures written to {Store(out).url(FAILURES)}")
+    return "\n".join(lines)

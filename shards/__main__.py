@@ -1,0 +1,61 @@
+"""``python -m shards {ls,verify}``: look at and check a shard store."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import manifest
+from .store import Store
+
+
+def cmd_ls(store: Store) -> int:
+    t = manifest.load(store)
+    shards = t.manifest.to_pandas()
+    sessions = t.sessions.to_pandas()
+    print(f"store {store.uri}: {sessions.session_id.nunique()} sessions, {len(sessions)} records, "
+          f"{t.units.num_rows} units, {len(shards)} shards, {int(shards.n_samples.sum()) if len(shards) else 0} samples, "
+          f"{shards.n_bytes.sum() / 1e6 if len(shards) else 0:.1f} MB")
+    if not len(shards):
+        return 0
+    print(f"{'modality':9} {'region':10} {'sessions':>8} {'units':>6} {'train':>6} {'valid':>6} {'test':>6} {'MB':>8}")
+    per_split = shards.pivot_table(index=["modality", "region"], columns="split", values="n_samples",
+                                   aggfunc="sum", fill_value=0)
+    mb = shards.groupby(["modality", "region"]).n_bytes.sum() / 1e6
+    recs = sessions.groupby(["modality", "region"]).agg(sessions=("session_id", "nunique"), units=("n_units", "sum"))
+    for key, r in recs.iterrows():
+        counts = [int(per_split.loc[key].get(s, 0)) if key in per_split.index else 0 for s in ("train", "valid", "test")]
+        print(f"{key[0]:9} {key[1]:10} {int(r.sessions):8d} {int(r.units):6d} {counts[0]:6d} {counts[1]:6d} "
+              f"{counts[2]:6d} {mb.get(key, 0.0):8.2f}")
+    print("(train/valid/test: samples = chunks per split)")
+    return 0
+
+
+def cmd_verify(store: Store) -> int:
+    from .verify import verify_store
+
+    n, problems = verify_store(store, progress=sys.stderr.isatty())
+    for p in problems:
+        print(f"BAD {store.url(p.path)}: {p.reason}")
+    print(f"verify: {n} shards checked, {len(problems)} problems")
+    return 1 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m shards", description="Inspect and check a shard store.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, text in (("ls", "sessions/shards by modality and region"),
+                       ("verify", "every shard against the manifest (exit 1 and name the bad shard)")):
+        sp = sub.add_parser(name, help=text, description=text)
+        sp.add_argument("store", help="local folder or s3://bucket/prefix")
+    a = p.parse_args(argv)
+    store = Store(a.store)
+    try:
+        return {"ls": cmd_ls, "verify": cmd_verify}[a.cmd](store)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

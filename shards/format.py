@@ -1,0 +1,123 @@
+"""The sample format inside a shard, shared by the writer (ingest) and the readers.
+
+A sample is one chunk: ``<key>.json`` plus ``<key>.<array>.npy`` members, written
+as plain ustar entries with fixed metadata (mtime 0, uid 0, mode 0644) so the
+same input always gives byte-identical shards (and equal sha256 on a rerun).
+Stock ``webdataset`` reads them; every array loads with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+EPHYS_ARRAYS = ("spike_times", "spike_units")
+OPHYS_ARRAYS = ("frame_times", "dff")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Sample:
+    """One chunk of one record: metadata (JSON-able) and named numpy arrays."""
+
+    key: str
+    meta: dict
+    arrays: dict[str, np.ndarray]
+
+
+def encode_npy(arr: np.ndarray) -> bytes:
+    if arr.dtype == object:
+        raise TypeError("object arrays would need pickle; refusing to write one")
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def members(sample: Sample) -> list[tuple[str, bytes]]:
+    """Tar members of a sample, JSON first (readers can route on metadata before arrays)."""
+    out = [(f"{sample.key}.json", json.dumps(sample.meta, separators=(",", ":"), sort_keys=True).encode())]
+    for name in sorted(sample.arrays):
+        out.append((f"{sample.key}.{name}.npy", encode_npy(sample.arrays[name])))
+    return out
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+class TarSampleWriter:
+    """Appends samples to an open binary file as a tar; records each sample's byte range,
+    so a reader can fetch one sample with a single ranged GET."""
+
+    def __init__(self, fileobj):
+        self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT)
+        self.offsets: list[tuple[int, int]] = []
+
+    def write(self, sample: Sample) -> tuple[int, int]:
+        start = self._tar.offset
+        for name, data in members(sample):
+            self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+        end = self._tar.offset
+        self.offsets.append((start, end))
+        return start, end
+
+    def close(self) -> None:
+        self._tar.close()
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """``key.suffix`` as webdataset splits it: key up to the first dot of the basename."""
+    base = name.rsplit("/", 1)[-1]
+    key, _, suffix = base.partition(".")
+    return key, suffix
+
+
+def iter_tar_samples(fileobj) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group a tar stream's members into samples by key, in order (raw bytes, nothing decoded)."""
+    current: str | None = None
+    group: dict[str, bytes] = {}
+    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, suffix = split_member_name(info.name)
+            f = tar.extractfile(info)
+            data = f.read() if f is not None else b""
+            if key != current and group:
+                yield current, group  # type: ignore[misc]
+                group = {}
+            current = key
+            group[suffix] = data
+    if group:
+        yield current, group  # type: ignore[misc]
+
+
+def decode_sample(key: str, group: dict[str, bytes]) -> Sample:
+    """Decode one sample's raw members (JSON + .npy only; anything else is an error)."""
+    if "json" not in group:
+        raise ValueError(f"sample {key}: no .json member")
+    meta = json.loads(group["json"])
+    arrays = {}
+    for suffix, data in group.items():
+        if suffix == "json":
+            continue
+        if not suffix.endswith(".npy"):
+            raise ValueError(f"sample {key}: unexpected member .{suffix}")
+        arrays[suffix[: -len(".npy")]] = decode_npy(data)
+    return Sample(key=key, meta=meta, arrays=arrays)
+

@@ -1,0 +1,123 @@
+"""The store's tables: manifest (shards), sessions (records), units, chunks (samples).
+
+``manifest.parquet``, ``sessions.parquet`` and ``units.parquet`` are the design
+contract. ``chunks.parquet`` is our addition (docs/store.md): one row per sample
+with its byte range in the shard, so the stream can plan windows and fetch a
+single sample with one ranged GET without listing or opening any shard.
+
+Each table has a fixed schema (declared once here) so an empty store and a full
+one have the same columns, and files are written atomically through the Store.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .store import Store
+
+MANIFEST = "manifest.parquet"
+SESSIONS = "sessions.parquet"
+UNITS = "units.parquet"
+CHUNKS = "chunks.parquet"
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("modality", pa.string()),
+        ("region", pa.string()),
+        ("session_id", pa.string()),
+        ("split", pa.string()),
+        ("n_samples", pa.int64()),
+        ("n_bytes", pa.int64()),
+        ("sha256", pa.string()),
+        ("t_start", pa.float64()),
+        ("t_end", pa.float64()),
+    ]
+)
+SESSIONS_SCHEMA = pa.schema(
+    [
+        ("session_id", pa.string()),
+        ("modality", pa.string()),
+        ("region", pa.string()),
+        ("subject", pa.string()),
+        ("n_units", pa.int64()),
+        ("duration_s", pa.float64()),
+        ("t_start", pa.float64()),
+        ("t_end", pa.float64()),
+        ("tasks", pa.list_(pa.string())),
+        ("source_file", pa.string()),
+        ("source_sha256", pa.string()),
+        ("splits", pa.string()),  # JSON: {"train": [[a, b], ...], "valid": [...], "test": [...]}
+        ("warnings", pa.list_(pa.string())),
+    ]
+)
+CHUNKS_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("key", pa.string()),
+        ("session_id", pa.string()),
+        ("modality", pa.string()),
+        ("region", pa.string()),
+        ("split", pa.string()),
+        ("t_start", pa.float64()),
+        ("t_end", pa.float64()),
+        ("offset", pa.int64()),
+        ("length", pa.int64()),
+        ("n_units", pa.int64()),
+        ("n_events", pa.int64()),  # spikes (EPhys) or kept frames (OPhys)
+        ("n_queries", pa.int64()),  # labelled presentations overlapping the chunk
+    ]
+)
+# units.parquet: these columns first, then whatever each file says of its units (as strings).
+UNITS_BASE = ("unit_id", "session_id", "modality", "region", "local_id")
+
+TABLE_SCHEMAS = {MANIFEST: MANIFEST_SCHEMA, SESSIONS: SESSIONS_SCHEMA, CHUNKS: CHUNKS_SCHEMA}
+SORT_KEYS = {
+    MANIFEST: ["path"],
+    SESSIONS: ["session_id", "modality", "region"],
+    CHUNKS: ["path", "offset"],
+    UNITS: ["unit_id", "region"],
+}
+
+
+def to_table(name: str, rows: list[dict]) -> pa.Table:
+    """Rows -> table with the declared schema (units: base columns + sorted extras, as strings)."""
+    rows = sorted(rows, key=lambda r: tuple(r[k] for k in SORT_KEYS[name]))
+    if name in TABLE_SCHEMAS:
+        schema = TABLE_SCHEMAS[name]
+        return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
+    extras = sorted({k for r in rows for k in r} - set(UNITS_BASE))
+    cols = list(UNITS_BASE) + extras
+    schema = pa.schema([(c, pa.string()) for c in cols])
+    data = [{c: (None if r.get(c) is None else str(r[c])) for c in cols} for r in rows]
+    return pa.Table.from_pylist(data, schema=schema)
+
+
+def write_table(store: Store, name: str, rows: list[dict]) -> pa.Table:
+    table = to_table(name, rows)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    store.write_bytes(name, buf.getvalue())
+    return table
+
+
+def read_table(store: Store, name: str) -> pa.Table:
+    if not store.exists(name):
+        raise FileNotFoundError(f"{store.url(name)}: missing (is {store.uri} a shard store? run `python -m ingest run`)")
+    return pq.read_table(io.BytesIO(store.read_bytes(name)))
+
+
+@dataclass
+class StoreTables:
+    manifest: pa.Table
+    sessions: pa.Table
+    units: pa.Table
+    chunks: pa.Table
+
+
+def load(store: Store) -> StoreTables:
+    return StoreTables(*(read_table(store, n) for n in (MANIFEST, SESSIONS, UNITS, CHUNKS)))
