@@ -271,7 +271,8 @@ def run_ingest(src: str, out: str, workers: int = 2, config: IngestConfig = Inge
                 summary.skipped.append(source.uri)
             else:
                 summary.failed.append({"file": source.uri, "reason": res["reason"]})
-                bar.write(f"FAILED {source.uri}: {res['reason']}")
+                if progress:
+                    bar.write(f"FAILED {source.uri}: {res['reason']}")
             bar.update(1)
         submit()
     bar.close()
