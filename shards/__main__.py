@@ -41,6 +41,25 @@ def cmd_verify(store: Store) -> int:
     return 1 if problems else 0
 
 
+def cmd_mix(store: Store, a: argparse.Namespace) -> int:
+    import json
+
+    from .report import mix_report
+    from .stream import StreamConfig
+
+    config = StreamConfig(store=store.uri, mix=a.mix, batch_size=a.batch_size, seed=a.seed, window_s=a.window_s)
+    report = mix_report(config, a.batches, a.world_size, progress=not a.json and sys.stderr.isatty())
+    if a.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{'selector':28} {'requested':>9} {'realised':>9} {'windows':>8}")
+    for name, r in report["selectors"].items():
+        print(f"{name:28} {r['requested']:9.4f} {r['realised']:9.4f} {r['windows']:8d}")
+    t = report["tokens_per_batch"]
+    print(f"batches per rank: {report['batches_per_rank']}   tokens per batch: mean {t['mean']:.0f}, max {t['max']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m shards", description="Inspect and check a shard store.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -48,10 +67,25 @@ def main(argv: list[str] | None = None) -> int:
                        ("verify", "every shard against the manifest (exit 1 and name the bad shard)")):
         sp = sub.add_parser(name, help=text, description=text)
         sp.add_argument("store", help="local folder or s3://bucket/prefix")
+    mp = sub.add_parser("mix", help="requested vs realised mixture fractions, batches per rank, tokens per batch",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    mp.add_argument("store", help="local folder or s3://bucket/prefix")
+    mp.add_argument("--mix", required=True, help="selectors modality[/region[/session]]=weight, comma separated")
+    mp.add_argument("--batch-size", type=int, default=32)
+    mp.add_argument("--batches", type=int, default=50, help="batches per rank to draw")
+    mp.add_argument("--seed", type=int, default=0)
+    mp.add_argument("--world-size", type=int, default=1)
+    mp.add_argument("--window-s", type=float, default=1.0)
+    mp.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
     store = Store(a.store)
     try:
+        if a.cmd == "mix":
+            return cmd_mix(store, a)
         return {"ls": cmd_ls, "verify": cmd_verify}[a.cmd](store)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -149,3 +149,35 @@ def test_s3_store_round_trip_on_a_real_s3_server(s3_bucket):
 def test_missing_manifest_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest.parquet: missing"):
         manifest.read_table(Store(str(tmp_path)), manifest.MANIFEST)
+
+
+def test_lean_reader_decodes_exactly_what_tarfile_decodes(tmp_path):
+    from shards.fastread import iter_samples
+
+    store = Store(str(tmp_path / "s"))
+    w = write_record(store, ophys_record()[0])
+    for row in w.shard_rows:
+        data = store.read_bytes(row["path"])
+        ref = [decode_sample(k, g) for k, g in iter_tar_samples(io.BytesIO(data))]
+        got = list(iter_samples(data))
+        assert [s.key for s in got] == [s.key for s in ref]
+        for a, b in zip(got, ref):
+            assert a.meta == b.meta and a.arrays.keys() == b.arrays.keys()
+            for k in a.arrays:
+                assert a.arrays[k].dtype == b.arrays[k].dtype
+                np.testing.assert_array_equal(a.arrays[k], b.arrays[k])
+
+
+def test_lean_reader_rejects_a_damaged_header_and_a_pickled_array(tmp_path):
+    from shards.fastread import CorruptShard, iter_samples, npy_view
+
+    store = Store(str(tmp_path / "s"))
+    w = write_record(store, ephys_record())
+    data = bytearray(store.read_bytes(w.shard_rows[0]["path"]))
+    data[130] ^= 0x01  # inside the first header's size field
+    with pytest.raises(CorruptShard, match="checksum"):
+        list(iter_samples(bytes(data)))
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(CorruptShard, match="object arrays"):
+        npy_view(memoryview(buf.getvalue()))

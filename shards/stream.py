@@ -1,0 +1,257 @@
+"""The streaming dataset: planned mixture windows -> packed batches, local or s3://.
+
+``MixtureStream`` is a torch ``IterableDataset`` whose items are whole packed
+batches (docs/batch.md): DataLoader workers hand over one contiguous batch at a
+time, never single samples. What each (rank, worker, batch) reads comes from the
+epoch plan (``shards.plan``); a worker only fetches, decodes, cuts and packs.
+
+``StreamLoader`` wraps the DataLoader and owns the resumable state: the epoch and
+the number of global windows consumed (by batches the training loop actually
+received), plus the corrupt-sample count. Resuming on another world size or
+worker count continues the same global order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from . import manifest
+from .fastread import iter_samples
+from .mixture import Selector, assign, parse_mix
+from .plan import Plan, PlanConfig, _rng, plan_eval, plan_train_epoch
+from .store import Store
+from .tokens import DecodedChunk, TokenConfig, Vocab, pack, window_tokens
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    store: str
+    mix: str = "ephys=1,ophys=1"
+    split: str = "train"
+    batch_size: int = 32
+    window_s: float = 1.0
+    seed: int = 0
+    epoch_windows: int | None = None
+    shuffle_window: int = 256
+    unit_dropout: bool | None = None  # None: on for train, off otherwise
+    sessions_include: tuple[str, ...] = ()
+    sessions_exclude: tuple[str, ...] = ()
+    strict: bool = False  # raise on a corrupt sample instead of skipping it
+    error_budget: float = 0.01  # lenient mode: fraction of an epoch's windows that may be skipped
+    decoded_cache: int = 128  # decoded chunks kept per worker
+    cache_bytes: int = 1 << 30  # S3 byte-range cache per worker
+    fetch_threads: int = 8
+    prefetch_batches: int = 4
+    check_shards: bool = True  # verify every planned shard exists before training starts
+
+    def plan_config(self) -> PlanConfig:
+        return PlanConfig(window_s=self.window_s, epoch_windows=self.epoch_windows, shuffle_window=self.shuffle_window,
+                          seed=self.seed, sessions_include=tuple(self.sessions_include),
+                          sessions_exclude=tuple(self.sessions_exclude))
+
+
+class CorruptSampleError(RuntimeError):
+    pass
+
+
+class MixtureStream(IterableDataset):
+    """Packed batches of one rank's share of an epoch; see module docstring."""
+
+    def __init__(self, config: StreamConfig, *, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        self.store = Store(config.store)
+        tables = manifest.load(self.store)
+        self.chunks: pd.DataFrame = tables.chunks.to_pandas()
+        # plain arrays for the per-window hot path (pandas row access costs ~50 us)
+        self._paths = self.chunks.path.to_numpy()
+        self._keys = self.chunks.key.to_numpy()
+        self._offsets = self.chunks.offset.to_numpy()
+        self._lengths = self.chunks.length.to_numpy()
+        self.vocab = Vocab.from_tables(tables.units.to_pandas(), tables.sessions.to_pandas())
+        self.selectors: list[Selector] = parse_mix(config.mix) if config.split == "train" else []
+        self._validate(tables.manifest.to_pandas())
+        self.epoch = 0
+        self.start_window = 0
+        self._fetcher = None
+
+    # ---- checks before any training starts ---------------------------------------------------------
+    def _validate(self, shards: pd.DataFrame) -> None:
+        c = self.chunks
+        if not len(c):
+            raise ValueError(f"{self.store.uri}: the store holds no samples")
+        if self.config.split == "train":
+            train = c[c.split == "train"]
+            assign(self.selectors, train.modality.to_numpy(), train.region.to_numpy(), train.session_id.to_numpy())
+        for sid in (*self.config.sessions_include, *self.config.sessions_exclude):
+            if sid not in self.vocab.sessions:
+                raise ValueError(f"session {sid!r} is not in {self.store.url('sessions.parquet')}")
+        if self.config.check_shards:
+            from concurrent.futures import ThreadPoolExecutor
+
+            paths = sorted(set(shards.path))
+            with ThreadPoolExecutor(16) as ex:
+                missing = [p for p, ok in zip(paths, ex.map(self.store.exists, paths)) if not ok]
+            if missing:
+                raise FileNotFoundError(f"shard listed in the manifest but absent: {self.store.url(missing[0])}"
+                                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+    # ---- the plan ----------------------------------------------------------------------------------
+    def plan(self, epoch: int | None = None) -> Plan:
+        epoch = self.epoch if epoch is None else epoch
+        cfg = self.config.plan_config()
+        if self.config.split == "train":
+            return plan_train_epoch(self.chunks, self.selectors, epoch, cfg)
+        return plan_eval(self.chunks, self.config.split, cfg, self.world_size, self.config.batch_size)
+
+    def batches_per_rank(self, epoch: int | None = None, start_window: int = 0) -> int:
+        return max(0, (len(self.plan(epoch)) - start_window) // (self.world_size * self.config.batch_size))
+
+    def positions(self, plan: Plan, start_window: int) -> np.ndarray:
+        """(batches, batch_size) global positions of this rank, from a global window offset."""
+        b, w = self.config.batch_size, self.world_size
+        n_steps = max(0, (len(plan) - start_window) // (w * b))
+        steps = start_window + np.arange(n_steps)[:, None] * (w * b)
+        return steps + self.rank * b + np.arange(b)[None, :]
+
+    # ---- reading -----------------------------------------------------------------------------------
+    def _get_fetcher(self):
+        if self._fetcher is None:
+            from .fetch import ChunkFetcher
+
+            self._fetcher = ChunkFetcher(self.store, cache_bytes=self.config.cache_bytes,
+                                         threads=self.config.fetch_threads)
+        return self._fetcher
+
+    def _decode(self, row: int, cache: OrderedDict) -> DecodedChunk:
+        hit = cache.get(row)
+        if hit is not None:
+            cache.move_to_end(row)
+            return hit
+        path, key = self._paths[row], self._keys[row]
+        data = self._get_fetcher().get(path, int(self._offsets[row]), int(self._lengths[row]))
+        samples = list(iter_samples(data))
+        if len(samples) != 1 or samples[0].key != key:
+            raise CorruptSampleError(f"{self.store.url(path)}: bytes at {self._offsets[row]} are not sample {key}")
+        chunk = DecodedChunk.from_sample(samples[0], self.vocab)
+        cache[row] = chunk
+        if len(cache) > self.config.decoded_cache:
+            cache.popitem(last=False)
+        return chunk
+
+    def _prefetch(self, plan: Plan, positions: np.ndarray) -> None:
+        rows = np.unique(plan.chunk[positions.reshape(-1)])
+        self._get_fetcher().prefetch(zip(self._paths[rows], self._offsets[rows], self._lengths[rows]))
+
+    def make_batch(self, plan: Plan, pos: np.ndarray, epoch: int, cache: OrderedDict) -> dict:
+        train = self.config.split == "train"
+        dropout = train if self.config.unit_dropout is None else self.config.unit_dropout
+        tcfg = TokenConfig(window_s=self.config.window_s, unit_dropout=dropout)
+        windows, modality, session, pads, skipped = [], [], [], [], 0
+        for p in pos:
+            row = int(plan.chunk[p])
+            try:
+                c = self._decode(row, cache)
+            except Exception as exc:  # a corrupt member: skip it (lenient) or stop (strict)
+                key, where = self._keys[row], self.store.url(self._paths[row])
+                if self.config.strict:
+                    raise CorruptSampleError(f"corrupt sample {key} in {where}: {exc}") from exc
+                log.warning("skipping corrupt sample %s in %s: %s", key, where, exc)
+                skipped += 1
+                continue
+            rng = _rng(self.config.seed, epoch, "dropout", int(p)) if dropout else None
+            windows.append(window_tokens(c, float(plan.t0[p]), tcfg, rng))
+            modality.append(c.modality)
+            session.append(c.session)
+            pads.append(bool(plan.pad[p]))
+        if not windows:
+            raise CorruptSampleError(f"every sample of batch at position {int(pos[0])} is corrupt")
+        out = {k: torch.from_numpy(np.asarray(v)) for k, v in pack(windows, modality, session, self.config.window_s,
+                                                                   pads).items()}
+        out["position"] = torch.tensor(int(pos[0]), dtype=torch.int64)
+        out["n_skipped"] = torch.tensor(skipped, dtype=torch.int64)
+        return out
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, plan = self.epoch, self.plan()
+        pos = self.positions(plan, self.start_window)[wid::nw]
+        cache: OrderedDict = OrderedDict()
+        ahead = max(1, self.config.prefetch_batches)
+        if len(pos):
+            self._prefetch(plan, pos[:ahead])
+        for i in range(len(pos)):
+            if i + ahead < len(pos):
+                self._prefetch(plan, pos[i + ahead: i + ahead + 1])
+            yield self.make_batch(plan, pos[i], epoch, cache)
+        if self._fetcher is not None and info is not None:
+            self._fetcher.close()
+            self._fetcher = None
+
+    def __getstate__(self):  # workers get config and tables, never a live fetcher (threads do not fork)
+        state = self.__dict__.copy()
+        state["_fetcher"] = None
+        return state
+
+
+@dataclass
+class StreamState:
+    epoch: int = 0
+    consumed_windows: int = 0  # global windows of this epoch already delivered to training
+    skipped: int = 0
+    seed: int = 0
+    mix: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class StreamLoader:
+    """DataLoader over a MixtureStream that knows how far training got (for checkpoints)."""
+
+    def __init__(self, stream: MixtureStream, num_workers: int = 2, pin_memory: bool | None = None):
+        self.stream = stream
+        self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.state = StreamState(seed=stream.config.seed, mix=stream.config.mix)
+
+    def __len__(self) -> int:
+        return self.stream.batches_per_rank(self.state.epoch, self.state.consumed_windows)
+
+    def __iter__(self):
+        s = self.stream
+        s.epoch, s.start_window = self.state.epoch, self.state.consumed_windows
+        n_epoch = len(s.plan())
+        budget = math.ceil(s.config.error_budget * n_epoch)
+        loader = DataLoader(s, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            prefetch_factor=4 if self.num_workers else None,
+                            persistent_workers=False, multiprocessing_context="fork" if self.num_workers else None)
+        step = s.world_size * s.config.batch_size
+        for batch in loader:
+            self.state.consumed_windows += step
+            self.state.skipped += int(batch["n_skipped"])
+            if self.state.skipped > budget:
+                raise CorruptSampleError(f"{self.state.skipped} corrupt samples skipped this epoch, over the error "
+                                         f"budget of {budget} ({s.config.error_budget:.1%} of {n_epoch} windows)")
+            yield batch
+        self.state = replace(self.state, epoch=self.state.epoch + 1, consumed_windows=0, skipped=0)
+
+    def state_dict(self) -> dict:
+        return self.state.to_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.state.seed) != self.state.seed or state.get("mix", self.state.mix) != self.state.mix:
+            log.warning("resuming a stream with another seed or mixture: the global order changes")
+        self.state = StreamState(**{k: state[k] for k in StreamState.__dataclass_fields__ if k in state})
