@@ -8,9 +8,10 @@ number of batches because the shape says so.
 
 Training epoch (``split="train"``):
 1. Each selector's chunks give slots: one per whole window a chunk holds (at least one).
-2. Slots are ordered by a shuffled shard order, chunks shuffled inside their shard,
-   then locally shuffled by a jitter sort of span ``shuffle_window`` (a sample
-   buffer as a pure function: reads stay near each other, order is still random).
+2. Chunks are put in a random order (per epoch and seed) and each chunk's slots are
+   spread by a jitter sort of span ``shuffle_window`` (a sample buffer as a pure
+   function). Chunks are read by byte range, so there is no need to walk shards in
+   order: the shard order is shuffled at chunk granularity (docs/stream.md).
 3. A selector needing more windows than it has slots repeats re-shuffled passes;
    one needing fewer takes the first ones (subsample). Quotas are exact.
 4. Selectors are interleaved by largest deficit (``mixture.interleave``).
@@ -94,12 +95,12 @@ def filter_sessions(chunks: pd.DataFrame, config: PlanConfig) -> np.ndarray:
 
 def _slots(rows: np.ndarray, chunks: pd.DataFrame, window_s: float, shuffle_window: int,
            rng: np.random.Generator) -> np.ndarray:
-    """Chunk row per slot, in (shuffled shard, shuffled chunk, local jitter) order."""
+    """Chunk row per slot: chunks in a random order, each repeated once per whole window it holds,
+    then a jitter sort of span ``shuffle_window`` spreads a chunk's windows over that many positions
+    (so a decoded chunk is reused while it is in the worker's cache, yet neighbours are unrelated)."""
     sub = chunks.iloc[rows]
     n_slots = np.maximum(1, np.floor((sub.t_end - sub.t_start).to_numpy() / window_s + 1e-9).astype(np.int64))
-    shard_codes, shard_names = pd.factorize(sub.path)
-    shard_rank = rng.permutation(len(shard_names))[shard_codes]
-    order = np.lexsort((rng.random(len(rows)), shard_rank))
+    order = rng.permutation(len(rows))
     slot_rows = np.repeat(rows[order], n_slots[order])
     jitter = np.arange(len(slot_rows)) + rng.random(len(slot_rows)) * shuffle_window
     return slot_rows[np.argsort(jitter, kind="stable")]

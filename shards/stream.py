@@ -86,6 +86,16 @@ class MixtureStream(IterableDataset):
         self.start_window = 0
         self._fetcher = None
 
+    @classmethod
+    def for_this_rank(cls, config: StreamConfig) -> "MixtureStream":
+        """The stream of this process's rank: torch.distributed when initialised (Ray Train sets it up),
+        else a single rank."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(config, rank=dist.get_rank(), world_size=dist.get_world_size())
+        return cls(config)
+
     # ---- checks before any training starts ---------------------------------------------------------
     def _validate(self, shards: pd.DataFrame) -> None:
         c = self.chunks

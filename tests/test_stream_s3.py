@@ -55,3 +55,15 @@ def test_stream_survives_503_drops_and_delays_with_identical_output(local_store,
         counts = proxy.counts
     assert_same(got, reference)
     assert counts["slowdown"] > 0 and counts["dropped"] > 0 and counts["truncated"] > 0
+
+
+def test_mix_report_is_the_same_for_a_local_and_an_s3_copy(local_store, s3_bucket):
+    from shards.report import mix_report
+
+    uri = upload(local_store, s3_bucket)
+    kw = dict(mix="ephys/VISp=1,ephys=1,ophys=2", batch_size=4)
+    a = mix_report(StreamConfig(store=local_store.uri, **kw), batches=10, world_size=2)
+    b = mix_report(StreamConfig(store=uri, **kw), batches=10, world_size=2)
+    assert a == b
+    assert a["batches_per_rank"] == [10, 10]
+    assert {k: v["windows"] for k, v in a["selectors"].items()} == {"ephys/VISp": 20, "ephys": 20, "ophys": 40}
