@@ -11,11 +11,12 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 setup: $(VENV)/.installed
 
 # torch is installed first and pinned, so nothing pulls a multi-GB CUDA build on a CPU machine
+# constraints.txt pins every package to versions tested together, so a fresh install resolves the same way.
 # (2.13.0 is the CPU wheel on disk here; on a GPU machine pip takes the CUDA build of the same release).
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
 demo: setup
