@@ -19,6 +19,8 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from shards import manifest
 from shards.store import Store, is_remote
 from shards.writer import RecordShardWriter, sha256_file
@@ -150,6 +152,8 @@ def ingest_file(source: Source, store_uri: str, config: IngestConfig) -> dict:
         with open_records(local, source.session_id) as records:
             for rec in records:
                 rec.source_file = source.uri
+                # chunks are half-open [a, b): make the end exclusive so the last spike/frame is kept
+                rec.t_end = float(np.nextafter(rec.t_end, np.inf))
                 splits = assign_splits(rec.session_id, rec.region, rec.t_start, rec.t_end, rec.stimuli, config.split)
                 w = RecordShardWriter(store, rec.modality, rec.region, rec.session_id, config.shard_bytes)
                 writers.append(w)

@@ -531,3 +531,83 @@ def test_records_are_valid_only_inside_the_with_block(tmp_path):
         assert trace.read(0, 2).shape == (2, len(roi_ids))
     with pytest.raises(Exception):
         trace.read(0, 2)
+
+
+# ---- the synthetic Allen-like corpus (ingest.synth) ---------------------------------------------
+@pytest.fixture(scope="module")
+def synth_corpus(tmp_path_factory):
+    """One small corpus per OPhys format, same seed: {format: [ephys path, ophys path]}."""
+    synth = pytest.importorskip("ingest.synth")
+    config = synth.SynthConfig(duration_s=120.0, units_per_region=6, rois_per_plane=8)
+    root = tmp_path_factory.mktemp("synth")
+    return {fmt: synth.synthesize(root / fmt, sessions=2, seed=7, ophys_format=fmt, config=config)
+            for fmt in ("nwb2", "nwb1")}
+
+
+def _truth(path):
+    from ingest.synth import SessionTruth
+
+    return SessionTruth.load(path)
+
+
+def _truth_intervals(truth, task: str):
+    from ingest.tasks import UNLABELLED
+
+    s = truth.schedule
+    m = s.mask(task) & (s.label != UNLABELLED)
+    return s.start[m], s.end[m], s.label[m]
+
+
+def test_synth_ephys_session_gives_one_record_per_region_with_the_truth_units(synth_corpus):
+    from ingest.regions import region_name
+
+    path = synth_corpus["nwb2"][0]
+    truth = _truth(path)
+    expected: dict[str, list[str]] = {}
+    for uid, loc in zip(truth.unit_ids, truth.unit_location):
+        expected.setdefault(region_name(loc), []).append(str(uid))
+    assert len([r for r in expected if r != "unknown"]) >= 3
+    spikes = _nwb_spikes(path)
+    with open_records(path, truth.session_id) as records:
+        assert {r.region: r.unit_ids for r in records} == {k: v for k, v in expected.items()}
+        for rec in records:
+            assert rec.modality == "ephys" and rec.session_id == truth.session_id
+            for k, uid in enumerate(rec.unit_ids):
+                np.testing.assert_array_equal(rec.spike_times[rec.spike_units == k], spikes[uid])
+
+
+@pytest.mark.parametrize("fmt", ["nwb2", "nwb1"])
+def test_synth_three_tasks_have_the_truth_schedule_labels(synth_corpus, fmt):
+    for path in synth_corpus[fmt]:
+        truth = _truth(path)
+        frame = 1.0 / truth.config.frame_rate_hz + 1e-3
+        with open_records(path, truth.session_id) as records:
+            for rec in records:
+                tasks = _by_task(rec)
+                assert sorted(tasks) == ["drifting_gratings", "natural_scenes", "static_gratings"]
+                for name, iv in tasks.items():
+                    start, stop, label = _truth_intervals(truth, name)
+                    np.testing.assert_array_equal(iv.label, label, err_msg=f"{path.name} {name}")
+                    exact = rec.modality == "ephys" or fmt == "nwb2"
+                    np.testing.assert_allclose(iv.start, start, atol=1e-9 if exact else frame)
+                    np.testing.assert_allclose(iv.end, stop, atol=1e-9 if exact else frame)
+
+
+def test_synth_ophys_nwb2_and_nwb1_give_the_same_record(synth_corpus):
+    p2, p1 = synth_corpus["nwb2"][1], synth_corpus["nwb1"][1]
+    truth = _truth(p2)
+    with open_records(p2, truth.session_id) as r2, open_records(p1, truth.session_id) as r1:
+        [b], [a] = r2, r1
+        for field in ("modality", "region", "subject", "unit_ids", "t_start", "t_end"):
+            assert getattr(a, field) == getattr(b, field), field
+        assert b.unit_ids == [str(u) for u in truth.unit_ids]
+        assert b.region == truth.unit_location[0]
+        assert a.unit_meta["global_roi_id"] == b.unit_meta["global_roi_id"]
+        np.testing.assert_array_equal(a.trace.frame_times, truth.frame_times)
+        np.testing.assert_array_equal(b.trace.frame_times, truth.frame_times)
+        np.testing.assert_array_equal(_read_trace(a), _read_trace(b))
+        np.testing.assert_array_equal(a.trace.read(100, 140), b.trace.read(100, 140))
+        assert a.tasks == b.tasks
+        for x, y in zip(a.stimuli, b.stimuli):
+            np.testing.assert_array_equal(x.label, y.label)
+        assert a.warnings == b.warnings == []
