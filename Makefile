@@ -25,6 +25,7 @@ demo: setup
 	$(PY) -m ingest run --src $(DEMO)/nwb --out $(DEMO)/store --workers 2
 	$(PY) -m shards ls $(DEMO)/store
 	$(PY) -m shards verify $(DEMO)/store
+	$(PY) -m shards mix $(DEMO)/store --mix ephys=0.5,ophys=0.5 --batch-size 16 --batches 20 --world-size 2
 
 test: setup
 	$(PY) -m pytest -q tests
