@@ -212,3 +212,37 @@ def test_s3_output_is_verified_by_the_cli(corpus, s3_bucket, ray_cluster):
     proc = _cli("shards", "verify", uri)
     text, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1 and bad in text
+
+
+def test_allen_nwb1_ophys_round_trips_through_ingest(tmp_path, ray_cluster):
+    from ingest.synth import SynthConfig, synthesize
+
+    synthesize(tmp_path / "nwb", sessions=2, seed=5, ophys_format="nwb1", config=SynthConfig(duration_s=120.0))
+    summary = run_ingest(str(tmp_path / "nwb"), str(tmp_path / "store"), workers=2, config=SMALL, progress=False)
+    assert summary.failed == [] and len(summary.ok) == 2
+    store = Store(str(tmp_path / "store"))
+    [nwb] = sorted((tmp_path / "nwb").glob("ophys_*.nwb"))
+    with h5py.File(nwb, "r") as f:
+        dff = f["processing/brain_observatory_pipeline/DfOverF/imaging_plane_1"]
+        data, ts = dff["data"][:], dff["timestamps"][:]  # ROIs x frames in NWB 1
+    sessions = manifest.read_table(store, manifest.SESSIONS).to_pandas()
+    row = sessions[sessions.modality == "ophys"].iloc[0]
+    n = 0
+    for s in samples_of(store, session_id=row.session_id):
+        idx = np.searchsorted(ts, s.arrays["frame_times"])
+        np.testing.assert_array_equal(s.arrays["dff"], data[:, idx].T)
+        n += len(idx)
+    assert n == len(ts)
+
+
+def test_sources_can_come_from_s3(corpus, s3_bucket, tmp_path, ray_cluster):
+    import boto3
+
+    client = boto3.client("s3")
+    files = sorted(corpus.glob("*.nwb"))[:2]
+    for p in files:
+        client.upload_file(str(p), s3_bucket, f"nwb/{p.name}")
+    summary = run_ingest(f"s3://{s3_bucket}/nwb", str(tmp_path / "store"), workers=2, config=SMALL, progress=False)
+    assert summary.failed == [] and sorted(summary.ok) == [f"s3://{s3_bucket}/nwb/{p.name}" for p in files]
+    sessions = manifest.read_table(Store(str(tmp_path / "store")), manifest.SESSIONS).to_pandas()
+    assert set(sessions.session_id) == {p.stem for p in files}
