@@ -74,6 +74,18 @@ def _ophys_arrays(record: SessionRecord, a: float, b: float) -> tuple[dict, list
     return arrays, units
 
 
+def sample_key(session_id: str, region: str, split: str, k: int) -> str:
+    """``<session>__<region>__<split>_<k>``; a short digest replaces session/region when they are
+    long, so member names stay within ustar's 100 bytes (and webdataset's key has no dots)."""
+    key = f"{session_id}__{region}__{split}_{k:05d}"
+    if len(key) > 80:
+        import hashlib
+
+        digest = hashlib.sha1(f"{session_id}/{region}".encode()).hexdigest()[:16]
+        key = f"{session_id[:24]}-{digest}__{split}_{k:05d}"
+    return key
+
+
 def record_samples(
     record: SessionRecord, split_intervals: dict[str, list[tuple[float, float]]], config: ChunkConfig = ChunkConfig()
 ) -> Iterator[tuple[str, Sample]]:
@@ -84,7 +96,7 @@ def record_samples(
         for a0, b0 in intervals:
             for a, b in chunk_bounds(a0, b0, config.chunk_s):
                 arrays, units = arrays_of(record, a, b)
-                key = f"{record.session_id}__{record.region}__{split}_{k:05d}"
+                key = sample_key(record.session_id, record.region, split, k)
                 meta = {
                     "format": FORMAT_VERSION,
                     "key": key,

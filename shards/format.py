@@ -19,6 +19,7 @@ import numpy as np
 EPHYS_ARRAYS = ("spike_times", "spike_units")
 OPHYS_ARRAYS = ("frame_times", "dff")
 FORMAT_VERSION = 1
+BLOCKSIZE = 512
 
 
 @dataclass
@@ -60,24 +61,44 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+def tar_header(name: str, size: int) -> bytes:
+    """The 512-byte ustar header tarfile would write for a member with our fixed metadata,
+    built directly (tarfile's per-member objects cost more than the data copy for small members)."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100:  # needs ustar's prefix field: let tarfile do it
+        return _tarinfo(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    h = bytearray(512)
+    h[0:len(raw)] = raw
+    h[100:156] = b"0000644\x000000000\x000000000\x00%011o\x0000000000000\x00" % size + b" " * 8
+    h[156:157] = b"0"
+    h[257:265] = b"ustar\x0000"
+    h[148:156] = b"%06o\x00 " % sum(h)
+    return bytes(h)
+
+
 class TarSampleWriter:
-    """Appends samples to an open binary file as a tar; records each sample's byte range,
-    so a reader can fetch one sample with a single ranged GET."""
+    """Appends samples to an open binary file as a tar (the bytes tarfile would write); records
+    each sample's byte range, so a reader can fetch one sample with a single ranged GET."""
 
     def __init__(self, fileobj):
-        self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT)
+        self._f = fileobj
+        self.offset = 0
         self.offsets: list[tuple[int, int]] = []
 
     def write(self, sample: Sample) -> tuple[int, int]:
-        start = self._tar.offset
+        start = self.offset
+        parts = []
         for name, data in members(sample):
-            self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
-        end = self._tar.offset
-        self.offsets.append((start, end))
-        return start, end
+            parts += [tar_header(name, len(data)), data, b"\0" * (-len(data) % BLOCKSIZE)]
+        blob = b"".join(parts)
+        self._f.write(blob)
+        self.offset += len(blob)
+        self.offsets.append((start, self.offset))
+        return start, self.offset
 
     def close(self) -> None:
-        self._tar.close()
+        end = self.offset + 2 * BLOCKSIZE  # end-of-archive, then padding to a whole record, as tarfile does
+        self._f.write(b"\0" * (2 * BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
 
 
 def split_member_name(name: str) -> tuple[str, str]:

@@ -181,3 +181,22 @@ def test_lean_reader_rejects_a_damaged_header_and_a_pickled_array(tmp_path):
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(CorruptShard, match="object arrays"):
         npy_view(memoryview(buf.getvalue()))
+
+
+def test_tar_writer_bytes_equal_what_tarfile_writes(tmp_path):
+    from shards.format import TarSampleWriter, members
+
+    rec = ephys_record()
+    samples = [s for _, s in record_samples(rec, {"train": [(0.0, 40.0)]})]
+    ours, ref = io.BytesIO(), io.BytesIO()
+    w = TarSampleWriter(ours)
+    for s in samples:
+        w.write(s)
+    w.close()
+    with tarfile.open(fileobj=ref, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for s in samples:
+            for name, data in members(s):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    assert ours.getvalue() == ref.getvalue()
