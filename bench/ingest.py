@@ -1,6 +1,6 @@
 """Ingest throughput beside a raw h5py read of the same datasets, and 1 vs 2 Ray workers.
 
-    python bench/ingest.py [--sessions 8] [--duration 1200] [--repeats 2]
+    python bench/ingest.py [--sessions 4] [--duration 3600] [--units 60] [--rois 150] [--repeats 2]
 
 The figure is a ratio measured in the same run (these machines are noisy):
 ``ratio_vs_raw_read`` = ingest MB/s per worker (1 worker) / raw read MB/s, where MB are the
@@ -26,7 +26,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ingest.run import IngestConfig, run_ingest  # noqa: E402
+from ingest.run import run_ingest  # noqa: E402
 from ingest.synth import SynthConfig, synthesize  # noqa: E402
 
 DATASETS = ("units/spike_times", "processing/ophys/DfOverF/DfOverF/data", "processing/ophys/DfOverF/DfOverF/timestamps",
@@ -70,15 +70,18 @@ def timed_ingest(src: Path, workers: int, repeats: int) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sessions", type=int, default=8)
-    p.add_argument("--duration", type=float, default=1200.0, help="seconds per synthetic session")
+    p.add_argument("--sessions", type=int, default=4, help="half EPhys (3 regions each), half OPhys")
+    p.add_argument("--duration", type=float, default=3600.0, help="seconds per session (Allen 2P sessions are ~1 h)")
+    p.add_argument("--units", type=int, default=60, help="EPhys units per region")
+    p.add_argument("--rois", type=int, default=150, help="OPhys ROIs per plane")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "ingest.json"))
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     try:
         src = work / "nwb"
-        synthesize(src, sessions=a.sessions, seed=0, config=SynthConfig(duration_s=a.duration))
+        synthesize(src, sessions=a.sessions, seed=0,
+                   config=SynthConfig(duration_s=a.duration, units_per_region=a.units, rois_per_plane=a.rois))
         files = sorted(src.glob("*.nwb"))
         file_mb = sum(f.stat().st_size for f in files) / 1e6
         raw_read(files)  # warm the page cache

@@ -1,7 +1,6 @@
 """Shard writing, stock-webdataset compatibility, atomic store writes, verify — local and on S3."""
 
 import io
-import json
 import os
 import tarfile
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from shards import manifest
-from shards.mixture import interleave, parse_mix
+from shards.mixture import interleave
 from shards.stream import CorruptSampleError, MixtureStream, StreamConfig, StreamLoader
 
 from .storegen import make_store, uneven_records

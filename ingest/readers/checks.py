@@ -119,6 +119,42 @@ class RowSubsetTrace(ArrayTrace):
         return np.ascontiguousarray(block[sel - r0])
 
 
+def orient_trace(data: object, ts: np.ndarray, what: str, units_first_expected: bool
+                 ) -> tuple[bool, int, np.ndarray, np.ndarray | None, list[str]]:
+    """Check a dF/F array against its timestamps, whichever way round it is stored.
+
+    Returns (units_first, n_units, frame_times, rows, warnings); raises IngestError for
+    placeholder/truncated data, no frames, no ROIs or an all-NaN trace. The expected
+    orientation (NWB 1 Allen: ROIs x frames; NWB 2: frames x ROIs) wins when both fit.
+    """
+    shape = tuple(getattr(data, "shape", ()))
+    if len(shape) != 2:
+        raise IngestError(f"{what}: data has shape {shape}, expected 2-D")
+    n_ts = len(ts)
+    if n_ts == 0:
+        raise IngestError(f"{what}: no frames")
+    warns: list[str] = []
+    t_axis = 1 if units_first_expected else 0
+    if shape[t_axis] == n_ts or (shape[t_axis] > n_ts and shape[1 - t_axis] != n_ts):
+        units_first = units_first_expected
+        if shape[t_axis] > n_ts:
+            warns.append(f"{what}: data has {shape[t_axis]} frames but {n_ts} timestamps; extra frames ignored")
+    elif shape[1 - t_axis] >= n_ts:
+        units_first = not units_first_expected
+        warns.append(f"{what}: data stored {'ROIs x frames' if units_first else 'frames x ROIs'} {shape}, "
+                     f"not the usual layout; read accordingly")
+    else:
+        raise IngestError(f"{what}: data has shape {shape} but timestamps holds {n_ts} frames "
+                          f"(placeholder or truncated data)")
+    n_units = shape[0] if units_first else shape[1]
+    if n_units == 0:
+        raise IngestError(f"{what}: no ROIs")
+    if not has_finite(data, units_first, n_ts):
+        raise IngestError(f"{what}: dF/F is all NaN")
+    frame_times, rows, w = frame_rows(ts, what)
+    return units_first, n_units, frame_times, rows, warns + w
+
+
 def make_trace(frame_times: np.ndarray, data: object, units_first: bool, rows: np.ndarray | None) -> ArrayTrace:
     """The plain ArrayTrace when every frame is kept, the row-subset one otherwise."""
     if rows is None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..records import IngestError, SessionRecord
 from ..regions import UNKNOWN, decode, region_name
-from .checks import check_length, frame_rows, has_finite, make_trace, unique_ids
+from .checks import check_length, make_trace, orient_trace, unique_ids
 from .sniff import ALLEN_NWB1_MODULE
 from .stimuli import nwb1_intervals
 
@@ -97,28 +97,7 @@ def read_records(f: h5py.File, session_id: str, source_file: str) -> list[Sessio
     n_ts = len(ts)
     if declared is not None:
         check_length(f"{what}/timestamps", n_ts, declared, f"{what}/num_samples")
-    if n_ts == 0:
-        raise IngestError(f"{what}: no frames")
-    shape = data.shape
-    if len(shape) != 2:
-        raise IngestError(f"{what}/data has shape {shape}, expected 2-D (ROIs x frames)")
-    if shape[1] == n_ts or (shape[1] > n_ts and shape[0] != n_ts):
-        units_first = True  # the Allen orientation
-        if shape[1] > n_ts:
-            warns.append(f"{what}: data has {shape[1]} frames but {n_ts} timestamps; extra frames ignored")
-    elif shape[0] >= n_ts:
-        units_first = False
-        warns.append(f"{what}: data stored frames x ROIs {shape}, not the Allen ROIs x frames")
-    else:
-        raise IngestError(
-            f"{what}/data has shape {shape} but timestamps holds {n_ts} frames (placeholder or truncated data)"
-        )
-    n_units = shape[0] if units_first else shape[1]
-    if n_units == 0:
-        raise IngestError(f"{what}: no ROIs")
-    if not has_finite(data, units_first, n_ts):
-        raise IngestError(f"{what}: dF/F is all NaN")
-    frame_times, rows, w = frame_rows(ts, what)
+    units_first, n_units, frame_times, rows, w = orient_trace(data, ts, f"{what}/data", units_first_expected=True)
     warns += w
 
     ids, meta = _roi_ids(f, g, n_units, warns)

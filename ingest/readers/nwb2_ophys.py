@@ -15,7 +15,7 @@ import numpy as np
 
 from ..records import IngestError, SessionRecord
 from ..regions import UNKNOWN, decode, region_name
-from .checks import frame_rows, has_finite, make_trace, unique_ids
+from .checks import make_trace, orient_trace, unique_ids
 from .nwb2_ephys import scalar_columns
 
 ROI_NON_META_COLUMNS = {"pixel_mask", "image_mask", "voxel_mask"}
@@ -89,30 +89,8 @@ def ophys_record(nwb: Any, session_id: str, source_file: str, subject: str, stim
         return None
     path, series, warns = found
     data = series.data
-    shape = tuple(getattr(data, "shape", ()))
-    if len(shape) != 2:
-        raise IngestError(f"{path}: data has shape {shape}, expected 2-D (frames x ROIs)")
-    ts = series_times(series, shape[0])
-    n_ts = len(ts)
-    if n_ts == 0:
-        raise IngestError(f"{path}: no frames")
-    if shape[0] == n_ts or (shape[0] > n_ts and shape[1] != n_ts):
-        units_first = False
-        if shape[0] > n_ts:
-            warns.append(f"{path}: data has {shape[0]} frames but {n_ts} timestamps; extra frames ignored")
-    elif shape[1] >= n_ts:
-        units_first = True
-        warns.append(f"{path}: data stored ROIs x frames {shape}; read transposed")
-    else:
-        raise IngestError(
-            f"{path}: data has {shape[0]} frames but timestamps has {n_ts} (placeholder or truncated data)"
-        )
-    n_units = shape[0] if units_first else shape[1]
-    if n_units == 0:
-        raise IngestError(f"{path}: no ROIs")
-    if not has_finite(data, units_first, n_ts):
-        raise IngestError(f"{path}: dF/F is all NaN")
-    frame_times, rows, w = frame_rows(ts, path)
+    ts = series_times(series, tuple(getattr(data, "shape", (0,)))[0])
+    units_first, n_units, frame_times, rows, w = orient_trace(data, ts, path, units_first_expected=False)
     warns += w
 
     ids = [str(i) for i in range(n_units)]

@@ -1,0 +1,262 @@
+"""Stream throughput, in one run on one synthetic store, each figure against its anchor.
+
+    python bench/stream.py [--sessions 6] [--duration 600] [--batches 60]
+
+1. decoded chunks/s and MB/s in one process: our lean reader vs stock webdataset
+   (``WebDataset(urls).decode()``, .npy decoding) over the same tars;
+2. training windows/s and tokens/s in one process, and through a DataLoader with 2
+   workers (efficiency = DataLoader rate per core / in-process rate);
+3. the same store served by a local S3 server (moto, in its own process): time to first
+   batch, time to first batch after a resume, windows/s;
+4. torch_brain 0.1.2's own loader (temporaldata HDF5, RandomFixedWindowSampler,
+   POYOPlus.tokenize, collate) via ../shared/anchors/torch_brain_poyoplus.py in
+   ``.venv-tb`` (skipped, and said so, when that environment is missing), on its synthetic
+   spikes of similar size (100-300 units at 5-10 Hz, 1-s windows);
+5. peak RSS of a process streaming from the store at 1x and at 4x the data.
+Results: bench/results/stream.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+ANCHOR = REPO.parent / "shared" / "anchors" / "torch_brain_poyoplus.py"
+TB_PYTHON = REPO / ".venv-tb" / "bin" / "python"
+
+
+def build_store(work: Path, sessions: int, duration: float, seed: int = 0) -> str:
+    import ray
+
+    from ingest.run import run_ingest
+    from ingest.synth import SynthConfig, synthesize
+
+    src = work / f"nwb-{sessions}"
+    synthesize(src, sessions=sessions, seed=seed,
+               config=SynthConfig(duration_s=duration, units_per_region=100, rois_per_plane=150))
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, object_store_memory=256 << 20, include_dashboard=False,
+                 logging_level="ERROR", log_to_driver=False)
+    out = work / f"store-{sessions}"
+    s = run_ingest(str(src), str(out), workers=2, progress=False)
+    assert not s.failed, s.failed
+    shutil.rmtree(src)
+    return str(out)
+
+
+def decoded_chunks(store_uri: str, repeats: int = 3) -> dict:
+    import webdataset as wds
+
+    from shards import manifest
+    from shards.fastread import iter_samples
+    from shards.store import Store
+
+    store = Store(store_uri)
+    paths = manifest.read_table(store, manifest.MANIFEST).column("path").to_pylist()
+    n_bytes = sum(os.path.getsize(store.path(p)) for p in paths)
+
+    def ours():
+        n = 0
+        for p in paths:
+            with open(store.path(p), "rb") as f:
+                for s in iter_samples(f.read()):
+                    n += len(s.arrays)
+        return n
+
+    def stock():
+        n = 0
+        for s in wds.WebDataset([store.path(p) for p in paths], shardshuffle=False).decode():
+            n += 1
+        return n
+
+    n_samples = sum(1 for p in paths for _ in iter_samples(open(store.path(p), "rb").read()))
+    res = {}
+    for name, fn in (("ours", ours), ("webdataset", stock)):
+        fn()  # warm the page cache
+        best = min(_timed(fn) for _ in range(repeats))
+        res[name] = {"chunks_per_s": n_samples / best, "mb_per_s": n_bytes / 1e6 / best}
+    res["n_chunks"], res["mb"] = n_samples, n_bytes / 1e6
+    return res
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def stream_rate(store_uri: str, batches: int, workers: int, batch_size: int = 32, resume_at: int = 0) -> dict:
+    from shards.stream import MixtureStream, StreamConfig, StreamLoader
+
+    cfg = StreamConfig(store=store_uri, mix="ephys=0.5,ophys=0.5", batch_size=batch_size,
+                       epoch_windows=(batches + resume_at + 1) * batch_size)
+    t0 = time.perf_counter()
+    loader = StreamLoader(MixtureStream(cfg), num_workers=workers)
+    if resume_at:
+        loader.load_state_dict({**loader.state_dict(), "consumed_windows": resume_at * batch_size})
+    first = None
+    tokens = n = 0
+    t_first = 0.0
+    for b in loader:
+        if first is None:
+            first = time.perf_counter() - t0
+            t_first = time.perf_counter()
+        else:
+            n += 1
+            tokens += len(b["input_unit_index"])
+        if n >= batches:
+            break
+    dt = time.perf_counter() - t_first
+    return {"first_batch_s": first, "windows_per_s": n * batch_size / dt, "tokens_per_s": tokens / dt,
+            "tokens_per_window": tokens / max(1, n * batch_size)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def s3_figures(store_uri: str, batches: int) -> dict:
+    """Serve the store from moto (own process), then stream from it."""
+    import boto3
+
+    port = _free_port()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+        for _ in range(100):
+            try:
+                boto3.client("s3").create_bucket(Bucket="bench")
+                break
+            except Exception:
+                time.sleep(0.1)
+        root = Path(store_uri)
+        client = boto3.client("s3")
+        for p in root.rglob("*"):
+            if p.is_file() and ".tmp" not in p.parts:
+                client.upload_file(str(p), "bench", f"store/{p.relative_to(root)}")
+        uri = "s3://bench/store"
+        fresh = stream_rate(uri, batches, workers=2)
+        resumed = stream_rate(uri, max(4, batches // 4), workers=2, resume_at=batches // 2)
+        return {"first_batch_s": fresh["first_batch_s"], "first_batch_after_resume_s": resumed["first_batch_s"],
+                "windows_per_s": fresh["windows_per_s"], "tokens_per_s": fresh["tokens_per_s"]}
+    finally:
+        server.terminate()
+        server.wait()
+        os.environ.pop("AWS_ENDPOINT_URL", None)
+
+
+def torch_brain_anchor(batches: int) -> dict | None:
+    if not (TB_PYTHON.exists() and ANCHOR.exists()):
+        return None
+    out = subprocess.run([str(TB_PYTHON), str(ANCHOR), "--threads", "1", "--skip-spikes-train", "--data-batches",
+                          str(batches)], capture_output=True, text=True, timeout=900)
+    m = re.search(r"^\[data\] (.*)$", out.stdout, re.M)
+    if not m:
+        return {"error": (out.stderr or out.stdout)[-500:]}
+    vals = dict(kv.split("=") for kv in m.group(1).split())
+    return {"windows_per_s": float(vals["samples_per_s_dataloader_nw0"]),
+            "windows_per_s_manual": float(vals["samples_per_s_manual"]),
+            "tokens_per_window": float(vals["real_tokens_per_sample"])}
+
+
+_RSS_CHILD = """
+import json, resource, sys
+sys.path.insert(0, {repo!r})
+from shards.stream import MixtureStream, StreamConfig, StreamLoader
+loader = StreamLoader(MixtureStream(StreamConfig(store={store!r}, mix="ephys=1,ophys=1", batch_size=32)), num_workers=0)
+for i, b in enumerate(loader):
+    if i >= {batches}:
+        break
+print(json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+
+def peak_rss(store_uri: str, batches: int) -> float:
+    code = _RSS_CHILD.format(repo=str(REPO), store=store_uri, batches=batches)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sessions", type=int, default=6)
+    p.add_argument("--duration", type=float, default=600.0)
+    p.add_argument("--batches", type=int, default=60)
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "stream.json"))
+    a = p.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp(prefix="bench-stream-"))
+    try:
+        store1 = build_store(work, a.sessions, a.duration)
+        store4 = build_store(work, 4 * a.sessions, a.duration, seed=1)
+        import ray
+
+        ray.shutdown()
+        dec = decoded_chunks(store1)
+        inproc = stream_rate(store1, a.batches, workers=0)
+        dl = stream_rate(store1, a.batches, workers=2)
+        s3 = s3_figures(store1, a.batches)
+        tb = torch_brain_anchor(20)
+        rss1, rss4 = peak_rss(store1, a.batches), peak_rss(store4, a.batches)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    res = {
+        "decoded": dec,
+        "ratio_vs_webdataset_decoded": dec["ours"]["chunks_per_s"] / dec["webdataset"]["chunks_per_s"],
+        "in_process": inproc,
+        "dataloader_2_workers": dl,
+        "dataloader_efficiency": dl["windows_per_s"] / 2 / inproc["windows_per_s"],
+        "s3": s3,
+        "first_batch_s3_s": s3["first_batch_s"],
+        "torch_brain": tb,
+        "ratio_vs_torch_brain": (inproc["windows_per_s"] / tb["windows_per_s"]) if tb and "windows_per_s" in tb else None,
+        "peak_rss_mb": {"1x": rss1, "4x": rss4},
+        "rss_growth_4x": rss4 / rss1,
+        "cores": os.cpu_count(),
+        "goal": {"ratio_vs_webdataset_decoded": ">= 2", "dataloader_efficiency": ">= 0.8",
+                 "ratio_vs_torch_brain": ">= 3", "first_batch_s3_s": "< 3", "rss_growth_4x": "<= 1.25"},
+    }
+    rows = [
+        ("decoded chunks/s, ours (1 process)", dec["ours"]["chunks_per_s"], f"{dec['ours']['mb_per_s']:.0f} MB/s"),
+        ("decoded chunks/s, webdataset 1.0.2", dec["webdataset"]["chunks_per_s"], f"{dec['webdataset']['mb_per_s']:.0f} MB/s"),
+        ("train windows/s, in process", inproc["windows_per_s"], f"{inproc['tokens_per_s']:.0f} tokens/s"),
+        ("train windows/s, DataLoader 2 workers", dl["windows_per_s"], f"{dl['tokens_per_s']:.0f} tokens/s"),
+        ("train windows/s, S3 (moto), 2 workers", s3["windows_per_s"], f"first batch {s3['first_batch_s']:.2f} s, "
+                                                                        f"after resume {s3['first_batch_after_resume_s']:.2f} s"),
+    ]
+    if tb and "windows_per_s" in tb:
+        rows.append(("torch_brain 0.1.2 loader windows/s", tb["windows_per_s"], f"{tb['tokens_per_window']:.0f} tokens/window"))
+    print(f"{'what':42} {'rate':>10}  detail")
+    for name, rate, detail in rows:
+        print(f"{name:42} {rate:10.0f}  {detail}")
+    print(f"peak RSS 1x {rss1:.0f} MB, 4x {rss4:.0f} MB")
+    for k in ("ratio_vs_webdataset_decoded", "dataloader_efficiency", "ratio_vs_torch_brain", "first_batch_s3_s",
+              "rss_growth_4x"):
+        v = res[k]
+        print(f"{k:30} {'n/a (torch_brain env missing)' if v is None else f'{v:.3f}'}   goal {res['goal'][k]}")
+    Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
