@@ -41,6 +41,8 @@ PAPER = dict(dim=128, depth=6, self_heads=8, cross_heads=2, dim_head=64)
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: both sides with bf16 autocast (torch_brain --amp)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--batch", type=int, default=32, help="windows per batch")
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
@@ -52,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--tb-python", default=str(REPO / ".venv-tb" / "bin" / "python"),
                    help="python of the torch_brain venv")
     p.add_argument("--skip-torch-brain", action="store_true", help="only time ours")
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "model.json"))
+    p.add_argument("--out", default=None, help="results JSON (default: bench/results/model.json, model_cuda.json on cuda)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -80,7 +82,7 @@ def worker(args) -> None:
     kind, rotate_values, ephys_tokens = args.worker.split(":")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device)  # bf16 autocast on CUDA comes with ModelConfig.amp
     config = ModelConfig(**PAPER, attn_dropout=0.0, rotate_values=rotate_values == "1")
     mods = {"ephys": [0] * args.batch, "ophys": [1] * args.batch,
             "mixed": [0, 1] * (args.batch // 2) + [0] * (args.batch % 2)}[kind]
@@ -94,6 +96,8 @@ def worker(args) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=3.125e-5 * args.batch, weight_decay=1e-4)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rss0 = rss_mib()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times, fwd = [], []
     for i in range(args.warmup + args.steps):
         b = batches[i % 2]
@@ -111,7 +115,8 @@ def worker(args) -> None:
             fwd.append(t1 - t0)
     tokens = statistics.mean(int(b["input_cu_seqlens"][-1]) for b in batches)
     med = statistics.median(times)
-    print(json.dumps({
+    mem = {"peak_mem_MiB": torch.cuda.max_memory_allocated() / 2**20} if device.type == "cuda" else {}
+    print(json.dumps({**mem,
         "params_M": n_parameters(model) / 1e6, "params_M_no_vocab": n_parameters(model, embeddings=False) / 1e6,
         "step_s_median": med, "step_s_min": min(times), "fwd_s_median": statistics.median(fwd),
         "real_tokens_per_step": tokens, "padded_tokens_per_step": tokens, "padding_frac": 0.0,
@@ -149,7 +154,8 @@ def parse_anchor_line(out: str, tag: str) -> dict:
 
 
 def torch_brain(args) -> dict:
-    cmd = [args.tb_python, str(ANCHOR), "--threads", str(args.threads), "--batch", str(args.batch),
+    cmd = [args.tb_python, str(ANCHOR), "--device", args.device, *(["--amp"] if args.device == "cuda" else []),
+           "--threads", str(args.threads), "--batch", str(args.batch),
            "--dim", "128", "--depth", "6", "--heads", "8", "--cross-heads", "2", "--dim-head", "64",
            "--min-units", str(args.units), "--max-units", str(args.units),
            "--min-rate", str(args.rate * 0.9), "--max-rate", str(args.rate * 1.1),
@@ -163,7 +169,7 @@ def torch_brain(args) -> dict:
 
 def ours(args, kind: str, rotate_values: bool, ephys_tokens: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", f"{kind}:{int(rotate_values)}:{ephys_tokens}",
-           "--threads", str(args.threads), "--batch", str(args.batch), "--steps", str(args.steps),
+           "--device", args.device, "--threads", str(args.threads), "--batch", str(args.batch), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--units", str(args.units), "--rois", str(args.rois),
            "--frame-hz", str(args.frame_hz)]
     out = run(cmd, f"ours {kind}{' (rotated values)' if rotate_values else ''}")
@@ -174,6 +180,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.out is None:
+        args.out = str(REPO / "bench" / "results" / ("model.json" if args.device == "cpu" else "model_cuda.json"))
     t_start = time.perf_counter()
     tb = None
     if not args.skip_torch_brain:
@@ -200,7 +208,7 @@ def main(argv=None) -> None:
     like_e, like_o = "ours ephys (like torch_brain: values rotated)", "ours ophys (like torch_brain: values rotated)"
     pap_e, pap_o = "ours ephys (papers' eq.: q,k rotated)", "ours ophys (papers' eq.: q,k rotated)"
     ratios = {
-        "ratio_vs_torch_brain_cpu": ratio([tb_e, tb_o], [like_e, like_o]),
+        f"ratio_vs_torch_brain_{args.device}": ratio([tb_e, tb_o], [like_e, like_o]),
         "ratio_ephys_like_for_like": ratio([tb_e], [like_e]),
         "ratio_ophys_like_for_like": ratio([tb_o], [like_o]),
         "ratio_ephys_papers_eq": ratio([tb_e], [pap_e]),
@@ -208,20 +216,23 @@ def main(argv=None) -> None:
     }
 
     print()
-    print(f"training step, batch {args.batch} x 1 s windows, {args.threads} CPU threads, fp32, "
+    precision = "bf16 autocast" if args.device == "cuda" else f"{args.threads} CPU threads, fp32"
+    print(f"training step, batch {args.batch} x 1 s windows, {args.device}, {precision}, "
           f"dim 128 / 6 SA / 128 latents / heads 2 (CA), 8 (SA) x 64")
     print(f"{'model':<48} {'step s':>7} {'fwd s':>6} {'tokens/step':>11} {'tokens/s':>9} {'pad':>5} "
-          f"{'params M':>8} {'peak RSS MiB':>12}")
+          f"{'params M':>8} {'peak MiB':>9}")
     for name, r in rows.items():
         print(f"{name:<48} {r['step_s_median']:>7.3f} {r['fwd_s_median']:>6.3f} {r['real_tokens_per_step']:>11,.0f} "
               f"{r['real_tokens_per_s']:>9,.0f} {r['padding_frac']:>5.1%} {r['params_M']:>8.3f} "
-              f"{r['peak_rss_MiB_process']:>12,.0f}")
+              f"{r.get('peak_mem_MiB', r.get('peak_rss_MiB_process', float('nan'))):>9,.0f}")
     if tb:
         print()
         for k, v in ratios.items():
             print(f"{k:<32} {v:.2f}x")
     result = {
         **ratios,
+        "device": args.device,
+        "peak_memory": "CUDA max_memory_allocated" if args.device == "cuda" else "peak RSS of the measuring process",
         "config": {**PAPER, "latents": 128, "attn_dropout": 0.0, "ffn_dropout": 0.2, "residual_dropout": 0.4,
                    "batch": args.batch, "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
                    "ephys_units": args.units, "ephys_rate_hz": args.rate, "ephys_tokens_per_window": ephys_tokens,
