@@ -199,7 +199,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sessions", type=int, default=6)
     p.add_argument("--duration", type=float, default=600.0)
-    p.add_argument("--batches", type=int, default=60)
+    p.add_argument("--batches", type=int, default=200)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "stream.json"))
     a = p.parse_args()
     import torch
@@ -215,6 +215,7 @@ def main() -> int:
         dec = decoded_chunks(store1)
         inproc = stream_rate(store1, a.batches, workers=0)
         dl = stream_rate(store1, a.batches, workers=2)
+        dl1 = stream_rate(store1, a.batches, workers=1)
         s3 = s3_figures(store1, a.batches)
         tb = torch_brain_anchor(20)
         rss1, rss4 = peak_rss(store1, a.batches), peak_rss(store4, a.batches)
@@ -226,6 +227,8 @@ def main() -> int:
         "in_process": inproc,
         "dataloader_2_workers": dl,
         "dataloader_efficiency": dl["windows_per_s"] / 2 / inproc["windows_per_s"],
+        "dataloader_1_worker": dl1,
+        "dataloader_efficiency_1_worker": dl1["windows_per_s"] / inproc["windows_per_s"],
         "s3": s3,
         "first_batch_s3_s": s3["first_batch_s"],
         "torch_brain": tb,
@@ -240,6 +243,7 @@ def main() -> int:
         ("decoded chunks/s, ours (1 process)", dec["ours"]["chunks_per_s"], f"{dec['ours']['mb_per_s']:.0f} MB/s"),
         ("decoded chunks/s, webdataset 1.0.2", dec["webdataset"]["chunks_per_s"], f"{dec['webdataset']['mb_per_s']:.0f} MB/s"),
         ("train windows/s, in process", inproc["windows_per_s"], f"{inproc['tokens_per_s']:.0f} tokens/s"),
+        ("train windows/s, DataLoader 1 worker", dl1["windows_per_s"], f"{dl1['tokens_per_s']:.0f} tokens/s"),
         ("train windows/s, DataLoader 2 workers", dl["windows_per_s"], f"{dl['tokens_per_s']:.0f} tokens/s"),
         ("train windows/s, S3 (moto), 2 workers", s3["windows_per_s"], f"first batch {s3['first_batch_s']:.2f} s, "
                                                                         f"after resume {s3['first_batch_after_resume_s']:.2f} s"),
@@ -249,7 +253,8 @@ def main() -> int:
     print(f"{'what':42} {'rate':>10}  detail")
     for name, rate, detail in rows:
         print(f"{name:42} {rate:10.0f}  {detail}")
-    print(f"peak RSS 1x {rss1:.0f} MB, 4x {rss4:.0f} MB")
+    print(f"peak RSS 1x {rss1:.0f} MB, 4x {rss4:.0f} MB;  DataLoader efficiency with 1 worker "
+          f"{res['dataloader_efficiency_1_worker']:.3f} (2 workers share 2 cores with the main process)")
     for k in ("ratio_vs_webdataset_decoded", "dataloader_efficiency", "ratio_vs_torch_brain", "first_batch_s3_s",
               "rss_growth_4x"):
         v = res[k]

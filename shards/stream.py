@@ -52,6 +52,7 @@ class StreamConfig:
     cache_bytes: int = 1 << 30  # S3 byte-range cache per worker
     fetch_threads: int = 8
     prefetch_batches: int = 4
+    batches_per_transfer: int = 8  # DataLoader workers hand over this many batches per item
     check_shards: bool = True  # verify every planned shard exists before training starts
 
     def plan_config(self) -> PlanConfig:
@@ -187,25 +188,38 @@ class MixtureStream(IterableDataset):
             pads.append(bool(plan.pad[p]))
         if not windows:
             raise CorruptSampleError(f"every sample of batch at position {int(pos[0])} is corrupt")
-        out = {k: torch.from_numpy(np.asarray(v)) for k, v in pack(windows, modality, session, self.config.window_s,
-                                                                   pads).items()}
-        out["position"] = torch.tensor(int(pos[0]), dtype=torch.int64)
-        out["n_skipped"] = torch.tensor(skipped, dtype=torch.int64)
-        return out
+        arrays = pack(windows, modality, session, self.config.window_s, pads)
+        arrays["position"] = np.int64(pos[0])
+        arrays["n_skipped"] = np.int64(skipped)
+        return arrays
 
     def __iter__(self):
+        """In-process: one batch (dict of tensors) at a time. In a DataLoader worker: groups of
+        ``batches_per_transfer`` consecutive batches in one buffer (``to_wire``), because handing an
+        item to the main process costs about a millisecond whatever its size."""
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch, plan = self.epoch, self.plan()
-        pos = self.positions(plan, self.start_window)[wid::nw]
+        pos = self.positions(plan, self.start_window)
+        k = self.config.batches_per_transfer if info is not None else 1
+        groups = [range(g * k, min((g + 1) * k, len(pos))) for g in range(wid, -(-len(pos) // k), nw)]
+        mine = [i for grp in groups for i in grp]
         cache: OrderedDict = OrderedDict()
         ahead = max(1, self.config.prefetch_batches)
-        if len(pos):
-            self._prefetch(plan, pos[:ahead])
-        for i in range(len(pos)):
-            if i + ahead < len(pos):
-                self._prefetch(plan, pos[i + ahead: i + ahead + 1])
-            yield self.make_batch(plan, pos[i], epoch, cache)
+        if mine:
+            self._prefetch(plan, pos[mine[:ahead]])
+        done = 0
+        for grp in groups:
+            batches = []
+            for i in grp:
+                if done + ahead < len(mine):
+                    self._prefetch(plan, pos[mine[done + ahead]][None])
+                batches.append(self.make_batch(plan, pos[i], epoch, cache))
+                done += 1
+            if info is None:
+                yield {key: torch.from_numpy(np.asarray(v)) for key, v in batches[0].items()}
+            else:
+                yield to_wire(batches)
         if self._fetcher is not None and info is not None:
             self._fetcher.close()
             self._fetcher = None
@@ -214,6 +228,38 @@ class MixtureStream(IterableDataset):
         state = self.__dict__.copy()
         state["_fetcher"] = None
         return state
+
+
+def to_wire(batches: list[dict[str, np.ndarray]]) -> dict:
+    """Several batches' arrays in one contiguous uint8 tensor plus a small layout.
+
+    A DataLoader worker hands each tensor over through its own shared-memory file, and each
+    item through a pickled message: one buffer per group of batches pays that once."""
+    layout, offset, parts = [], 0, []
+    for i, arrays in enumerate(batches):
+        for key, v in arrays.items():
+            v = np.ascontiguousarray(v)
+            offset = -(-offset // 8) * 8  # 8-byte aligned, so every dtype views in place
+            layout.append((i, key, v.dtype.str, v.shape, offset))
+            parts.append(v)
+            offset += v.nbytes
+    buf = np.empty(offset, dtype=np.uint8)
+    for (_, _, _, _, off), v in zip(layout, parts):
+        buf[off:off + v.nbytes] = v.reshape(-1).view(np.uint8)
+    return {"wire": torch.from_numpy(buf), "layout": layout, "n": len(batches)}
+
+
+def from_wire(item: dict) -> list[dict[str, torch.Tensor]]:
+    """The batches of a wire item, as views into its one buffer (no copy)."""
+    if "wire" not in item:
+        return [item]
+    buf = item["wire"]
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(item["n"])]
+    for i, key, dtype, shape, off in item["layout"]:
+        dt = np.dtype(dtype)
+        n = int(np.prod(shape)) * dt.itemsize if shape else dt.itemsize
+        out[i][key] = buf[off:off + n].view(getattr(torch, dt.name)).reshape(tuple(shape))
+    return out
 
 
 @dataclass
@@ -245,17 +291,20 @@ class StreamLoader:
         s.epoch, s.start_window = self.state.epoch, self.state.consumed_windows
         n_epoch = len(s.plan())
         budget = math.ceil(s.config.error_budget * n_epoch)
-        loader = DataLoader(s, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            prefetch_factor=4 if self.num_workers else None,
+        loader = DataLoader(s, batch_size=None, num_workers=self.num_workers, pin_memory=False,
+                            prefetch_factor=2 if self.num_workers else None,
                             persistent_workers=False, multiprocessing_context="fork" if self.num_workers else None)
         step = s.world_size * s.config.batch_size
-        for batch in loader:
-            self.state.consumed_windows += step
-            self.state.skipped += int(batch["n_skipped"])
-            if self.state.skipped > budget:
-                raise CorruptSampleError(f"{self.state.skipped} corrupt samples skipped this epoch, over the error "
-                                         f"budget of {budget} ({s.config.error_budget:.1%} of {n_epoch} windows)")
-            yield batch
+        for item in loader:
+            for batch in from_wire(item):
+                self.state.consumed_windows += step
+                self.state.skipped += int(batch["n_skipped"])
+                if self.state.skipped > budget:
+                    raise CorruptSampleError(f"{self.state.skipped} corrupt samples skipped this epoch, over the "
+                                             f"error budget of {budget} ({s.config.error_budget:.1%} of {n_epoch} windows)")
+                if self.pin_memory:
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                yield batch
         self.state = replace(self.state, epoch=self.state.epoch + 1, consumed_windows=0, skipped=0)
 
     def state_dict(self) -> dict:
