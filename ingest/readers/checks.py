@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..records import ArrayTrace, IngestError
+from ..records import ArrayTrace, Intervals, IngestError, SessionRecord
+from ..regions import UNKNOWN, region_name
 
 
 def clean_spike_train(times: np.ndarray) -> tuple[np.ndarray, int, bool]:
@@ -216,3 +217,18 @@ def fill_stop_times(
         e[back] = s[back]
         warns.append(f"{what}: {int(back.sum())} stop_time before start_time set to start_time")
     return s, e, order, warns
+
+
+def ophys_record(*, session_id: str, subject: str, source_file: str, ids: list[str], meta: dict[str, list],
+                 frame_times: np.ndarray, data: object, units_first: bool, rows: np.ndarray | None,
+                 raw_location: str, stimuli: list[Intervals], warns: list[str]) -> SessionRecord:
+    """The one OPhys record of an imaging plane (NWB 1 and NWB 2 readers alike): region from the
+    plane's location, unknown (with a warning) when it names none."""
+    region = region_name(raw_location)
+    if region == UNKNOWN and raw_location:
+        warns.append(f"imaging plane location {raw_location!r} names no region -> 'unknown'")
+    meta["location_raw"] = [raw_location] * len(ids)
+    return SessionRecord(session_id=session_id, modality="ophys", region=region, subject=subject,
+                         source_file=source_file, unit_ids=ids, t_start=float(frame_times[0]),
+                         t_end=float(frame_times[-1]), stimuli=list(stimuli),
+                         trace=make_trace(frame_times, data, units_first, rows), unit_meta=meta, warnings=warns)

@@ -15,8 +15,8 @@ import h5py
 import numpy as np
 
 from ..records import IngestError, SessionRecord
-from ..regions import UNKNOWN, decode, region_name
-from .checks import check_length, make_trace, orient_trace, unique_ids
+from ..regions import decode
+from .checks import check_length, ophys_record as plane_record, orient_trace, unique_ids
 from .sniff import ALLEN_NWB1_MODULE
 from .stimuli import nwb1_intervals
 
@@ -107,26 +107,11 @@ def read_records(f: h5py.File, session_id: str, source_file: str) -> list[Sessio
     raw = (_text(f, f"general/optophysiology/{plane}/location")
            or _text(f, "general/optophysiology/imaging_plane_1/location")
            or _text(f, "general/targeted_structure"))
-    region = region_name(raw)
-    if region == UNKNOWN:
-        warns.append(f"imaging plane location {raw!r} names no region -> 'unknown'")
-    meta["location_raw"] = [raw] * n_units
+    if not raw:
+        warns.append("no imaging plane location or targeted structure -> region 'unknown'")
     subject = _text(f, "general/subject/subject_id") or _text(f, "general/specimen_name")
 
     stimuli = nwb1_intervals(f, ts, warns)
-    return [
-        SessionRecord(
-            session_id=session_id,
-            modality="ophys",
-            region=region,
-            subject=subject,
-            source_file=source_file,
-            unit_ids=ids,
-            t_start=float(frame_times[0]),
-            t_end=float(frame_times[-1]),
-            stimuli=stimuli,
-            trace=make_trace(frame_times, data, units_first, rows),
-            unit_meta=meta,
-            warnings=warns,
-        )
-    ]
+    return [plane_record(session_id=session_id, subject=subject, source_file=source_file, ids=ids, meta=meta,
+                         frame_times=frame_times, data=data, units_first=units_first, rows=rows, raw_location=raw,
+                         stimuli=stimuli, warns=warns)]

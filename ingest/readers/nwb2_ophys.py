@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from ..records import IngestError, SessionRecord
-from ..regions import UNKNOWN, decode, region_name
-from .checks import make_trace, orient_trace, unique_ids
+from ..regions import decode
+from .checks import ophys_record as plane_record, orient_trace, unique_ids
 from .nwb2_ephys import scalar_columns
 
 ROI_NON_META_COLUMNS = {"pixel_mask", "image_mask", "voxel_mask"}
@@ -108,21 +108,6 @@ def ophys_record(nwb: Any, session_id: str, source_file: str, subject: str, stim
     ids, dup = unique_ids(ids)
     warns += dup
     raw = _plane_location(series, nwb, warns)
-    region = region_name(raw)
-    if region == UNKNOWN and raw:
-        warns.append(f"imaging plane location {raw!r} names no region -> 'unknown'")
-    meta["location_raw"] = [raw] * n_units
-    return SessionRecord(
-        session_id=session_id,
-        modality="ophys",
-        region=region,
-        subject=subject,
-        source_file=source_file,
-        unit_ids=ids,
-        t_start=float(frame_times[0]),
-        t_end=float(frame_times[-1]),
-        stimuli=list(stimuli),
-        trace=make_trace(frame_times, data, units_first, rows),
-        unit_meta=meta,
-        warnings=warns + list(file_warnings),
-    )
+    return plane_record(session_id=session_id, subject=subject, source_file=source_file, ids=ids, meta=meta,
+                        frame_times=frame_times, data=data, units_first=units_first, rows=rows, raw_location=raw,
+                        stimuli=list(stimuli), warns=warns + list(file_warnings))
