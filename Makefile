@@ -26,6 +26,8 @@ demo: setup
 	$(PY) -m shards ls $(DEMO)/store
 	$(PY) -m shards verify $(DEMO)/store
 	$(PY) -m shards mix $(DEMO)/store --mix ephys=0.5,ophys=0.5 --batch-size 16 --batches 20 --world-size 2
+	$(PY) -m trainer.train --shards $(DEMO)/store --mix ephys=0.5,ophys=0.5 --out $(DEMO)/run --workers 2 \
+		--preset small --epochs 25 --log-every 100
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -1,0 +1,235 @@
+"""Pretraining on streamed EPhys/OPhys mixtures: Ray Train DDP workers, the papers' recipe.
+
+    python -m trainer.train --shards demo/store --mix ephys=0.5,ophys=0.5 --out runs/pre \\
+        --workers 2 --preset small --epochs 3          # a CPU-sized run
+    python -m trainer.train --config run.yaml --out runs/pre --resume   # continue from the last checkpoint
+    tensorboard --logdir runs/pre/tb
+
+The driver (this file) resolves the config (defaults < --config YAML < flags), checks everything it can
+before any worker starts (the store, the mixture, the sessions, a --resume checkpoint's model variant),
+writes ``RUN/config.yaml`` and starts a ``TorchTrainer``; every worker runs ``trainer.loop``. Checkpoints
+go through ``ray.train.report`` to ``RUN/ray/``; a worker that dies is replaced and the group restarts
+from the latest one (``FailureConfig(max_failures)``), which ``RUN/train.log`` records. At the end the
+driver prints the validation accuracy per modality and task from ``RUN/metrics.json``.
+
+Ray: a local cluster unless ``RAY_ADDRESS`` names one (``RAY_ADDRESS=auto`` on a cluster's head node).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import ray.train
+import torch
+
+from trainer.train_config import TrainConfig, dump_yaml, parse_args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_args(argv)
+    try:
+        metrics = run(cfg)
+    except (ValueError, FileNotFoundError) as exc:  # pre-flight: nothing has started
+        raise SystemExit(f"error: {exc}") from None
+    print_summary(metrics, cfg.absolute().out)
+    return metrics
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Check, then train; returns RUN/metrics.json. Raises ValueError/FileNotFoundError before any
+    worker starts when the input is wrong."""
+    cfg = cfg.absolute()
+    cfg.validate()
+    resolved = preflight(cfg)
+    os.makedirs(cfg.out, exist_ok=True)
+    trainer, resources = make_trainer(cfg)
+    resolved.update(resources)
+    dump_yaml(cfg, os.path.join(cfg.out, "config.yaml"), resolved)  # as given, plus what was derived
+    print(f"run {cfg.out}: {resolved['params']:,} parameters ({cfg.model}, {cfg.preset}), "
+          f"{resolved['world_size']} worker(s) x batch {cfg.batch_size}, lr {resolved['lr']:.3g}, "
+          f"{resolved['steps_per_epoch']} steps/epoch, {resolved['total_steps']} steps"
+          + (" (resuming)" if cfg.resume else ""), flush=True)
+    print(f"watch it: tensorboard --logdir {resolved['tensorboard']}", flush=True)
+    threads = torch.get_num_threads()
+    with echo(os.path.join(cfg.out, "train.log"), enabled=cfg.workers > 0):  # workers' progress on this console
+        trainer.fit()
+    torch.set_num_threads(threads)  # local mode ran the loop in this process
+    with open(os.path.join(cfg.out, "metrics.json")) as fh:
+        return json.load(fh)
+
+
+# ---- checks before any worker starts ------------------------------------------------------------------
+
+def preflight(cfg: TrainConfig) -> dict[str, Any]:
+    """Build the streams once (store, mixture, sessions, shards), check resume/init checkpoints against
+    the model this run builds; return the resolved numbers for config.yaml."""
+    from shards.stream import MixtureStream
+    from trainer.ablations import variant_config
+    from trainer.checkpoint import check_same_model, latest_checkpoint, load_model_file, read_meta
+    from trainer.model import MultiModalPOYO, n_parameters
+
+    world = cfg.world_size
+    train = MixtureStream(dataclasses.replace(cfg.stream_config("train"), check_shards=True), world_size=world)
+    MixtureStream(cfg.stream_config("valid"), world_size=world)
+    steps_per_epoch = train.batches_per_rank(0)
+    if steps_per_epoch == 0:
+        raise ValueError(f"an epoch of {len(train.plan(0))} windows does not fill one global batch of "
+                         f"{cfg.global_batch} (batch {cfg.batch_size} x {world} workers): lower --batch-size "
+                         f"or raise --epoch-windows")
+
+    ray_dir = os.path.join(cfg.out, "ray")
+    latest = latest_checkpoint(cfg.out)
+    existing = latest or os.path.exists(os.path.join(ray_dir, "checkpoint_manager_snapshot.json"))
+    if cfg.resume and not latest:
+        raise FileNotFoundError(f"--resume: no checkpoint under {ray_dir}")
+    if existing and not cfg.resume:
+        raise ValueError(f"{cfg.out} already holds a run (checkpoints in {ray_dir}): pass --resume to continue it, "
+                         f"or choose another --out")
+    base = cfg.model_config()
+    if cfg.init_from:
+        if not os.path.exists(cfg.init_from):
+            raise FileNotFoundError(f"--init-from {cfg.init_from}: no such model file")
+        check_same_model(load_model_file(cfg.init_from)["meta"], cfg.model, base, f"pretrained model {cfg.init_from}")
+    if latest:
+        check_same_model(read_meta(latest), cfg.model, base, f"checkpoint {latest}")
+
+    variant = variant_config(cfg.model, base)
+    with torch.device("meta"):
+        n_params = n_parameters(MultiModalPOYO(config=variant.replace(compile=False), n_units=len(train.vocab.units),
+                                               n_sessions=len(train.vocab.sessions)))
+    return {"world_size": world, "global_batch": cfg.global_batch, "lr": cfg.peak_lr,
+            "steps_per_epoch": steps_per_epoch, "total_steps": cfg.total_steps(steps_per_epoch),
+            "n_units": len(train.vocab.units), "n_sessions": len(train.vocab.sessions), "params": n_params,
+            "model_config": variant.to_dict(), "checkpoints": ray_dir, "tensorboard": os.path.join(cfg.out, "tb")}
+
+
+# ---- Ray Train --------------------------------------------------------------------------------------
+
+def make_trainer(cfg: TrainConfig):
+    """The TorchTrainer (local mode when workers == 0) and the resources it asks for."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from trainer.loop import train_loop_per_worker
+
+    if cfg.workers == 0:
+        scaling, use_gpu = ray.train.ScalingConfig(num_workers=0), False
+        cfg = dataclasses.replace(cfg, cpus_per_worker=cfg.cpus_per_worker or 1.0)
+    else:
+        # each ray.train.report waits for the controller's next poll: keep it short (CI sets 0.1)
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+        if not ray.is_initialized():
+            # worker output stays in Ray's logs; the console shows RUN/train.log (see echo)
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False, logging_level="WARNING")
+        have = ray.cluster_resources()
+        use_gpu = cfg.use_gpu if cfg.use_gpu is not None else have.get("GPU", 0) >= cfg.workers
+        cpus = cfg.cpus_per_worker or max(0.1, min(1.0, have.get("CPU", 1) / cfg.workers))
+        cfg = dataclasses.replace(cfg, cpus_per_worker=cpus, use_gpu=use_gpu)
+        scaling = ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus})
+    run_config = ray.train.RunConfig(
+        name="ray", storage_path=cfg.out,  # same (storage_path, name) = the same run: that is how Ray resumes
+        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        callbacks=[FailureLog(os.path.join(cfg.out, "train.log"), cfg.max_failures)],
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"))
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=cfg.to_dict(), scaling_config=scaling,
+                           run_config=run_config, torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"))
+    return trainer, {"use_gpu": use_gpu, "cpus_per_worker": cfg.cpus_per_worker}
+
+
+class FailureLog(ray.train.UserCallback):
+    """Runs in Ray Train's controller: a worker failure goes to RUN/train.log (and the console)."""
+
+    def __init__(self, path: str, max_failures: int):
+        self.path, self.max_failures = path, max_failures
+
+    def after_exception(self, run_context, worker_exceptions) -> None:
+        what = "; ".join(f"rank {r}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
+                         for r, e in sorted(worker_exceptions.items()))
+        msg = (f"worker failure ({what}) -- Ray Train restarts the workers from the latest checkpoint "
+               f"while failures stay within max_failures={self.max_failures}")
+        print(msg, file=sys.stderr, flush=True)
+        try:
+            with open(self.path, "a") as fh:
+                fh.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+        except OSError:
+            pass
+
+
+class echo:
+    """Print the lines appended to a file while the block runs (a background thread)."""
+
+    def __init__(self, path: str, enabled: bool = True, every_s: float = 0.5):
+        self.path, self.enabled, self.every_s = path, enabled, every_s
+        self.offset = os.path.getsize(path) if os.path.exists(path) else 0
+
+    def _pump(self) -> None:
+        if os.path.exists(self.path):
+            with open(self.path) as fh:
+                fh.seek(self.offset)
+                text = fh.read()
+            end = text.rfind("\n") + 1  # whole lines only
+            if end:
+                print(text[:end], end="", flush=True)
+                self.offset += len(text[:end].encode())
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every_s):
+            self._pump()
+
+    def __enter__(self):
+        if self.enabled:
+            import threading
+
+            self.stop = threading.Event()
+            self.thread = threading.Thread(target=self._run, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.stop.set()
+            self.thread.join()
+            self._pump()
+
+
+# ---- the end ----------------------------------------------------------------------------------------
+
+def accuracy_table(summary: dict) -> list[str]:
+    """Lines of 'modality  task  accuracy  n' from an evaluation summary."""
+    lines = []
+    for mod, e in (summary or {}).get("modality", {}).items():
+        for task, v in e["tasks"].items():
+            key = "acc" if "acc" in v else "r2"
+            lines.append(f"  {mod:<6} {task:<18} {key} {v[key]:.3f}  (n={int(v['n'])})")
+        lines.append(f"  {mod:<6} {'mean':<18} {e['score']:.3f}")
+    return lines
+
+
+def print_summary(metrics: dict, out: str) -> None:
+    final, best = metrics.get("final") or {}, metrics.get("best") or {}
+    score = final.get("score", math.nan)
+    print(f"\n{metrics['status']} at step {metrics['step']}/{metrics['total_steps']} "
+          f"(train loss {metrics['train']['first_loss']:.3f} -> {metrics['train']['last_loss']:.3f})")
+    if final:
+        print(f"validation accuracy per modality and task (score {score:.3f} = mean of EPhys and OPhys):")
+        print("\n".join(accuracy_table(final)))
+    if best:
+        print(f"best validation score {best.get('score', math.nan):.3f} at step {best.get('step')} "
+              f"-> {os.path.join(out, 'model_best.pt')}")
+    if metrics.get("test"):
+        print("test accuracy (best weights):")
+        print("\n".join(accuracy_table(metrics["test"])))
+    print(f"metrics: {os.path.join(out, 'metrics.json')}   log: {os.path.join(out, 'train.log')}")
+    print(f"watch it: tensorboard --logdir {os.path.join(out, 'tb')}")
+
+
+if __name__ == "__main__":
+    main()
