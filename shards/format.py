@@ -8,6 +8,7 @@ Stock ``webdataset`` reads them; every array loads with ``allow_pickle=False``.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -78,10 +79,13 @@ def tar_header(name: str, size: int) -> bytes:
 
 class TarSampleWriter:
     """Appends samples to an open binary file as a tar (the bytes tarfile would write); records
-    each sample's byte range, so a reader can fetch one sample with a single ranged GET."""
+    each sample's byte range, so a reader can fetch one sample with a single ranged GET.
+    The sha256 of everything written is kept as it goes (the manifest needs it, and reading
+    the shard back to hash it would cost another pass over its bytes)."""
 
     def __init__(self, fileobj):
         self._f = fileobj
+        self._hash = hashlib.sha256()
         self.offset = 0
         self.offsets: list[tuple[int, int]] = []
 
@@ -92,13 +96,20 @@ class TarSampleWriter:
             parts += [tar_header(name, len(data)), data, b"\0" * (-len(data) % BLOCKSIZE)]
         blob = b"".join(parts)
         self._f.write(blob)
+        self._hash.update(blob)
         self.offset += len(blob)
         self.offsets.append((start, self.offset))
         return start, self.offset
 
     def close(self) -> None:
         end = self.offset + 2 * BLOCKSIZE  # end-of-archive, then padding to a whole record, as tarfile does
-        self._f.write(b"\0" * (2 * BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
+        tail = b"\0" * (2 * BLOCKSIZE + (-end % tarfile.RECORDSIZE))
+        self._f.write(tail)
+        self._hash.update(tail)
+
+    def hexdigest(self) -> str:
+        """sha256 of the bytes written so far (after close: of the whole shard)."""
+        return self._hash.hexdigest()
 
 
 def split_member_name(name: str) -> tuple[str, str]:

@@ -90,7 +90,7 @@ class RecordShardWriter:
         self._count[split] = idx + 1
         rel = f"{self.dir}/{split}-{idx:05d}.tar"
         n_bytes = os.path.getsize(cur.tmp)
-        digest = sha256_file(cur.tmp)
+        digest = cur.tar.hexdigest()
         self.store.put_file(cur.tmp, rel)
         if os.path.exists(cur.tmp):
             os.remove(cur.tmp)

@@ -110,6 +110,15 @@ def test_windows_never_cross_a_split_or_a_chunk(store):
         assert len(np.unique(np.stack([ev.chunk[real], ev.t0[real]]), axis=1)[0]) == real.sum()
 
 
+def test_workers_hand_over_exactly_the_in_process_batches(store):
+    """Batches cross from workers in one shared buffer per group: same values, dtypes and shapes."""
+    inproc = [batch_key(b) for b in StreamLoader(MixtureStream(cfg(store, epoch_windows=200)), num_workers=0)]
+    workers = [batch_key(b) for b in StreamLoader(MixtureStream(cfg(store, epoch_windows=200)), num_workers=2)]
+    same_batches(workers, inproc)
+    for w, i in zip(workers, inproc):
+        assert {k: (v.dtype, v.shape) for k, v in w.items()} == {k: (v.dtype, v.shape) for k, v in i.items()}
+
+
 def test_resume_with_two_workers_yields_the_uninterrupted_batches(store):
     full = [batch_key(b) for b in StreamLoader(MixtureStream(cfg(store, epoch_windows=240)), num_workers=2)]
     first = StreamLoader(MixtureStream(cfg(store, epoch_windows=240)), num_workers=2)
