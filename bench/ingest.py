@@ -84,6 +84,28 @@ def drop_caches() -> bool:
         return False
 
 
+def timed_rerun(src: Path, workers: int = 1) -> tuple[float, float]:
+    """Seconds of a rerun over a finished store: quick check (size + mtime), and with --rehash."""
+    import ray
+
+    ray.init(address="local", num_cpus=workers, object_store_memory=256 << 20, include_dashboard=False,
+             logging_level="ERROR", log_to_driver=False)
+    out = Path(tempfile.mkdtemp())
+    try:
+        run_ingest(str(src), str(out / "s"), workers=workers, progress=False)
+        t0 = time.perf_counter()
+        s = run_ingest(str(src), str(out / "s"), workers=workers, progress=False)
+        quick = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        s2 = run_ingest(str(src), str(out / "s"), workers=workers, progress=False, rehash=True)
+        rehash = time.perf_counter() - t0
+        assert not s.ok and not s2.ok and not s.failed and not s2.failed
+        return quick, rehash
+    finally:
+        shutil.rmtree(out)
+        ray.shutdown()
+
+
 def timed_ingest(src: Path, workers: int, repeats: int, cold: bool = False) -> float:
     import ray
 
@@ -115,7 +137,7 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=3600.0, help="seconds per session (Allen 2P sessions are ~1 h)")
     p.add_argument("--units", type=int, default=60, help="EPhys units per region")
     p.add_argument("--rois", type=int, default=150, help="OPhys ROIs per plane")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "ingest.json"))
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
@@ -131,6 +153,10 @@ def main() -> int:
         floor_s = min(copy_floor(files, work / "floor") for _ in range(a.repeats))
         t1 = timed_ingest(src, 1, a.repeats)
         t2 = timed_ingest(src, 2, a.repeats)
+        from bench.stream import host_scaling  # the host's own ceiling for 2 memory-bound processes
+
+        host = host_scaling()
+        rerun_quick, rerun_rehash = timed_rerun(src)
         cold = drop_caches()
         if cold:
             raw_cold = min((drop_caches(), raw_read(files)[0])[1] for _ in range(a.repeats))
@@ -147,6 +173,8 @@ def main() -> int:
         "ingest_mb_s_per_worker_1": round(per_worker_1, 1), "ingest_mb_s_per_worker_2": round(per_worker_2, 1),
         "ratio_vs_raw_read": round(per_worker_1 / raw_rate, 4),
         "speedup_2_workers": round(t1 / t2, 3),
+        "host_memory_scaling_2_procs": round(host, 3),
+        "rerun_all_done_s": round(rerun_quick, 3), "rerun_all_done_rehash_s": round(rerun_rehash, 3),
         "copy_floor_s": round(floor_s, 4), "copy_floor_mb_s": round(data_mb / floor_s, 1),
         "floor_ratio_vs_raw_read": round(raw_s / floor_s, 4),
         "ratio_vs_copy_floor": round(floor_s / t1, 4),
@@ -163,6 +191,10 @@ def main() -> int:
     print(f"{'copy floor: read + write as tar':34} {floor_s:9.3f} {data_mb / floor_s:12.1f}")
     print(f"{'ingest, 1 Ray worker':34} {t1:9.3f} {per_worker_1:12.1f}")
     print(f"{'ingest, 2 Ray workers':34} {t2:9.3f} {per_worker_2:12.1f}")
+    print(f"host: memory-bound work in 2 processes runs at {host:.2f} per core of 1 process "
+          f"(a speedup of {2 * host:.2f} for such work)")
+    print(f"{'rerun, all done (size+mtime check)':34} {rerun_quick:9.3f}")
+    print(f"{'rerun, all done, --rehash':34} {rerun_rehash:9.3f}")
     if cold:
         print(f"{'raw h5py read, cold page cache':34} {raw_cold:9.3f} {data_mb / raw_cold:12.1f}")
         print(f"{'ingest, 1 Ray worker, cold cache':34} {t1_cold:9.3f} {data_mb / t1_cold:12.1f}")

@@ -19,12 +19,16 @@ def _run(argv: list[str]) -> int:
     p.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MB")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the 60/10/30 split by time")
     p.add_argument("--split-block-s", type=float, default=10.0, help="block length the splits are drawn in")
+    p.add_argument("--rehash", action="store_true",
+                   help="hash every source to decide what is done (default: a source whose size and mtime, or S3 "
+                        "ETag, match its marker is not read again)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     config = IngestConfig(chunk_s=a.chunk_s, shard_bytes=int(a.shard_mb * (1 << 20)),
                           split=SplitConfig(seed=a.split_seed, block_s=a.split_block_s))
     try:
-        summary = run_ingest(a.src, a.out, workers=a.workers, config=config, progress=not a.quiet)
+        summary = run_ingest(a.src, a.out, workers=a.workers, config=config, progress=not a.quiet,
+                             rehash=a.rehash)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

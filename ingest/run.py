@@ -2,10 +2,16 @@
 
 Resumability is by source checksum: when a file's shards are all published, its
 task writes ``_ingest/done/<sha256>.json`` (the rows it contributes to the
-tables). A rerun skips any file whose marker exists, and the tables are always
-rebuilt from the markers, so an interrupted run followed by a rerun gives the
-same tables as an uninterrupted run. A file that fails is reported (one line,
-naming it), its published shards are removed, and the others carry on.
+tables, and the file's fingerprint). The tables are always rebuilt from the
+markers, so an interrupted run followed by a rerun gives the same tables as an
+uninterrupted run. A file that fails is reported (one line, naming it), its
+published shards are removed, and the others carry on.
+
+A rerun does not read a source again when its fingerprint (size and mtime; size
+and ETag on S3) equals the one in its marker, as rsync's quick check does
+(``--rehash`` hashes every source instead). A source whose bytes changed gets its
+old session retired (shards and marker) and is ingested anew, so a session is
+never in the tables twice.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from shards import manifest
-from shards.store import Store, is_remote
+from shards.store import Store, is_remote, s3_filesystem
 from shards.writer import RecordShardWriter, sha256_file
 
 from .chunks import ChunkConfig, record_samples
@@ -129,8 +135,47 @@ def _record_rows(rec: SessionRecord, sha: str, splits: dict) -> tuple[dict, list
     return session, units
 
 
-def ingest_file(source: Source, store_uri: str, config: IngestConfig) -> dict:
-    """Ingest one NWB file; never raises for bad input (returns status 'failed' and a reason)."""
+def fingerprint(uri: str) -> dict:
+    """What tells a source's bytes apart without reading them: size and mtime (ns) of a local
+    file, size and ETag of an S3 object."""
+    if is_remote(uri):
+        info = s3_filesystem().info(uri[len("s3://"):])
+        return {"size": int(info["size"]), "etag": str(info.get("ETag") or info.get("etag") or "")}
+    st = os.stat(uri)
+    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+
+
+def _retire(store: Store, previous: dict) -> None:
+    """Drop a session ingested from an older version of its source: shards, then the marker
+    (a crash in between leaves a marker whose shards are gone: the rerun retires it again)."""
+    marker = f"{DONE_DIR}/{previous['source_sha256']}.json"
+    if not store.exists(marker):
+        return
+    done = json.loads(store.read_bytes(marker))
+    for row in done.get("shards", []):
+        store.remove(row["path"])
+    store.remove(marker)
+
+
+def _already_done(store: Store, uri: str, sha: str, fp: dict) -> bool:
+    """Whether these bytes are in the store; if they came from this URI, the marker learns the
+    current fingerprint (a touched file), so the next rerun need not hash it."""
+    marker = f"{DONE_DIR}/{sha}.json"
+    if not store.exists(marker):
+        return False
+    done = json.loads(store.read_bytes(marker))
+    if done.get("source") == uri and done.get("fingerprint") != fp:
+        done["fingerprint"] = fp
+        store.write_bytes(marker, json.dumps(done, sort_keys=True).encode())
+    return True
+
+
+def ingest_file(source: Source, store_uri: str, config: IngestConfig, previous: dict | None = None,
+                rehash: bool = False) -> dict:
+    """Ingest one NWB file; never raises for bad input (returns status 'failed' and a reason).
+
+    ``previous``: what the store's marker for this source URI says (its sha256 and fingerprint),
+    if any."""
     from .readers import open_records  # imported here: heavy (pynwb), and only workers need it
 
     t0 = time.perf_counter()
@@ -138,18 +183,25 @@ def ingest_file(source: Source, store_uri: str, config: IngestConfig) -> dict:
     local, tmp_download = source.uri, None
     writers: list[RecordShardWriter] = []
     try:
+        fp = fingerprint(source.uri)
+        if (previous and not rehash and previous.get("fingerprint") == fp
+                and store.exists(f"{DONE_DIR}/{previous['source_sha256']}.json")):
+            return {"status": "skipped", "source": source.uri, "bytes": fp["size"], "seconds": time.perf_counter() - t0}
         if is_remote(source.uri):
             fd, tmp_download = tempfile.mkstemp(suffix=".nwb")
             os.close(fd)
             Store(source.uri.rsplit("/", 1)[0]).fs.get_file(source.uri[len("s3://"):], tmp_download)
             local = tmp_download
         size = os.path.getsize(local)
+        # (hashing in a thread while pynwb reads was measured: no faster, pynwb holds the GIL)
         sha = sha256_file(local)
-        marker = f"{DONE_DIR}/{sha}.json"
-        if store.exists(marker):
+        if _already_done(store, source.uri, sha, fp):  # touched, or the same bytes under another name
             return {"status": "skipped", "source": source.uri, "bytes": size, "seconds": time.perf_counter() - t0}
+        marker = f"{DONE_DIR}/{sha}.json"
         sessions, units = [], []
         with open_records(local, source.session_id) as records:
+            if previous and previous.get("source_sha256") != sha:
+                _retire(store, previous)  # the source changed: its old session goes
             for rec in records:
                 rec.source_file = source.uri
                 # chunks are half-open [a, b): make the end exclusive so the last spike/frame is kept
@@ -166,6 +218,7 @@ def ingest_file(source: Source, store_uri: str, config: IngestConfig) -> dict:
         done = {
             "source": source.uri,
             "source_sha256": sha,
+            "fingerprint": fp,
             "session_id": source.session_id,
             "sessions": sessions,
             "units": units,
@@ -189,6 +242,15 @@ def ingest_file(source: Source, store_uri: str, config: IngestConfig) -> dict:
     finally:
         if tmp_download and os.path.exists(tmp_download):
             os.remove(tmp_download)
+
+
+def previous_runs(store: Store) -> dict[str, dict]:
+    """Source URI -> {source_sha256, fingerprint} from the store's done markers."""
+    out: dict[str, dict] = {}
+    for rel in store.list(DONE_DIR, ".json"):
+        done = json.loads(store.read_bytes(rel))
+        out[done["source"]] = {"source_sha256": done["source_sha256"], "fingerprint": done.get("fingerprint")}
+    return out
 
 
 # ---- tables -------------------------------------------------------------------------------------
@@ -235,7 +297,7 @@ def ensure_ray(workers: int) -> None:
 
 
 def run_ingest(src: str, out: str, workers: int = 2, config: IngestConfig = IngestConfig(),
-               progress: bool = True) -> IngestSummary:
+               progress: bool = True, rehash: bool = False) -> IngestSummary:
     import ray
     from tqdm import tqdm
 
@@ -246,6 +308,7 @@ def run_ingest(src: str, out: str, workers: int = 2, config: IngestConfig = Inge
         raise FileNotFoundError(f"{src}: no .nwb files found")
     store.clean_tmp()
     _check_config(store, config)
+    previous = previous_runs(store)
     ensure_ray(workers)
     task = ray.remote(num_cpus=1, max_retries=2)(ingest_file)
     summary = IngestSummary()
@@ -255,7 +318,7 @@ def run_ingest(src: str, out: str, workers: int = 2, config: IngestConfig = Inge
 
     def submit() -> None:
         for s in it:
-            pending[task.remote(s, out, config)] = s
+            pending[task.remote(s, out, config, previous.get(s.uri), rehash)] = s
             if len(pending) >= 2 * workers:
                 return
 

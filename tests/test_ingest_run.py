@@ -133,6 +133,57 @@ def test_rerun_skips_done_files_and_rewrites_nothing(ingested, corpus):
     assert manifest.load(store).manifest.equals(tables_before.manifest)
 
 
+@pytest.fixture()
+def small_src(corpus, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in sorted(corpus.glob("*.nwb"))[:2]:
+        shutil.copy2(p, src / p.name)
+    return src
+
+
+def test_rerun_trusts_size_and_mtime_and_rehash_reads_again(small_src, tmp_path, ray_cluster):
+    out = str(tmp_path / "store")
+    first = run_ingest(str(small_src), out, workers=2, config=SMALL, progress=False)
+    assert len(first.ok) == 2
+    victim = sorted(small_src.glob("*.nwb"))[0]
+    st = victim.stat()
+    victim.write_bytes(b"\0" * st.st_size)  # same size, and the mtime put back: a quick check cannot tell
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    quick = run_ingest(str(small_src), out, workers=2, config=SMALL, progress=False)
+    assert len(quick.skipped) == 2 and quick.failed == []  # neither source was read
+    full = run_ingest(str(small_src), out, workers=2, config=SMALL, progress=False, rehash=True)
+    assert [Path(f["file"]).name for f in full.failed] == [victim.name] and len(full.skipped) == 1
+    # the failed reread lost nothing: the session ingested from the good bytes is still whole
+    sessions = manifest.read_table(Store(out), manifest.SESSIONS).to_pandas()
+    assert victim.stem in set(sessions.session_id)
+    assert verify_store(Store(out))[1] == []
+
+
+def test_a_source_whose_bytes_changed_replaces_its_session(small_src, tmp_path, ray_cluster):
+    from ingest.synth import synthesize
+
+    out = str(tmp_path / "store")
+    run_ingest(str(small_src), out, workers=2, config=SMALL, progress=False)
+    other = tmp_path / "other"
+    synthesize(other, sessions=2, seed=11)
+    victim = sorted(small_src.glob("*.nwb"))[0]
+    shutil.copy(other / victim.name, victim)  # same name, another recording
+    again = run_ingest(str(small_src), out, workers=2, config=SMALL, progress=False)
+    assert [Path(u).name for u in again.ok] == [victim.name] and len(again.skipped) == 1
+    store = Store(out)
+    sessions = manifest.read_table(store, manifest.SESSIONS).to_pandas()
+    assert not sessions.duplicated(["session_id", "region"]).any()
+    assert len(store.list(DONE_DIR, ".json")) == 2
+    shards = manifest.read_table(store, manifest.MANIFEST).to_pandas()
+    assert sorted(store.list("", ".tar")) == sorted(shards.path)  # old shards gone, none left over
+    assert verify_store(store)[1] == []
+    fresh = run_ingest(str(other / victim.name), str(tmp_path / "fresh"), workers=2, config=SMALL, progress=False)
+    want = manifest.read_table(Store(str(tmp_path / "fresh")), manifest.SESSIONS).to_pandas()
+    got = sessions[sessions.session_id == victim.stem]
+    assert sorted(got.source_sha256) == sorted(want.source_sha256) and sorted(got.n_units) == sorted(want.n_units)
+
+
 def test_corrupt_files_among_good_ones_fail_alone(corpus, tmp_path, ray_cluster):
     src = tmp_path / "src"
     src.mkdir()
