@@ -119,6 +119,23 @@ def test_workers_hand_over_exactly_the_in_process_batches(store):
         assert {k: (v.dtype, v.shape) for k, v in w.items()} == {k: (v.dtype, v.shape) for k, v in i.items()}
 
 
+def test_next_epoch_workers_start_early_and_deliver_the_same_batches(store):
+    def epochs(prestart):
+        loader = StreamLoader(MixtureStream(cfg(store, epoch_windows=160)), num_workers=2, prestart=prestart)
+        out = [[batch_key(b) for b in loader] for _ in range(3)]
+        return out, loader
+
+    ahead, loader = epochs(True)
+    plain, plain_loader = epochs(False)
+    assert loader.prestarted_epochs == 2 and plain_loader.prestarted_epochs == 0
+    for a, b in zip(ahead, plain):
+        same_batches(a, b)
+    assert not all(torch.equal(x["input_unit_index"], y["input_unit_index"]) for x, y in zip(ahead[0], ahead[1]))
+    # a state loaded after the head start was made: the stale workers are not used
+    loader.load_state_dict({**loader.state_dict(), "epoch": 1, "consumed_windows": 0})
+    same_batches([batch_key(b) for b in loader], plain[1])
+
+
 def test_resume_with_two_workers_yields_the_uninterrupted_batches(store):
     full = [batch_key(b) for b in StreamLoader(MixtureStream(cfg(store, epoch_windows=240)), num_workers=2)]
     first = StreamLoader(MixtureStream(cfg(store, epoch_windows=240)), num_workers=2)
