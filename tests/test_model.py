@@ -6,6 +6,8 @@ Everything runs the small preset on CPU with batches built here in the docs/batc
 from __future__ import annotations
 
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -404,3 +406,26 @@ def test_cuda_backends_match_the_cpu_reference_and_train(backend, amp):
     assert_close_nan(logits_by_query(model, on_gpu), reference, atol=tol)
     model.train()(on_gpu)["loss"].backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # inductor: no codegen for complex ops (falls back)
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_model_matches_eager_outputs_and_gradients():
+    """``compile=True`` (torch.compile of the dense blocks, inductor on CPU here) changes no number
+    beyond float rounding, forward or backward, and keeps the state_dict keys."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.small()
+    batch = synthetic_batch(modalities=[0, 1, 0, 1], n_units=50, n_sessions=3, config=cfg)
+    eager = MultiModalPOYO(config=cfg, n_units=50, n_sessions=3).eval()
+    compiled = MultiModalPOYO(config=cfg.replace(compile=True), n_units=50, n_sessions=3).eval()
+    compiled.load_state_dict(eager.state_dict())
+    a, c = eager(batch), compiled(batch)
+    for task in a["logits"]:
+        torch.testing.assert_close(c["logits"][task], a["logits"][task], atol=1e-5, rtol=1e-5)
+    a["loss"].backward()
+    c["loss"].backward()
+    grads = {n: p.grad for n, p in compiled.named_parameters()}
+    for n, p in eager.named_parameters():
+        assert (p.grad is None) == (grads[n] is None), n
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4)
