@@ -55,7 +55,7 @@ def check_same_model(meta: dict, variant: str, model_config, what: str) -> None:
                          f"(--model {meta['variant']} to continue it)")
     theirs, ours = meta["model_config"], model_config.to_dict()
     diff = sorted(k for k in set(theirs) | set(ours)
-                  if k not in ("amp", "compile", "attn_backend") and theirs.get(k) != ours.get(k))
+                  if k not in ("amp", "amp_on_cpu", "compile", "attn_backend") and theirs.get(k) != ours.get(k))
     if diff:
         raise ValueError(f"{what} holds a {meta['variant']!r} model with another configuration than this run's: "
                          + ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs run {ours.get(k)!r}" for k in diff))

@@ -79,6 +79,7 @@ class ModelConfig:
     # execution
     attn_backend: str = "auto"  # auto | loop | nested | flex | flash (trainer.attention)
     amp: bool = True  # bf16 autocast when the model runs on CUDA (CPU stays fp32)
+    amp_on_cpu: bool = False  # bf16 autocast on CPU too (CPUs with AVX512-BF16/AMX; tests the bf16 path without a GPU)
     compile: bool = False  # torch.compile the dense blocks (trunk, feed-forward nets)
 
     def __post_init__(self) -> None:

@@ -205,7 +205,7 @@ class MultiModalPOYO(nn.Module):
         Returns logits and query indices per task, plus loss terms if the batch has labels."""
         device = self.latent_times.device
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                            enabled=self.config.amp and device.type == "cuda"):
+                            enabled=self.config.amp and (device.type == "cuda" or self.config.amp_on_cpu)):
             latent_rope = self.rotary(self.latent_times)  # computed once, used by every block
             latents = self.encode(batch, latent_rope)  # (B, M, D)
             for block in self.trunk:
