@@ -182,6 +182,26 @@ def test_lean_reader_rejects_a_damaged_header_and_a_pickled_array(tmp_path):
         npy_view(memoryview(buf.getvalue()))
 
 
+def test_lean_reader_parses_every_npy_header_numpy_writes():
+    """The regex fast path (plain dtypes) and the literal_eval fallback (structured dtypes, Fortran
+    order, 0-d, empty) give exactly what np.load gives; a garbled header is a CorruptShard."""
+    from shards.fastread import CorruptShard, npy_view
+
+    arrays = [np.arange(5.0), np.zeros((3, 4), np.float32), np.zeros((0,), np.int32), np.float64(3.5),
+              np.asfortranarray(np.arange(6).reshape(2, 3)), np.zeros((2, 0, 3)), np.array([True, False]),
+              np.zeros(3, dtype=[("t", "<f8"), ("u", "<i4")]), np.array(["ab", "c"])]
+    for a in arrays:
+        buf = io.BytesIO()
+        np.save(buf, a, allow_pickle=False)
+        got, want = npy_view(memoryview(buf.getvalue())), np.load(io.BytesIO(buf.getvalue()), allow_pickle=False)
+        assert got.dtype == want.dtype and got.shape == want.shape and got.flags.f_contiguous == want.flags.f_contiguous
+        np.testing.assert_array_equal(got, want)
+    raw = bytearray(buf.getvalue())
+    raw[12:20] = b"{'desc!!"
+    with pytest.raises(CorruptShard, match="header"):
+        npy_view(memoryview(bytes(raw)))
+
+
 def test_tar_writer_bytes_equal_what_tarfile_writes(tmp_path):
     from shards.format import TarSampleWriter, members
 
