@@ -202,7 +202,7 @@ class MixtureStream(IterableDataset):
         epoch, plan = self.epoch, self.plan()
         pos = self.positions(plan, self.start_window)
         k = self.config.batches_per_transfer if info is not None else 1
-        groups = [range(g * k, min((g + 1) * k, len(pos))) for g in range(wid, -(-len(pos) // k), nw)]
+        groups = transfer_groups(len(pos), k, nw)[wid::nw]
         mine = [i for grp in groups for i in grp]
         cache: OrderedDict = OrderedDict()
         ahead = max(1, self.config.prefetch_batches)
@@ -228,6 +228,24 @@ class MixtureStream(IterableDataset):
         state = self.__dict__.copy()
         state["_fetcher"] = None
         return state
+
+
+def transfer_groups(n: int, k: int, n_workers: int) -> list[range]:
+    """Consecutive batch ranges handed over as one item each; group i goes to worker i % n_workers,
+    and the DataLoader reads workers round-robin, so items arrive in batch order whatever the sizes.
+
+    Sizes ramp up 1, 2, 4, ... to k (one group of each size per worker): a group is delivered only
+    when all its batches are built, so starting with k would make the first batch wait for k
+    batches' worth of reads (256 windows from S3 at k=8, batch 32)."""
+    out, start, size = [], 0, 1
+    while start < n:
+        for _ in range(n_workers):
+            if start >= n:
+                break
+            out.append(range(start, min(start + size, n)))
+            start += size
+        size = min(2 * size, k)
+    return out
 
 
 def to_wire(batches: list[dict[str, np.ndarray]]) -> dict:

@@ -11,7 +11,7 @@ import torch
 
 from shards import manifest
 from shards.mixture import interleave
-from shards.stream import CorruptSampleError, MixtureStream, StreamConfig, StreamLoader
+from shards.stream import CorruptSampleError, MixtureStream, StreamConfig, StreamLoader, transfer_groups
 
 from .storegen import make_store, uneven_records
 
@@ -117,6 +117,14 @@ def test_workers_hand_over_exactly_the_in_process_batches(store):
     same_batches(workers, inproc)
     for w, i in zip(workers, inproc):
         assert {k: (v.dtype, v.shape) for k, v in w.items()} == {k: (v.dtype, v.shape) for k, v in i.items()}
+
+
+@pytest.mark.parametrize("n,k,workers", [(40, 8, 2), (5, 8, 3), (100, 8, 1), (7, 1, 2), (0, 8, 2)])
+def test_transfer_groups_cover_every_batch_once_in_order_starting_small(n, k, workers):
+    groups = transfer_groups(n, k, workers)
+    assert [i for g in groups for i in g] == list(range(n))
+    assert all(1 <= len(g) <= k for g in groups)
+    assert all(len(g) == 1 for g in groups[:workers])  # every worker's first item is one batch
 
 
 def test_next_epoch_workers_start_early_and_deliver_the_same_batches(store):
