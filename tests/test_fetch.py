@@ -111,13 +111,12 @@ def test_a_missing_key_raises_at_once_naming_it(stores, s3_server, monkeypatch):
     with FaultyProxy(s3_server) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         with ChunkFetcher(Store(remote.uri), retries=8, backoff_s=1.0) as f:
-            t = time.monotonic()
             with pytest.raises(FetchError, match=r"s3://.*/prefix/no/such\.tar.*NoSuchKey.*not retried"):
                 f.get("no/such.tar", 0, 100)
             f.prefetch([("no/such.tar", 0, 10)])  # a failed prefetch surfaces on get, also at once
             with pytest.raises(FetchError, match="no/such.tar"):
                 f.get("no/such.tar", 0, 10)
-            assert time.monotonic() - t < 3 and f.stats["retries"] == 0
+            assert f.stats["retries"] == 0  # no backoff sleeps: the server saw one request per get
         assert proxy.counts["requests"] == 2
     with pytest.raises(FetchError, match="no/such.tar"):
         ChunkFetcher(Store(str(remote.uri).replace("s3://", "/tmp/not-a-store-"))).get("no/such.tar", 0, 10)
