@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -117,34 +118,39 @@ def drop_caches() -> bool:
         return False
 
 
-def timed_rerun(src: Path, workers: int = 1) -> tuple[float, float]:
-    """Seconds of a rerun over a finished store: quick check (size + mtime), and with --rehash."""
+@contextmanager
+def local_ray(workers: int):
+    """A local Ray cluster of ``workers`` CPUs for one measurement."""
     import ray
 
     ray.init(address="local", num_cpus=workers, object_store_memory=256 << 20, include_dashboard=False,
              logging_level="ERROR", log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def timed_rerun(src: Path, workers: int = 1) -> tuple[float, float]:
+    """Seconds of a rerun over a finished store: quick check (size + mtime), and with --rehash."""
     out = Path(tempfile.mkdtemp())
     try:
-        run_ingest(str(src), str(out / "s"), workers=workers, progress=False)
-        t0 = time.perf_counter()
-        s = run_ingest(str(src), str(out / "s"), workers=workers, progress=False)
-        quick = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        s2 = run_ingest(str(src), str(out / "s"), workers=workers, progress=False, rehash=True)
-        rehash = time.perf_counter() - t0
+        with local_ray(workers):
+            run_ingest(str(src), str(out / "s"), workers=workers, progress=False)
+            t0 = time.perf_counter()
+            s = run_ingest(str(src), str(out / "s"), workers=workers, progress=False)
+            quick = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            s2 = run_ingest(str(src), str(out / "s"), workers=workers, progress=False, rehash=True)
+            rehash = time.perf_counter() - t0
         assert not s.ok and not s2.ok and not s.failed and not s2.failed
         return quick, rehash
     finally:
         shutil.rmtree(out)
-        ray.shutdown()
 
 
 def timed_ingest(src: Path, workers: int, repeats: int, cold: bool = False) -> float:
-    import ray
-
-    ray.init(address="local", num_cpus=workers, object_store_memory=256 << 20, include_dashboard=False,
-             logging_level="ERROR", log_to_driver=False)
-    try:
+    with local_ray(workers):
         # a first run warms the worker processes (imports), as a long ingest amortises them
         warm = Path(tempfile.mkdtemp())
         run_ingest(str(src), str(warm / "s"), workers=workers, progress=False)
@@ -160,8 +166,6 @@ def timed_ingest(src: Path, workers: int, repeats: int, cold: bool = False) -> f
             assert not s.failed, s.failed
             shutil.rmtree(out)
         return best
-    finally:
-        ray.shutdown()
 
 
 def main() -> int:

@@ -135,11 +135,15 @@ def _record_rows(rec: SessionRecord, sha: str, splits: dict) -> tuple[dict, list
     return session, units
 
 
-def fingerprint(uri: str) -> dict:
+def _marker(sha: str) -> str:
+    return f"{DONE_DIR}/{sha}.json"
+
+
+def fingerprint(uri: str, fs=None) -> dict:
     """What tells a source's bytes apart without reading them: size and mtime (ns) of a local
-    file, size and ETag of an S3 object."""
+    file, size and ETag of an S3 object (through ``fs`` when the caller has one)."""
     if is_remote(uri):
-        info = s3_filesystem().info(uri[len("s3://"):])
+        info = (fs or s3_filesystem()).info(uri[len("s3://"):])
         return {"size": int(info["size"]), "etag": str(info.get("ETag") or info.get("etag") or "")}
     st = os.stat(uri)
     return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
@@ -148,7 +152,7 @@ def fingerprint(uri: str) -> dict:
 def _retire(store: Store, previous: dict) -> None:
     """Drop a session ingested from an older version of its source: shards, then the marker
     (a crash in between leaves a marker whose shards are gone: the rerun retires it again)."""
-    marker = f"{DONE_DIR}/{previous['source_sha256']}.json"
+    marker = _marker(previous["source_sha256"])
     if not store.exists(marker):
         return
     done = json.loads(store.read_bytes(marker))
@@ -160,7 +164,7 @@ def _retire(store: Store, previous: dict) -> None:
 def _already_done(store: Store, uri: str, sha: str, fp: dict) -> bool:
     """Whether these bytes are in the store; if they came from this URI, the marker learns the
     current fingerprint (a touched file), so the next rerun need not hash it."""
-    marker = f"{DONE_DIR}/{sha}.json"
+    marker = _marker(sha)
     if not store.exists(marker):
         return False
     done = json.loads(store.read_bytes(marker))
@@ -183,21 +187,22 @@ def ingest_file(source: Source, store_uri: str, config: IngestConfig, previous: 
     local, tmp_download = source.uri, None
     writers: list[RecordShardWriter] = []
     try:
-        fp = fingerprint(source.uri)
+        src_fs = Store(source.uri.rsplit("/", 1)[0]).fs if is_remote(source.uri) else None
+        fp = fingerprint(source.uri, src_fs)
         if (previous and not rehash and previous.get("fingerprint") == fp
-                and store.exists(f"{DONE_DIR}/{previous['source_sha256']}.json")):
+                and store.exists(_marker(previous["source_sha256"]))):
             return {"status": "skipped", "source": source.uri, "bytes": fp["size"], "seconds": time.perf_counter() - t0}
-        if is_remote(source.uri):
+        if src_fs is not None:
             fd, tmp_download = tempfile.mkstemp(suffix=".nwb")
             os.close(fd)
-            Store(source.uri.rsplit("/", 1)[0]).fs.get_file(source.uri[len("s3://"):], tmp_download)
+            src_fs.get_file(source.uri[len("s3://"):], tmp_download)
             local = tmp_download
         size = os.path.getsize(local)
         # (hashing in a thread while pynwb reads was measured: no faster, pynwb holds the GIL)
         sha = sha256_file(local)
         if _already_done(store, source.uri, sha, fp):  # touched, or the same bytes under another name
             return {"status": "skipped", "source": source.uri, "bytes": size, "seconds": time.perf_counter() - t0}
-        marker = f"{DONE_DIR}/{sha}.json"
+        marker = _marker(sha)
         sessions, units = [], []
         with open_records(local, source.session_id) as records:
             if previous and previous.get("source_sha256") != sha:

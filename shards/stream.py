@@ -357,10 +357,10 @@ class StreamLoader:
             it = self._start(epoch, start)
         s.epoch, s.start_window = epoch, start
         n_epoch = len(s.plan())
-        remaining = s.batches_per_rank(epoch, start)
+        step = s.world_size * s.config.batch_size
+        remaining = max(0, (n_epoch - start) // step)  # batches_per_rank, without planning the epoch again
         lead = max(4 * s.config.batches_per_transfer * self.num_workers, remaining // 4)
         budget = math.ceil(s.config.error_budget * n_epoch)
-        step = s.world_size * s.config.batch_size
         for item in it:
             for batch in from_wire(item):
                 self.state.consumed_windows += step

@@ -184,13 +184,9 @@ def test_a_source_whose_bytes_changed_replaces_its_session(small_src, tmp_path, 
     assert sorted(got.source_sha256) == sorted(want.source_sha256) and sorted(got.n_units) == sorted(want.n_units)
 
 
-def test_corrupt_files_among_good_ones_fail_alone(corpus, tmp_path, ray_cluster):
-    src = tmp_path / "src"
-    src.mkdir()
-    good = sorted(corpus.glob("*.nwb"))[:2]
-    for p in good:
-        shutil.copy(p, src / p.name)
-    data = good[0].read_bytes()
+def test_corrupt_files_among_good_ones_fail_alone(small_src, tmp_path, ray_cluster):
+    src = small_src
+    data = sorted(src.glob("*.nwb"))[0].read_bytes()
     (src / "truncated.nwb").write_bytes(data[: len(data) // 2])
     (src / "notes.nwb").write_text("this is not HDF5\n")
     summary = run_ingest(str(src), str(tmp_path / "store"), workers=2, config=SMALL, progress=False)
