@@ -12,6 +12,9 @@ and ETag on S3) equals the one in its marker, as rsync's quick check does
 (``--rehash`` hashes every source instead). A source whose bytes changed gets its
 old session retired (shards and marker) and is ingested anew, so a session is
 never in the tables twice.
+
+A marker is data read back from the store: every path in it must stay inside the store
+(``Store.resolve``), or the run stops with an error naming the marker before anything is deleted.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from shards import manifest
-from shards.store import Store, is_remote, s3_filesystem
+from shards.store import Store, StoreError, is_remote, s3_filesystem
 from shards.writer import RecordShardWriter, sha256_file
 
 from .chunks import ChunkConfig, record_samples
@@ -139,6 +142,26 @@ def _marker(sha: str) -> str:
     return f"{DONE_DIR}/{sha}.json"
 
 
+_HEX = set("0123456789abcdef")
+
+
+def read_marker(store: Store, rel: str) -> dict:
+    """A done marker, refused (StoreError naming it) unless it is a JSON object whose checksum is a
+    sha256 and whose shard and chunk paths all stay inside the store."""
+    where = store.url(rel)
+    try:
+        done = json.loads(store.read_bytes(rel))
+    except json.JSONDecodeError as exc:
+        raise StoreError(f"{where}: not a done marker ({exc}); remove it and rerun to ingest its source again") from None
+    sha = done.get("source_sha256") if isinstance(done, dict) else None
+    if not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= _HEX and isinstance(done.get("source"), str)):
+        raise StoreError(f"{where}: not a done marker (needs a source and its sha256); remove it and rerun")
+    for kind in ("shards", "chunks"):
+        for row in done.get(kind, []):
+            store.resolve(row.get("path") if isinstance(row, dict) else row, where)
+    return done
+
+
 def fingerprint(uri: str, fs=None) -> dict:
     """What tells a source's bytes apart without reading them: size and mtime (ns) of a local
     file, size and ETag of an S3 object (through ``fs`` when the caller has one)."""
@@ -155,9 +178,9 @@ def _retire(store: Store, previous: dict) -> None:
     marker = _marker(previous["source_sha256"])
     if not store.exists(marker):
         return
-    done = json.loads(store.read_bytes(marker))
+    done = read_marker(store, marker)  # every path checked before the first delete
     for row in done.get("shards", []):
-        store.remove(row["path"])
+        store.remove(row["path"], store.url(marker))
     store.remove(marker)
 
 
@@ -167,7 +190,7 @@ def _already_done(store: Store, uri: str, sha: str, fp: dict) -> bool:
     marker = _marker(sha)
     if not store.exists(marker):
         return False
-    done = json.loads(store.read_bytes(marker))
+    done = read_marker(store, marker)
     if done.get("source") == uri and done.get("fingerprint") != fp:
         done["fingerprint"] = fp
         store.write_bytes(marker, json.dumps(done, sort_keys=True).encode())
@@ -253,7 +276,7 @@ def previous_runs(store: Store) -> dict[str, dict]:
     """Source URI -> {source_sha256, fingerprint} from the store's done markers."""
     out: dict[str, dict] = {}
     for rel in store.list(DONE_DIR, ".json"):
-        done = json.loads(store.read_bytes(rel))
+        done = read_marker(store, rel)
         out[done["source"]] = {"source_sha256": done["source_sha256"], "fingerprint": done.get("fingerprint")}
     return out
 
@@ -263,7 +286,7 @@ def rebuild_tables(store: Store) -> manifest.StoreTables:
     """All tables from the done markers; deterministic (rows sorted inside write_table)."""
     rows: dict[str, list[dict]] = defaultdict(list)
     for rel in store.list(DONE_DIR, ".json"):
-        done = json.loads(store.read_bytes(rel))
+        done = read_marker(store, rel)
         rows[manifest.MANIFEST] += done["shards"]
         rows[manifest.SESSIONS] += done["sessions"]
         rows[manifest.UNITS] += done["units"]

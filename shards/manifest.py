@@ -7,6 +7,8 @@ single sample with one ranged GET without listing or opening any shard.
 
 Each table has a fixed schema (declared once here) so an empty store and a full
 one have the same columns, and files are written atomically through the Store.
+Reading a table with a ``path`` column (manifest, chunks) refuses it when a path would
+leave the store (``Store.resolve``), naming the table.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .store import Store
+from .store import Store, safe_key
 
 MANIFEST = "manifest.parquet"
 SESSIONS = "sessions.parquet"
@@ -105,10 +107,33 @@ def write_table(store: Store, name: str, rows: list[dict]) -> pa.Table:
     return table
 
 
-def read_table(store: Store, name: str) -> pa.Table:
+PATH_TABLES = (MANIFEST, CHUNKS)
+
+
+def unsafe_paths(table: pa.Table) -> list[str]:
+    """The distinct values of a table's ``path`` column that would leave the store (sorted)."""
+    if "path" not in table.column_names:
+        return []
+    bad = []
+    for p in table.column("path").unique().to_pylist():
+        try:
+            safe_key(p)
+        except ValueError:
+            bad.append(p)
+    return sorted(bad, key=repr)
+
+
+def read_table(store: Store, name: str, check_paths: bool = True) -> pa.Table:
+    """One table; with ``check_paths`` (the default) a manifest or chunk table whose ``path`` column
+    would leave the store is refused with UnsafeKeyError naming the table."""
     if not store.exists(name):
         raise FileNotFoundError(f"{store.url(name)}: missing (is {store.uri} a shard store? run `python -m ingest run`)")
-    return pq.read_table(io.BytesIO(store.read_bytes(name)))
+    table = pq.read_table(io.BytesIO(store.read_bytes(name)))
+    if check_paths and name in PATH_TABLES:
+        bad = unsafe_paths(table)
+        if bad:
+            safe_key(bad[0], store.url(name), store.uri)  # raises, naming the table
+    return table
 
 
 @dataclass

@@ -8,10 +8,15 @@ which no reader lists and the next writer removes.
 
 The S3 endpoint comes from ``AWS_ENDPOINT_URL`` (as botocore reads it), so a
 local S3-compatible server works without any flag.
+
+Every key is a relative POSIX path that stays inside the store (``safe_key``): keys read from the
+store's own files (done markers, manifest, chunk table) are data, and a tampered one must not make
+a reader or a deleter reach outside the store root, locally or on S3.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import uuid
@@ -20,6 +25,40 @@ from pathlib import Path
 import fsspec
 
 TMP_DIR = ".tmp"
+
+
+class StoreError(ValueError):
+    """A one-line, user-facing problem with a store (a ValueError, so every CLI prints it as one line)."""
+
+
+class UnsafeKeyError(StoreError):
+    """A store key that would leave the store root (``../x``, ``/abs``, empty or ``.`` components)."""
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _key_problem(key: str) -> str | None:
+    """Why ``key`` is not a safe store-relative key, or None (pure, cached: keys repeat per sample)."""
+    if not key:
+        return "empty"
+    if "\0" in key or "\\" in key:
+        return "a NUL or backslash"
+    if key.startswith("/") or key.startswith("~"):
+        return "absolute"
+    for part in key.split("/"):
+        if part in ("", ".", ".."):
+            return f"a {part!r} component" if part else "an empty component"
+    return None
+
+
+def safe_key(key, source: str | None = None, store: str | None = None) -> str:
+    """``key`` if it is a relative POSIX path that stays inside the store, else UnsafeKeyError naming
+    the key, the file it came from (``source``) and the store."""
+    why = _key_problem(key) if isinstance(key, str) else f"not a string but {type(key).__name__}"
+    if why is None:
+        return key
+    where = f"{source}: " if source else ""
+    raise UnsafeKeyError(f"{where}path {key!r} refused ({why}): a store path must stay inside the store"
+                         + (f" {store}" if store else ""))
 
 
 def is_remote(uri: str) -> bool:
@@ -55,11 +94,27 @@ class Store:
         return f"Store({self.uri!r})"
 
     def path(self, rel: str) -> str:
-        """The filesystem path (s3fs: 'bucket/key') of a store-relative path."""
-        return f"{self.root}/{rel}" if rel else self.root
+        """The filesystem path (s3fs: 'bucket/key') of a store-relative path ('' is the root);
+        UnsafeKeyError for a key that would leave the store."""
+        return f"{self.root}/{safe_key(rel, store=self.uri)}" if rel else self.root
+
+    def resolve(self, rel: str, source: str | None = None) -> str:
+        """``path(rel)`` for a key read from one of the store's files (``source``, named in the error):
+        refused when it leaves the store lexically or, locally, through a symlink."""
+        safe_key(rel, source, self.uri)
+        full = f"{self.root}/{rel}"
+        if not self.remote:
+            real = os.path.realpath(full)
+            if real != self.root and not real.startswith(self.root + os.sep):
+                where = f"{source}: " if source else ""
+                raise UnsafeKeyError(f"{where}path {rel!r} refused (resolves to {real}): a store path must stay "
+                                     f"inside the store {self.uri}")
+        return full
 
     def url(self, rel: str) -> str:
-        return f"s3://{self.path(rel)}" if self.remote else self.path(rel)
+        """For messages: the URL of rel (never refused, so an error can name a bad key)."""
+        full = f"{self.root}/{rel}" if rel else self.root
+        return f"s3://{full}" if self.remote else full
 
     # ---- reads -------------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
@@ -135,9 +190,11 @@ class Store:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         os.replace(tmp, dest)
 
-    def remove(self, rel: str) -> None:
-        if self.exists(rel):
-            self.fs.rm(self.path(rel))
+    def remove(self, rel: str, source: str | None = None) -> None:
+        """Delete rel if present; a key leaving the store (``source``: the file it came from) is refused."""
+        full = self.resolve(rel, source)
+        if self.fs.exists(full):
+            self.fs.rm(full)
 
     def clean_tmp(self) -> None:
         """Remove what killed writers left under .tmp/ (local stores only; S3 has none)."""

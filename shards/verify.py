@@ -1,4 +1,6 @@
-"""Check every shard of a store against its manifest row: present, size, sha256, sample count."""
+"""Check every shard of a store against its manifest row: present, size, sha256, sample count.
+
+A manifest or chunk-table path that would leave the store is a problem, and is never opened."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from dataclasses import dataclass
 
 from . import manifest
 from .format import iter_tar_samples
-from .store import Store
+from .store import Store, UnsafeKeyError
 
 
 @dataclass
@@ -21,11 +23,20 @@ def verify_store(store: Store, progress: bool = False) -> tuple[int, list[Proble
     """(number of shards checked, problems). Stray .tar files not in the manifest are problems too."""
     from tqdm import tqdm
 
-    table = manifest.read_table(store, manifest.MANIFEST).to_pylist()
+    table = manifest.read_table(store, manifest.MANIFEST, check_paths=False).to_pylist()
     problems: list[Problem] = []
     listed = {r["path"] for r in table}
+    if store.exists(manifest.CHUNKS):  # its paths are what the stream opens: refused the same way
+        chunks = manifest.read_table(store, manifest.CHUNKS, check_paths=False)
+        for rel in manifest.unsafe_paths(chunks):
+            problems.append(Problem(rel, f"refused, not read: {store.url(manifest.CHUNKS)} lists a path outside the store"))
     for row in tqdm(table, unit="shard", desc="verify", disable=not progress):
         rel = row["path"]
+        try:
+            store.resolve(rel, store.url(manifest.MANIFEST))
+        except UnsafeKeyError:
+            problems.append(Problem(rel, f"refused, not read: {store.url(manifest.MANIFEST)} lists a path outside the store"))
+            continue
         if not store.exists(rel):
             problems.append(Problem(rel, "listed in the manifest but missing"))
             continue

@@ -1,0 +1,137 @@
+"""Paths read back from a store (done markers, manifest, chunk table) never reach outside it (issue 13.1)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ingest.run import DONE_DIR, IngestConfig, ingest_file, previous_runs, discover, run_ingest
+from shards import manifest
+from shards.store import Store, UnsafeKeyError, safe_key
+from shards.verify import verify_store
+
+from .conftest import REPO
+from .storegen import ephys, make_store
+
+SMALL = IngestConfig(shard_bytes=256 << 10)
+
+
+@pytest.mark.parametrize("key", ["../x", "a/../../x", "/etc/passwd", "a//b", "./a", "a/.", "", "a\\..\\b", "~/x"])
+def test_safe_key_refuses_keys_that_leave_the_store(key):
+    with pytest.raises(UnsafeKeyError, match="marker.json: path"):
+        safe_key(key, "marker.json", "STORE")
+    assert safe_key("ephys/VISp/s1/train-00000.tar") == "ephys/VISp/s1/train-00000.tar"
+
+
+@pytest.fixture()
+def one_file_store(tmp_path, ray_cluster):
+    from ingest.synth import SynthConfig, synthesize
+
+    src = tmp_path / "src"
+    synthesize(src, sessions=1, seed=2, config=SynthConfig(duration_s=60.0))
+    out = tmp_path / "store"
+    first = run_ingest(str(src), str(out), workers=1, config=SMALL, progress=False)
+    assert first.failed == [] and len(first.ok) == 1
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    store = Store(str(out))
+    [marker] = store.list(DONE_DIR, ".json")
+    done = json.loads(store.read_bytes(marker))
+    # from the store root, ../victim is tmp_path/victim
+    done["shards"].append({**done["shards"][0], "path": "../victim/precious.txt"})
+    store.write_bytes(marker, json.dumps(done).encode())
+    [nwb] = sorted(src.glob("*.nwb"))
+    with open(nwb, "ab") as fh:  # the source changed: a rerun retires the old session
+        fh.write(b"\0")
+    return src, out, store, marker, victim / "precious.txt"
+
+
+def test_tampered_marker_is_refused_and_nothing_outside_is_deleted(one_file_store):
+    src, out, store, marker, precious = one_file_store
+    shards_before = store.list("", ".tar")
+    with pytest.raises(UnsafeKeyError) as err:
+        run_ingest(str(src), str(out), workers=1, config=SMALL, progress=False)
+    assert store.url(marker) in str(err.value) and "../victim/precious.txt" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert precious.read_text() == "keep me"
+    assert store.list("", ".tar") == shards_before  # nothing inside was deleted either
+
+    # the worker refuses on its own too (a driver that did not check): the file fails, naming the marker
+    [source] = discover(str(src))
+    previous = {"source_sha256": os.path.basename(marker)[:-5], "fingerprint": None}
+    res = ingest_file(source, str(out), SMALL, previous)
+    assert res["status"] == "failed" and store.url(marker) in res["reason"]
+    assert precious.read_text() == "keep me" and store.list("", ".tar") == shards_before
+
+    # the CLI: one line, exit 2
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "ingest", "run", "--src", str(src), "--out", str(out), "--quiet",
+                           "--workers", "1", "--shard-mb", "0.25"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "../victim/precious.txt" in proc.stderr
+    assert precious.read_text() == "keep me"
+
+
+def _rewrite_manifest(store: Store, extra: list[dict]) -> None:
+    rows = manifest.read_table(store, manifest.MANIFEST).to_pylist() + extra
+    table = pa.Table.from_pylist(rows, schema=manifest.MANIFEST_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    store.write_bytes(manifest.MANIFEST, buf.getvalue())
+
+
+def test_verify_and_readers_refuse_a_manifest_path_outside_the_store(tmp_path):
+    store = make_store(str(tmp_path / "store"), [ephys("e1", "VISp", 60.0)])
+    row = manifest.read_table(store, manifest.MANIFEST).to_pylist()[0]
+    # a perfect copy of a real shard outside the store: today verify follows the path and finds it fine
+    (tmp_path / "outside.tar").write_bytes(store.read_bytes(row["path"]))
+    _rewrite_manifest(store, [{**row, "path": "../outside.tar"}])
+    n, problems = verify_store(store)
+    assert [p.path for p in problems] == ["../outside.tar"] and "refused" in problems[0].reason
+    with pytest.raises(UnsafeKeyError, match="manifest.parquet: path '../outside.tar'"):
+        manifest.load(store)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "shards", "verify", store.uri], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "../outside.tar" in proc.stdout and "1 problems" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "shards", "ls", store.uri], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "manifest.parquet" in proc.stderr
+
+
+def test_s3_keys_outside_the_prefix_are_refused(s3_bucket):
+    import boto3
+
+    client = boto3.client("s3")
+    client.put_object(Bucket=s3_bucket, Key="x", Body=b"outside the store")
+    client.put_object(Bucket=s3_bucket, Key="abs.tar", Body=b"outside the store")
+    store = make_store(f"s3://{s3_bucket}/store", [ephys("e1", "VISp", 60.0)])
+    row = manifest.read_table(store, manifest.MANIFEST).to_pylist()[0]
+    _rewrite_manifest(store, [{**row, "path": "../x"}, {**row, "path": "/abs.tar"}])
+    _, problems = verify_store(store)
+    assert sorted(p.path for p in problems) == ["../x", "/abs.tar"]
+    with pytest.raises(UnsafeKeyError, match="manifest.parquet: path"):
+        manifest.read_table(store, manifest.MANIFEST)
+    for key in ("../x", "/abs.tar"):
+        with pytest.raises(UnsafeKeyError):
+            store.remove(key, "a marker")
+        with pytest.raises(UnsafeKeyError):
+            store.read_bytes(key)
+    assert client.get_object(Bucket=s3_bucket, Key="x")["Body"].read() == b"outside the store"
+    assert client.get_object(Bucket=s3_bucket, Key="abs.tar")["Body"].read() == b"outside the store"
+    # a marker on S3 with such a key is refused when read back
+    marker = f"{DONE_DIR}/{'0' * 64}.json"
+    store.write_bytes(marker, json.dumps({"source": "s3://b/a.nwb", "source_sha256": "0" * 64,
+                                          "shards": [{"path": "../x"}]}).encode())
+    with pytest.raises(UnsafeKeyError, match=marker):
+        previous_runs(store)
