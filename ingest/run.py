@@ -83,6 +83,8 @@ def discover(src: str) -> list[Source]:
     if is_remote(src):
         store = Store(src)
         uris = [store.url(rel) for rel in store.list("", ".nwb")]
+        if not uris:
+            store.check()  # no such bucket / access denied, rather than "no .nwb files"
         rels = [u[len(store.url("")) + 1:] for u in uris]
     else:
         root = Path(src)
@@ -331,6 +333,7 @@ def run_ingest(src: str, out: str, workers: int = 2, config: IngestConfig = Inge
 
     t0 = time.perf_counter()
     store = Store(out)
+    store.check()  # S3: the bucket exists and the credentials work, before anything starts
     sources = discover(src)
     if not sources:
         raise FileNotFoundError(f"{src}: no .nwb files found")

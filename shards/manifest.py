@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .store import Store, safe_key
+from .store import Store, StoreError, safe_key
 
 MANIFEST = "manifest.parquet"
 SESSIONS = "sessions.parquet"
@@ -127,8 +127,16 @@ def read_table(store: Store, name: str, check_paths: bool = True) -> pa.Table:
     """One table; with ``check_paths`` (the default) a manifest or chunk table whose ``path`` column
     would leave the store is refused with UnsafeKeyError naming the table."""
     if not store.exists(name):
+        store.check()  # a missing bucket or denied access is said as such, not as a missing table
         raise FileNotFoundError(f"{store.url(name)}: missing (is {store.uri} a shard store? run `python -m ingest run`)")
-    table = pq.read_table(io.BytesIO(store.read_bytes(name)))
+    data = store.read_bytes(name)
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowException, OSError) as exc:
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        why = why.split("'<Buffer>': ", 1)[-1]  # pyarrow names the buffer, not the file
+        raise StoreError(f"{store.url(name)}: not a readable Parquet table ({why}); the tables are rebuilt from "
+                         f"the done markers by rerunning `python -m ingest run --out {store.uri}`") from None
     if check_paths and name in PATH_TABLES:
         bad = unsafe_paths(table)
         if bad:

@@ -61,6 +61,53 @@ def safe_key(key, source: str | None = None, store: str | None = None) -> str:
                          + (f" {store}" if store else ""))
 
 
+def s3_endpoint() -> str:
+    return os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") or "AWS S3"
+
+
+def describe_s3_error(exc: BaseException, uri: str) -> StoreError | None:
+    """The one-line StoreError (what is wrong, with what to do) for an S3 failure that is the user's
+    to fix: no or wrong credentials, a bucket that does not exist, an endpoint that does not answer.
+    None for anything else (the caller re-raises it as it is)."""
+    import botocore.exceptions as bex
+
+    bucket = uri[len("s3://"):].split("/", 1)[0]
+    endpoint = s3_endpoint()
+    msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if isinstance(exc, (bex.NoCredentialsError, bex.PartialCredentialsError)):
+        return StoreError(f"{uri}: no AWS credentials found ({msg}); set AWS_ACCESS_KEY_ID and "
+                          f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) for {endpoint}")
+    if isinstance(exc, PermissionError) or (isinstance(exc, bex.ClientError) and exc.response.get("Error", {}).get(
+            "Code") in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")):
+        return StoreError(f"{uri}: access denied by {endpoint} ({msg}); check AWS_ACCESS_KEY_ID and "
+                          f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and that they may use bucket {bucket!r}")
+    if (isinstance(exc, FileNotFoundError) and "bucket" in msg.lower()) or (
+            isinstance(exc, bex.ClientError) and exc.response.get("Error", {}).get("Code") == "NoSuchBucket"):
+        return StoreError(f"{uri}: no such bucket {bucket!r} at {endpoint}; create it or fix the store URI")
+    if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectTimeoutError)):
+        return StoreError(f"{uri}: cannot reach the S3 endpoint {endpoint} ({msg}); check AWS_ENDPOINT_URL "
+                          f"and the network")
+    return None
+
+
+def _s3_errors(method):
+    """Store methods on S3: user-fixable S3 failures become one-line StoreErrors naming the store."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if not self.remote:
+            return method(self, *args, **kwargs)
+        try:
+            return method(self, *args, **kwargs)
+        except StoreError:
+            raise
+        except Exception as exc:
+            err = describe_s3_error(exc, self.uri)
+            if err is None:
+                raise
+            raise err from exc
+    return wrapper
+
+
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
@@ -116,22 +163,40 @@ class Store:
         full = f"{self.root}/{rel}" if rel else self.root
         return f"s3://{full}" if self.remote else full
 
+    @_s3_errors
+    def check(self) -> None:
+        """On S3, that the bucket exists and these credentials may use it (StoreError saying which
+        is wrong otherwise); a local store has nothing to check."""
+        if self.remote:
+            bucket = self.root.split("/", 1)[0]
+            try:
+                self.fs.call_s3("head_bucket", Bucket=bucket)
+            except FileNotFoundError:  # HeadBucket's 404 carries no body: "Not Found"
+                raise StoreError(f"{self.uri}: no such bucket {bucket!r} at {s3_endpoint()}; create it or fix "
+                                 f"the store URI") from None
+
     # ---- reads -------------------------------------------------------------------------------
+    @_s3_errors
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
 
+    @_s3_errors
     def size(self, rel: str) -> int:
         return int(self.fs.size(self.path(rel)))
 
+    @_s3_errors
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))
 
+    @_s3_errors
     def read_range(self, rel: str, start: int, end: int) -> bytes:
         return self.fs.cat_file(self.path(rel), start=start, end=end)
 
+    @_s3_errors
     def open(self, rel: str, mode: str = "rb"):
         return self.fs.open(self.path(rel), mode)
 
+    @_s3_errors
     def list(self, rel_dir: str = "", suffix: str = "") -> list[str]:
         """Store-relative paths of files under rel_dir (recursive), hidden temp files excluded."""
         base = self.path(rel_dir)
@@ -152,6 +217,7 @@ class Store:
         os.makedirs(tmp_dir, exist_ok=True)
         return os.path.join(tmp_dir, uuid.uuid4().hex)
 
+    @_s3_errors
     def write_bytes(self, rel: str, data: bytes) -> None:
         if self.remote:
             self.fs.pipe_file(self.path(rel), data)
@@ -163,6 +229,7 @@ class Store:
             os.fsync(f.fileno())
         self._publish_local(tmp, rel)
 
+    @_s3_errors
     def put_file(self, local_path: str, rel: str) -> None:
         """Publish a finished local file under rel (moved, not copied, when local)."""
         if self.remote:
@@ -190,6 +257,7 @@ class Store:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         os.replace(tmp, dest)
 
+    @_s3_errors
     def remove(self, rel: str, source: str | None = None) -> None:
         """Delete rel if present; a key leaving the store (``source``: the file it came from) is refused."""
         full = self.resolve(rel, source)

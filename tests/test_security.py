@@ -135,3 +135,60 @@ def test_s3_keys_outside_the_prefix_are_refused(s3_bucket):
                                           "shards": [{"path": "../x"}]}).encode())
     with pytest.raises(UnsafeKeyError, match=marker):
         previous_runs(store)
+
+
+# ---- store errors are one line naming the store and what to do (issue 13.8) ---------------------------
+
+def _cli_err(*args, env=None, timeout=300):
+    full = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    full.pop("RAY_ADDRESS", None)
+    for k in [k for k, v in full.items() if v is None]:
+        full.pop(k)
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=full, capture_output=True, text=True,
+                          timeout=timeout)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode not in (0, 1) and "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@pytest.fixture()
+def moto_auth():
+    """The moto server checks credentials while this fixture is active (it accepts any by default)."""
+    import moto.settings
+
+    old = moto.settings.INITIAL_NO_AUTH_ACTION_COUNT
+    moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
+    yield
+    moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = old
+
+
+def test_wrong_and_missing_s3_credentials_are_one_line(s3_bucket, moto_auth):
+    uri = f"s3://{s3_bucket}/store"
+    line = _cli_err("shards", "ls", uri, env={"AWS_ACCESS_KEY_ID": "wrong", "AWS_SECRET_ACCESS_KEY": "wrong"})
+    assert uri in line and "access denied" in line and "AWS_ACCESS_KEY_ID" in line
+    nocreds = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_SESSION_TOKEN": None,
+               "AWS_PROFILE": None, "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",
+               "AWS_EC2_METADATA_DISABLED": "true"}
+    line = _cli_err("shards", "verify", uri, env=nocreds)
+    assert uri in line and "no AWS credentials" in line
+    line = _cli_err("ingest", "run", "--src", str(REPO / "tests" / "fixtures" / "real"), "--out", uri, "--quiet",
+                    env={"AWS_ACCESS_KEY_ID": "wrong"})
+    assert uri in line and "access denied" in line
+
+
+def test_no_such_bucket_and_a_garbage_manifest_are_one_line(s3_bucket, tmp_path):
+    uri = f"s3://{s3_bucket}-absent/store"
+    for cmd in (("shards", "ls", uri), ("shards", "verify", uri),
+                ("ingest", "run", "--src", str(REPO / "tests" / "fixtures" / "real"), "--out", uri, "--quiet"),
+                ("ingest", "run", "--src", uri, "--out", str(tmp_path / "out"), "--quiet")):
+        line = _cli_err(*cmd)
+        assert "no such bucket" in line and f"{s3_bucket}-absent" in line, cmd
+    store = make_store(f"s3://{s3_bucket}/store", [ephys("e1", "VISp", 30.0)])
+    store.write_bytes(manifest.MANIFEST, b"garbage")
+    line = _cli_err("shards", "ls", store.uri)
+    assert store.url(manifest.MANIFEST) in line and "not a readable Parquet table" in line and "<Buffer>" not in line
+    with pytest.raises(ValueError, match="manifest.parquet: not a readable Parquet"):
+        from shards.stream import MixtureStream, StreamConfig
+
+        MixtureStream(StreamConfig(store=store.uri, mix="ephys=1", batch_size=2))
