@@ -77,9 +77,26 @@ class IngestSummary:
 
 
 # ---- discovery -------------------------------------------------------------------------------
-def discover(src: str) -> list[Source]:
+def _not_a_file(p: Path) -> str:
+    """Why a ``*.nwb`` entry that is not a regular file cannot be ingested (one line)."""
+    if p.is_symlink() and not p.exists():
+        try:
+            target = os.readlink(p)
+        except OSError:
+            target = "?"
+        return f"broken symlink (points to {target}, which does not exist)"
+    if p.is_dir():
+        return "a directory named *.nwb, not an NWB file"
+    return "not a regular file"
+
+
+def discover(src: str, problems: list[dict] | None = None) -> list[Source]:
     """Every ``*.nwb`` under src (sorted), each with a session id that is a safe path component
-    and unique in this listing (duplicated stems get a short hash of their relative path)."""
+    and unique in this listing (duplicated stems get a short hash of their relative path).
+
+    ``*.nwb`` entries that are not files (directories, broken symlinks) are not sources; when
+    ``problems`` is given, each is appended to it as ``{"file", "reason"}`` (the run reports them
+    as failed files)."""
     if is_remote(src):
         store = Store(src)
         uris = [store.url(rel) for rel in store.list("", ".nwb")]
@@ -91,7 +108,10 @@ def discover(src: str) -> list[Source]:
         if root.is_file():
             uris, rels = [str(root.resolve())], [root.name]
         elif root.is_dir():
-            files = sorted(p for p in root.rglob("*.nwb") if p.is_file())
+            found = sorted(root.rglob("*.nwb"))
+            files = [p for p in found if p.is_file()]
+            if problems is not None:
+                problems += [{"file": str(p.absolute()), "reason": _not_a_file(p)} for p in found if not p.is_file()]
             uris, rels = [str(p.resolve()) for p in files], [str(p.relative_to(root)) for p in files]
         else:
             raise FileNotFoundError(f"{src}: no such file or directory")
@@ -334,8 +354,9 @@ def run_ingest(src: str, out: str, workers: int = 2, config: IngestConfig = Inge
     t0 = time.perf_counter()
     store = Store(out)
     store.check()  # S3: the bucket exists and the credentials work, before anything starts
-    sources = discover(src)
-    if not sources:
+    not_files: list[dict] = []
+    sources = discover(src, not_files)
+    if not sources and not not_files:
         raise FileNotFoundError(f"{src}: no .nwb files found")
     store.clean_tmp()
     _check_config(store, config)
@@ -343,6 +364,7 @@ def run_ingest(src: str, out: str, workers: int = 2, config: IngestConfig = Inge
     ensure_ray(workers)
     task = ray.remote(num_cpus=1, max_retries=2)(ingest_file)
     summary = IngestSummary()
+    summary.failed += not_files  # *.nwb entries that are not files: failed, never silently skipped
     pending: dict = {}
     it = iter(sources)
     bar = tqdm(total=len(sources), unit="file", desc="ingest", disable=not progress)

@@ -192,3 +192,29 @@ def test_no_such_bucket_and_a_garbage_manifest_are_one_line(s3_bucket, tmp_path)
         from shards.stream import MixtureStream, StreamConfig
 
         MixtureStream(StreamConfig(store=store.uri, mix="ephys=1", batch_size=2))
+
+
+# ---- nothing named *.nwb is skipped silently (issue 13.10) ----------------------------------------------
+
+def test_a_directory_and_a_broken_symlink_named_nwb_are_failures(tmp_path, ray_cluster):
+    import shutil
+
+    from ingest.run import FAILURES, format_summary
+
+    from .conftest import REAL_FIXTURES
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(REAL_FIXTURES / "ecephys_tutorial_v2.5.0.nwb", src / "good.nwb")
+    (src / "folder.nwb").mkdir()
+    (src / "dangling.nwb").symlink_to(tmp_path / "gone.nwb")
+    out = tmp_path / "store"
+    summary = run_ingest(str(src), str(out), workers=1, progress=False)
+    assert len(summary.ok) == 1 and summary.exit_code == 1
+    failed = {os.path.basename(f["file"]): f["reason"] for f in summary.failed}
+    assert set(failed) == {"folder.nwb", "dangling.nwb"}
+    assert "directory" in failed["folder.nwb"] and "broken symlink" in failed["dangling.nwb"]
+    written = {os.path.basename(f["file"]): f["reason"] for f in json.loads(Store(str(out)).read_bytes(FAILURES))}
+    assert written == failed
+    text = format_summary(summary, str(out))
+    assert "2 failed" in text and "FAILED" in text and "folder.nwb" in text and "dangling.nwb" in text
