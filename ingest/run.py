@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from shards import manifest
+from shards.lock import StoreLock, describe_holder
 from shards.store import Store, StoreError, is_remote, s3_filesystem
 from shards.writer import RecordShardWriter, sha256_file
 
@@ -70,6 +71,7 @@ class IngestSummary:
     tables: manifest.StoreTables | None = None
     seconds: float = 0.0
     source_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -348,9 +350,6 @@ def ensure_ray(workers: int) -> None:
 
 def run_ingest(src: str, out: str, workers: int = 2, config: IngestConfig = IngestConfig(),
                progress: bool = True, rehash: bool = False) -> IngestSummary:
-    import ray
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     store = Store(out)
     store.check()  # S3: the bucket exists and the credentials work, before anything starts
@@ -358,6 +357,21 @@ def run_ingest(src: str, out: str, workers: int = 2, config: IngestConfig = Inge
     sources = discover(src, not_files)
     if not sources and not not_files:
         raise FileNotFoundError(f"{src}: no .nwb files found")
+    # one writer at a time: a second run is refused naming this one (its .tmp cleanup and its
+    # failures.json would break ours); a dead holder's stale lock is taken over
+    with StoreLock(store, owner=f"ingest run --src {src}") as lock:
+        summary = _run_locked(store, out, sources, not_files, workers, config, progress, rehash, lock)
+    if lock.took_over:
+        summary.notes.append(f"took over the stale lock of {describe_holder(lock.took_over)}: {lock.took_over['why']}")
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _run_locked(store: Store, out: str, sources: list[Source], not_files: list[dict], workers: int,
+                config: IngestConfig, progress: bool, rehash: bool, lock: StoreLock) -> IngestSummary:
+    import ray
+    from tqdm import tqdm
+
     store.clean_tmp()
     _check_config(store, config)
     previous = previous_runs(store)
@@ -396,9 +410,9 @@ def run_ingest(src: str, out: str, workers: int = 2, config: IngestConfig = Inge
             bar.update(1)
         submit()
     bar.close()
+    lock.check()  # taken over while we ran (our heartbeat looked dead): publish nothing
     store.write_bytes(FAILURES, json.dumps(sorted(summary.failed, key=lambda f: f["file"]), indent=1).encode())
     summary.tables = rebuild_tables(store)
-    summary.seconds = time.perf_counter() - t0
     return summary
 
 
@@ -423,6 +437,7 @@ def format_summary(summary: IngestSummary, out: str) -> str:
                      f"{int(tot.samples):8d} {tot.mb:9.2f}")
     for f in summary.failed:
         lines.append(f"FAILED {f['file']}: {f['reason']}")
+    lines += [f"note: {n}" for n in summary.notes]
     if summary.failed:
         lines.append(f"failures written to {Store(out).url(FAILURES)}")
     return "\n".join(lines)
