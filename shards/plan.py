@@ -19,9 +19,13 @@ Training epoch (``split="train"``):
 6. Global order -> steps of ``world_size * batch_size`` windows; rank r takes the r-th
    ``batch_size`` of each step; the tail that does not fill a step is dropped.
 
-Evaluation (``valid``/``test``): windows tile each chunk from its start, in chunk order,
-no mixture weighting; the last step is padded with repeats flagged ``pad=True`` so ranks
-stay equal and no window is counted twice.
+Evaluation (``valid``/``test``): overlapping windows slide over each chunk from its start
+every ``eval_stride_s`` (default half a window, as torch_brain's stitching evaluation
+sampler), plus one window ending at the chunk's end when the slide stops short of it, so
+every presentation of the chunk is queried by at least one window and none crosses a chunk
+edge; chunks in order, no mixture weighting. The last step is padded with repeats flagged
+``pad=True`` so ranks stay equal and no window is counted twice. Evaluation merges the
+windows that query one presentation (``trainer.evaluate``).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class PlanConfig:
     seed: int = 0
     sessions_include: tuple[str, ...] = ()
     sessions_exclude: tuple[str, ...] = ()  # e.g. held-out sessions for transfer
+    eval_stride_s: float | None = None  # evaluation windows start this far apart (None: window_s / 2)
 
 
 @dataclass
@@ -135,15 +140,29 @@ def plan_train_epoch(chunks: pd.DataFrame, selectors: list[Selector], epoch: int
     return Plan(chunk_idx, t0, seq, np.zeros(n, dtype=bool), selectors)
 
 
+def eval_stride(config: PlanConfig) -> float:
+    stride = config.window_s / 2 if config.eval_stride_s is None else float(config.eval_stride_s)
+    if not 0 < stride <= config.window_s + 1e-12:
+        raise ValueError(f"eval_stride_s must be in (0, window_s={config.window_s}], got {stride}")
+    return stride
+
+
 def plan_eval(chunks: pd.DataFrame, split: str, config: PlanConfig, world_size: int = 1,
               batch_size: int = 1) -> Plan:
-    """Tiled windows of a split, padded to whole steps."""
+    """Overlapping windows of a split (``eval_stride_s`` apart, the last one flush with the chunk's
+    end), padded to whole steps. Chunks shorter than a window give none."""
+    w, stride = config.window_s, eval_stride(config)
     rows = np.nonzero((chunks.split == split).to_numpy() & filter_sessions(chunks, config))[0]
-    sub = chunks.iloc[rows]
-    n_tiles = np.floor((sub.t_end - sub.t_start).to_numpy() / config.window_s + 1e-9).astype(np.int64)
-    chunk_idx = np.repeat(rows, n_tiles)
-    first = np.repeat(np.cumsum(n_tiles) - n_tiles, n_tiles)
-    t0 = chunks.t_start.to_numpy()[chunk_idx] + (np.arange(len(chunk_idx)) - first) * config.window_s
+    a = chunks.t_start.to_numpy()[rows]
+    b = chunks.t_end.to_numpy()[rows]
+    fits = b - a >= w - 1e-9
+    rows, a, b = rows[fits], a[fits], b[fits]
+    n_slide = np.floor((b - a - w) / stride + 1e-9).astype(np.int64) + 1
+    tail = b - (a + (n_slide - 1) * stride + w) > 1e-9  # the slide stops short of the end: one flush window
+    n_win = n_slide + tail
+    chunk_idx = np.repeat(rows, n_win)
+    k = np.arange(len(chunk_idx)) - np.repeat(np.cumsum(n_win) - n_win, n_win)
+    t0 = np.minimum(np.repeat(a, n_win) + k * stride, np.repeat(b, n_win) - w)  # the flush one: k = n_slide
     step = world_size * batch_size
     n_pad = (-len(chunk_idx)) % step
     pad = np.zeros(len(chunk_idx) + n_pad, dtype=bool)

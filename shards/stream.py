@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from . import manifest
 from .fastread import iter_samples
 from .mixture import Selector, assign, parse_mix
-from .plan import Plan, PlanConfig, _rng, plan_eval, plan_train_epoch
+from .plan import Plan, PlanConfig, _rng, eval_stride, plan_eval, plan_train_epoch
 from .store import Store
 from .tokens import DecodedChunk, TokenConfig, Vocab, pack, window_tokens
 
@@ -43,6 +43,7 @@ class StreamConfig:
     seed: int = 0
     epoch_windows: int | None = None
     shuffle_window: int = 256
+    eval_stride_s: float | None = None  # valid/test windows start this far apart (None: window_s / 2)
     unit_dropout: bool | None = None  # None: on for train, off otherwise
     sessions_include: tuple[str, ...] = ()
     sessions_exclude: tuple[str, ...] = ()
@@ -58,7 +59,7 @@ class StreamConfig:
     def plan_config(self) -> PlanConfig:
         return PlanConfig(window_s=self.window_s, epoch_windows=self.epoch_windows, shuffle_window=self.shuffle_window,
                           seed=self.seed, sessions_include=tuple(self.sessions_include),
-                          sessions_exclude=tuple(self.sessions_exclude))
+                          sessions_exclude=tuple(self.sessions_exclude), eval_stride_s=self.eval_stride_s)
 
 
 class CorruptSampleError(RuntimeError):
@@ -105,6 +106,7 @@ class MixtureStream(IterableDataset):
         if self.config.split == "train":
             train = c[c.split == "train"]
             assign(self.selectors, train.modality.to_numpy(), train.region.to_numpy(), train.session_id.to_numpy())
+        eval_stride(self.config.plan_config())  # a bad --eval-stride-s fails here, before any worker starts
         for sid in (*self.config.sessions_include, *self.config.sessions_exclude):
             if sid not in self.vocab.sessions:
                 raise ValueError(f"session {sid!r} is not in {self.store.url('sessions.parquet')}")

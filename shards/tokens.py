@@ -2,7 +2,9 @@
 
 EPhys: one token per spike (global unit index, time). OPhys: one token per frame
 per ROI (unit index, time, dF/F value), POYO+'s tokenizer for regular series.
-Output queries are the labelled stimulus presentations in the window.
+Output queries are the labelled stimulus presentations in the window; each carries its
+presentation id (``presentation_id``: the start time in integer microseconds), so evaluation
+can merge the windows that query the same presentation.
 
 All per-window work is a handful of numpy slices on an already decoded chunk
 (``DecodedChunk``: arrays plus its units mapped to global indices once), and a
@@ -22,6 +24,16 @@ from .format import Sample
 
 TASK_INDEX = {name: i for i, name in enumerate(TASKS)}  # 0 static, 1 drifting, 2 natural scenes
 MODALITY_INDEX = {"ephys": 0, "ophys": 1}
+
+
+def presentation_id(start: np.ndarray) -> np.ndarray:
+    """int64 id of a presentation: its start in the file clock in whole microseconds.
+
+    Exact and stable: a presentation that crosses a chunk edge is listed, unclipped, in both
+    chunks' stimulus tables (and in every region's chunks of an EPhys session) with the same
+    float start, so every window that queries it gets the same id. Unique within (session,
+    task): two presentations of one task never start within a microsecond of each other."""
+    return np.rint(np.asarray(start, dtype=np.float64) * 1e6).astype(np.int64)
 
 
 @dataclass
@@ -55,6 +67,7 @@ class DecodedChunk:
     q_start: np.ndarray
     q_end: np.ndarray
     q_label: np.ndarray
+    q_id: np.ndarray | None = None  # int64 presentation ids (presentation_id(q_start) when None)
 
     @classmethod
     def from_sample(cls, sample: Sample, vocab: Vocab) -> "DecodedChunk":
@@ -77,6 +90,7 @@ class DecodedChunk:
             spike_units=a["spike_units"] if ephys else None, dff=None if ephys else a["dff"],
             q_task=task[keep], q_start=np.asarray(st["start"], np.float64)[keep],
             q_end=np.asarray(st["end"], np.float64)[keep], q_label=label[keep],
+            q_id=presentation_id(np.asarray(st["start"], np.float64)[keep]),
         )
 
 
@@ -90,7 +104,8 @@ class TokenConfig:
 
 
 def window_tokens(c: DecodedChunk, t0: float, config: TokenConfig, rng: np.random.Generator | None):
-    """(unit_index, times, values, q_times, q_task, q_label) of one window [t0, t0 + window_s)."""
+    """(unit_index, times, values, q_times, q_task, q_label, q_presentation) of one window
+    [t0, t0 + window_s)."""
     w = config.window_s
     i0, i1 = np.searchsorted(c.times, [t0, t0 + w], side="left")
     n_units = len(c.unit_index)
@@ -123,7 +138,8 @@ def window_tokens(c: DecodedChunk, t0: float, config: TokenConfig, rng: np.rando
     need = config.min_overlap * np.minimum(c.q_end - c.q_start, w)
     q = overlap >= need - 1e-9
     q_times = ((lo[q] + hi[q]) / 2 - t0).astype(np.float32)
-    return units, rel, values, q_times, c.q_task[q], c.q_label[q]
+    ids = c.q_id if c.q_id is not None else presentation_id(c.q_start)
+    return units, rel, values, q_times, c.q_task[q], c.q_label[q], ids[q]
 
 
 def pack(windows: list[tuple], modality: list[int], session: list[int], window_s: float,
@@ -150,6 +166,7 @@ def pack(windows: list[tuple], modality: list[int], session: list[int], window_s
         "output_task_index": cat([w[4] for w in windows]).astype(np.int64, copy=False),
         "output_labels": cat([w[5] for w in windows]).astype(np.int64, copy=False),
         "output_weights": weights,
+        "output_presentation": cat([w[6] for w in windows]).astype(np.int64, copy=False),
         "output_cu_seqlens": cu_out,
         "window_s": np.float32(window_s),
     }

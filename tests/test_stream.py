@@ -119,6 +119,40 @@ def test_workers_hand_over_exactly_the_in_process_batches(store):
         assert {k: (v.dtype, v.shape) for k, v in w.items()} == {k: (v.dtype, v.shape) for k, v in i.items()}
 
 
+def test_eval_batches_carry_presentation_ids_through_workers_and_cover_every_presentation(store):
+    """Validation on 2 ranks: overlapping windows (half a window apart) query every labelled presentation
+    of the split; one id names one (task, label) per session; DataLoader workers deliver the in-process
+    batches, the new key included."""
+    from collections import OrderedDict
+
+    c = cfg(store, split="valid", batch_size=4)
+    inproc = [batch_key(b) for b in StreamLoader(MixtureStream(c, rank=1, world_size=2), num_workers=0)]
+    workers = [batch_key(b) for b in StreamLoader(MixtureStream(c, rank=1, world_size=2), num_workers=2)]
+    same_batches(workers, inproc)
+    assert inproc[0]["output_presentation"].dtype == torch.int64
+    seen: dict[tuple, tuple] = {}
+    windows_per: dict[tuple, int] = {}
+    for rank in (0, 1):
+        for b in StreamLoader(MixtureStream(c, rank=rank, world_size=2), num_workers=0):
+            q = torch.repeat_interleave(torch.arange(len(b["modality"])), torch.diff(b["output_cu_seqlens"].long()))
+            real = b["output_weights"] > 0
+            cols = [b["session_index"][q], b["output_task_index"], b["output_presentation"], b["output_labels"]]
+            for sess, task, pid, label in zip(*(x[real].tolist() for x in cols)):
+                assert seen.setdefault((sess, task, pid), (label,)) == (label,)
+                windows_per[(sess, task, pid)] = windows_per.get((sess, task, pid), 0) + 1
+    s = MixtureStream(c)
+    expected = set()
+    for row in np.nonzero((s.chunks.split == "valid").to_numpy())[0]:
+        ch = s._decode(int(row), OrderedDict())
+        if ch.t_end - ch.t_start < 1.0 - 1e-9:
+            continue
+        inside = np.minimum(ch.q_end, ch.t_end) - np.maximum(ch.q_start, ch.t_start)
+        ok = inside >= 0.5 * np.minimum(ch.q_end - ch.q_start, 1.0) - 1e-9
+        expected |= {(ch.session, int(t), int(i)) for t, i in zip(ch.q_task[ok], ch.q_id[ok])}
+    assert expected and expected <= set(seen)
+    assert np.mean([n > 1 for n in windows_per.values()]) > 0.5  # windows overlap
+
+
 @pytest.mark.parametrize("n,k,workers", [(40, 8, 2), (5, 8, 3), (100, 8, 1), (7, 1, 2), (0, 8, 2)])
 def test_transfer_groups_cover_every_batch_once_in_order_starting_small(n, k, workers):
     groups = transfer_groups(n, k, workers)

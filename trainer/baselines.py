@@ -92,7 +92,7 @@ def run_mlp_baseline(cfg: TrainConfig, *, bins: int = 8, hidden: int = 128, lr: 
                 loss.backward()
                 opt.step()
         model.eval()
-        tally = Tally(tasks, sorted(train.vocab.sessions, key=train.vocab.sessions.get))
+        tally = Tally(tasks, sorted(train.vocab.sessions, key=train.vocab.sessions.get), per_presentation=True)
         with torch.no_grad():
             for batch in StreamLoader(test, num_workers=0):
                 tally.add(model(features(batch, unit_col, n_cols, bins, cfg.window_s), batch["output_task_index"]),
@@ -101,7 +101,7 @@ def run_mlp_baseline(cfg: TrainConfig, *, bins: int = 8, hidden: int = 128, lr: 
         if total is None:
             total = tally
         else:
-            total.sums += tally.sums
+            total.merge(tally)
         print(f"mlp {sid}: " + ", ".join(f"{t} {v['acc']:.3f}" for t, v in (results[sid] or {"tasks": {}})["tasks"]
                                          .items()), flush=True)
     summary = total.summary() if total is not None else {}

@@ -11,7 +11,9 @@ Modes (the comparison of the papers):
 - ``scratch``: the same model, freshly initialised, trained on those sessions only (nothing frozen).
 - ``mlp``: one small MLP per session on binned activity (``trainer.baselines``).
 
-Each reports test-split accuracy per task (and per session) in ``RUN2/metrics.json`` and on screen.
+Each reports test-split accuracy per task (and per session) in ``RUN2/metrics.json`` and on screen: the
+papers' figure (one prediction per presentation from the overlapping test windows, accuracy per session,
+mean over sessions; ``trainer.evaluate``), with the per-query figure under ``pooled``.
 Every other setting comes from the pretrained run's ``config.yaml`` (model variant and size, batch,
 learning rate, workers), then from the flags given here. The training itself is ``trainer.train``'s:
 same loop, checkpoints, TensorBoard, ``--resume``.
@@ -168,10 +170,13 @@ def print_test(metrics: dict, mode: str, out: str) -> None:
     from trainer.train import accuracy_table
 
     test = metrics.get("test") or {}
-    print(f"\n{mode}: test-split accuracy per task (score {test.get('score', float('nan')):.3f})")
+    pooled = (test.get("pooled") or {}).get("score", float("nan"))
+    print(f"\n{mode}: test-split accuracy per task, one prediction per presentation, mean over sessions "
+          f"(score {test.get('score', float('nan')):.3f}; pooled per query {pooled:.3f})")
     print("\n".join(accuracy_table(test)))
     for sid, e in test.get("session", {}).items():
-        accs = ", ".join(f"{t} {v.get('acc', float('nan')):.3f}" for t, v in e["tasks"].items())
+        accs = ", ".join(f"{t} {v.get('acc', v.get('r2', float('nan'))):.3f} (n={int(v['n'])})"
+                         for t, v in e["tasks"].items())
         print(f"  session {sid} ({e['modality']}): {accs}")
     print(f"metrics: {os.path.join(out, 'metrics.json')}")
 

@@ -408,11 +408,16 @@ def inject_failure(cfg: TrainConfig, step: int, rank: int, world: int, say) -> N
 
 
 def format_accuracies(summary: dict) -> str:
+    """The headline accuracy per modality and task (per presentation, mean over sessions), then the
+    pooled per-query score when the summary has one."""
     parts = []
     for mod, e in summary.get("modality", {}).items():
         accs = ", ".join(f"{t} {v.get('acc', v.get('r2', math.nan)):.3f}" for t, v in e["tasks"].items())
         parts.append(f"{mod}: {accs}")
-    return "; ".join(parts)
+    line = "; ".join(parts)
+    if "pooled" in summary:
+        line += f"  (pooled per query: score {summary['pooled'].get('score', math.nan):.4f})"
+    return line
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -57,6 +57,7 @@ class TrainConfig:
     # ---- validation ----
     early_stop_patience: int = 30  # validations without improvement before stopping (0: off)
     val_batches: int | None = None  # cap on validation batches per rank (None: the whole split)
+    eval_stride_s: float | None = None  # valid/test windows start this far apart (None: half a window)
     test_at_end: bool = False  # evaluate the best weights on the test split at the end
     # ---- finetuning (trainer.finetune) ----
     init_from: str | None = None  # a pretrained model file (RUN/model_best.pt)
@@ -107,7 +108,8 @@ class TrainConfig:
         return StreamConfig(store=self.shards, mix=self.mix, split=split, batch_size=self.batch_size,
                             window_s=self.window_s, seed=self.seed, epoch_windows=self.epoch_windows,
                             shuffle_window=self.shuffle_window, sessions_include=tuple(self.sessions_include),
-                            sessions_exclude=tuple(self.sessions_exclude), check_shards=False)
+                            sessions_exclude=tuple(self.sessions_exclude), check_shards=False,
+                            eval_stride_s=self.eval_stride_s)
 
     # ---- plain dicts ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
