@@ -32,8 +32,8 @@ from trainer.train_config import TrainConfig, dump_yaml, parse_args
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_args(argv)
     try:
+        cfg = parse_args(argv)  # a bad --config value is one ConfigError line (trainer.train_config)
         metrics = run(cfg)
     except (ValueError, FileNotFoundError) as exc:  # pre-flight: nothing has started
         raise SystemExit(f"error: {exc}") from None

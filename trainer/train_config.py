@@ -7,12 +7,20 @@ config is written to ``RUN/config.yaml`` and travels to the workers as a plain d
 Batch size is per worker (the stream's convention); the learning rate scales linearly with the
 global batch: ``lr = base_lr * batch_size * workers`` (3.125e-5 x 32 = 1e-3 for the paper's batch
 on one GPU), unless ``lr`` is given.
+
+Every value is checked against its field's annotation (``check_value``): bools are only
+true/false (the YAML is read with YAML 1.2's booleans, so ``no`` and ``"no"`` are refused, and
+``1e-4`` is a number), ints are not bools, ``int | None`` accepts null. A wrong value, an unknown
+key or an ``out`` that is a file is one ``ConfigError`` line naming the field, the value and
+where it came from (the YAML file or the command line).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import functools
 import inspect
 import os
 import re
@@ -116,39 +124,238 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown config key(s) {unknown}; see --help")
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], origins: dict[str, str] | str = "config") -> "TrainConfig":
+        """A config from plain values, each checked against its field's annotation; ``origins`` says
+        where each value came from (a file name, "command line"), for the one-line ConfigError."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{origins if isinstance(origins, str) else 'config'}: expected a mapping of "
+                              f"TrainConfig fields, not {type(d).__name__}")
+        where = (lambda k: origins) if isinstance(origins, str) else (lambda k: origins.get(k, "config"))
+        hints, known = _hints(), [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in hints:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                raise ConfigError(f"{where(key)}: unknown config key {key!r}"
+                                  + (f" (did you mean {close[0]!r}?)" if close else "") + "; --help lists the fields")
+        cfg = cls(**{k: check_value(k, v, where(k)) for k, v in d.items()})
+        cfg._set_origins({k: where(k) for k in d})
+        return cfg
+
+    def _set_origins(self, origins: dict[str, str]) -> None:
+        object.__setattr__(self, "_origins", dict(origins))  # not a field: asdict/to_dict never see it
+
+    def _where(self, name: str) -> str:
+        return getattr(self, "_origins", {}).get(name, "config")
+
+    def _bad(self, name: str, problem: str) -> "ConfigError":
+        return ConfigError(f"{self._where(name)}: {name} = {_show(getattr(self, name))}: {problem}")
 
     def absolute(self) -> "TrainConfig":
         """Paths made absolute (Ray workers run in another directory)."""
         def fix(p):
             return p if (not p or is_remote(p)) else os.path.abspath(p)
-        return dataclasses.replace(self, shards=fix(self.shards), out=fix(self.out),
-                                   init_from=fix(self.init_from) if self.init_from else None)
+        out = dataclasses.replace(self, shards=fix(self.shards), out=fix(self.out),
+                                  init_from=fix(self.init_from) if self.init_from else None)
+        out._set_origins(getattr(self, "_origins", {}))
+        return out
 
     def validate(self) -> None:
+        """Types (in case fields were set in code), then ranges and choices; ConfigError (one line,
+        naming the field, its value and where it came from) on the first problem."""
         from trainer.ablations import VARIANTS
 
+        for f in dataclasses.fields(self):
+            check_value(f.name, getattr(self, f.name), self._where(f.name))
         if not self.shards:
-            raise ValueError("--shards is required (a shard store from `python -m ingest run`)")
+            raise ConfigError("--shards is required (a shard store from `python -m ingest run`)")
         if not self.out:
-            raise ValueError("--out is required (the run folder)")
+            raise ConfigError("--out is required (the run folder)")
+        if not is_remote(self.out):
+            probe = os.path.abspath(self.out)
+            while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+                probe = os.path.dirname(probe)
+            if not os.path.isdir(probe):
+                raise self._bad("out", f"{probe} is a file, not a folder; choose another --out for the run")
         if self.model not in VARIANTS:
-            raise ValueError(f"--model {self.model!r}: one of {VARIANTS}")
+            raise self._bad("model", f"one of {', '.join(VARIANTS)}")
         if self.preset not in ("paper", "small"):
-            raise ValueError(f"--preset {self.preset!r}: paper or small")
+            raise self._bad("preset", "paper or small")
         for name in ("batch_size", "log_every", "report_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.workers < 0 or self.loader_workers < 0:
-            raise ValueError("workers and loader_workers must be >= 0")
+                raise self._bad(name, "must be >= 1")
+        for name in ("workers", "loader_workers"):
+            if getattr(self, name) < 0:
+                raise self._bad(name, "must be >= 0")
         if self.max_steps is None and self.epochs < 1:
-            raise ValueError("--epochs must be >= 1 (or give --max-steps)")
-        self.model_config()  # raises on bad overrides
+            raise self._bad("epochs", "must be >= 1 (or give --max-steps)")
+        try:
+            self.model_config()  # raises on bad overrides
+        except (TypeError, ValueError) as exc:
+            raise self._bad("model_overrides", (str(exc).strip().splitlines() or ["invalid"])[0]) from None
+
+
+# ---- checking values against the annotations ---------------------------------------------------------
+
+class ConfigError(ValueError):
+    """A bad config value, key or file: one line naming the field, the value and where it came from."""
+
+
+@functools.lru_cache(maxsize=1)
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def describe_type(t: Any) -> str:
+    """How a type annotation reads in an error: 'an integer or null', 'a list of strings'."""
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (typing.Union, types.UnionType):
+        parts = [describe_type(a) for a in args if a is not type(None)]
+        return " or ".join(parts) + (" or null" if type(None) in args else "")
+    if t is bool:
+        return "true or false"
+    if t is int:
+        return "an integer"
+    if t is float:
+        return "a number"
+    if t is str:
+        return "a string"
+    if t is type(None):
+        return "null"
+    if origin in (list, tuple) or t in (list, tuple):
+        if args and (origin is list or args[-1] is Ellipsis):
+            return f"a list of {describe_type(args[0]).removeprefix('an ').removeprefix('a ')}s"
+        if args:
+            return f"a list of {len(args)} values ({', '.join(describe_type(a) for a in args)})"
+        return "a list"
+    if origin is dict or t is dict:
+        return "a mapping"
+    return f"a {getattr(t, '__name__', t)}"
+
+
+def _coerce(value: Any, t: Any) -> Any:
+    """value as type t (int -> float widening, list -> tuple), or _Mismatch."""
+    if t is Any:
+        return value
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is not type(None):
+                try:
+                    return _coerce(value, a)
+                except _Mismatch:
+                    pass
+        raise _Mismatch
+    if t is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _Mismatch
+    if t is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if origin in (list, tuple) or t in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        if not args:
+            items = list(value)
+        elif origin is list or args[-1] is Ellipsis:
+            items = [_coerce(v, args[0]) for v in value]
+        else:
+            if len(value) != len(args):
+                raise _Mismatch
+            items = [_coerce(v, a) for v, a in zip(value, args)]
+        return tuple(items) if (origin is tuple or t is tuple) else items
+    if origin is dict or t is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        if len(args) == 2:
+            return {_coerce(k, args[0]): _coerce(v, args[1]) for k, v in value.items()}
+        return dict(value)
+    if isinstance(t, type) and isinstance(value, t):
+        return value
+    raise _Mismatch
+
+
+def check_value(name: str, value: Any, where: str = "config") -> Any:
+    """``value`` checked against the annotation of TrainConfig field ``name`` (ints widen to float,
+    a comma-separated string fills a list of strings); ConfigError naming the field, the value and
+    ``where`` it came from otherwise."""
+    t = _hints()[name]
+    if isinstance(value, str) and typing.get_origin(t) is list and typing.get_args(t) == (str,):
+        value = [s.strip() for s in value.split(",") if s.strip()]  # "a,b" from the command line or YAML
+    try:
+        return _coerce(value, t)
+    except _Mismatch:
+        raise ConfigError(f"{where}: {name} = {_show(value)}: expected {describe_type(t)}") from None
+
+
+class StrictLoader(yaml.SafeLoader):
+    """YAML 1.2's scalars: only true/false are booleans (not yes/no/on/off), and 1e-4 is a float."""
+
+
+StrictLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+StrictLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+class StrictDumper(yaml.SafeDumper):
+    """Quotes every string that either YAML 1.1 or StrictLoader would read as a bool or a number."""
+
+
+for _first, _resolvers in StrictLoader.yaml_implicit_resolvers.items():
+    for _tag, _rx in _resolvers:
+        if _tag in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"):
+            StrictDumper.add_implicit_resolver(_tag, _rx, [_first])
+
+
+def read_yaml(path: str) -> dict:
+    """A YAML mapping, read strictly (StrictLoader); ConfigError naming the file otherwise."""
+    try:
+        with open(path) as fh:
+            doc = yaml.load(fh, Loader=StrictLoader)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
+    doc = {} if doc is None else doc
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping of TrainConfig fields, not {type(doc).__name__}")
+    return doc
 
 
 # ---- YAML + command line ----------------------------------------------------------------------------
@@ -185,8 +392,11 @@ def _parse_overrides(items: list[str]) -> dict:
     for item in items:
         key, eq, value = item.partition("=")
         if not eq:
-            raise argparse.ArgumentTypeError(f"--model-override {item!r}: use KEY=VALUE")
-        out[key.strip()] = yaml.safe_load(value)
+            raise ConfigError(f"command line (--model-override): {item!r}: use KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.load(value, Loader=StrictLoader)
+        except yaml.YAMLError:
+            raise ConfigError(f"command line (--model-override): {item!r}: the value is not valid YAML") from None
     return out
 
 
@@ -221,23 +431,21 @@ def build_parser(prog: str | None = None, description: str | None = None,
 def resolve(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
     """defaults (or ``base``) < YAML < flags given on the command line."""
     d = (base or TrainConfig()).to_dict()
+    origins = dict(getattr(base, "_origins", {})) if base is not None else {}
     if getattr(args, "config", None):
-        with open(args.config) as fh:
-            loaded = yaml.safe_load(fh) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{args.config}: expected a mapping of TrainConfig fields")
+        loaded = read_yaml(args.config)
         loaded.pop("resolved", None)  # a RUN/config.yaml works as --config
         d.update(loaded)
+        origins.update({k: args.config for k in loaded})
     for name, value in vars(args).items():
         if value is _UNSET or (name == "model_overrides" and value is None) or name == "config" or name not in d:
             continue
         if name == "model_overrides":
-            value = {**d.get("model_overrides", {}), **_parse_overrides(value)}
+            value = {**(d.get("model_overrides") if isinstance(d.get("model_overrides"), dict) else {}),
+                     **_parse_overrides(value)}
         d[name] = value
-    for name in ("sessions_include", "sessions_exclude"):  # "a,b" from the command line or YAML
-        if isinstance(d.get(name), str):
-            d[name] = [s.strip() for s in d[name].split(",") if s.strip()]
-    return TrainConfig.from_dict(d)
+        origins[name] = f"command line (--{name.replace('_', '-')})"
+    return TrainConfig.from_dict(d, origins)
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -250,12 +458,11 @@ def dump_yaml(cfg: TrainConfig, path: str, resolved: dict | None = None) -> None
         doc["resolved"] = resolved
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:
-        yaml.safe_dump(doc, fh, sort_keys=False)
+        yaml.dump(doc, fh, Dumper=StrictDumper, sort_keys=False)
     os.replace(tmp, path)
 
 
 def load_yaml(path: str) -> tuple[TrainConfig, dict]:
-    with open(path) as fh:
-        doc = yaml.safe_load(fh) or {}
+    doc = read_yaml(path)
     resolved = doc.pop("resolved", {})
-    return TrainConfig.from_dict(doc), resolved
+    return TrainConfig.from_dict(doc, path), resolved
