@@ -349,6 +349,28 @@ def test_rotary_scores_depend_only_on_time_difference():
     assert score(0.25, 0.125) != pytest.approx(score(0.25, 0.1875), abs=1e-3)
 
 
+def test_partial_rotary_leaves_the_content_half_of_each_head_unrotated():
+    rope = RotaryTimeEmbedding(dim_head=16, t_min=1e-2, t_max=4.0, rotate_frac=0.5)
+    periods = 2 * math.pi / rope.omega[:4].double()
+    assert periods[0].item() == pytest.approx(1e-2, rel=1e-4) and periods[3].item() == pytest.approx(4.0, rel=1e-4)
+    assert (rope.omega[4:] == 0).all()
+    x = torch.randn(3, 1, 16)
+    y = rotate(x, rope(torch.tensor([0.1, 0.4, 0.9])))
+    torch.testing.assert_close(y[..., 8:], x[..., 8:])  # pairs 4..7: identity at every time
+    assert not torch.allclose(y[..., :8], x[..., :8])
+    with pytest.raises(ValueError, match="rotate_frac"):
+        RotaryTimeEmbedding(dim_head=16, t_min=1e-2, t_max=4.0, rotate_frac=0.0)
+
+
+def test_zero_init_residual_makes_every_latent_block_the_identity():
+    cfg = ModelConfig.small(zero_init_residual=True)
+    model = MultiModalPOYO(config=cfg, n_units=10, n_sessions=2)
+    x = torch.randn(3, cfg.n_latents, cfg.dim)
+    rope = model.rotary(model.latent_times)
+    for block in model.trunk:
+        torch.testing.assert_close(block(x, rope), x)
+
+
 def test_loss_weights_tasks_by_samples_asking_and_ignores_unlabelled():
     config = small(tasks=(TaskSpec("a", 3), TaskSpec("b", 4), TaskSpec("speed", 2, kind="regression")))
     model = model_for(config)

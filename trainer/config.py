@@ -69,7 +69,9 @@ class ModelConfig:
     # rotary time embedding: periods log-spaced from t_min to t_max seconds (POYO+ App. C.1)
     t_min: float = 1e-4
     t_max: float = 4.0
+    rotate_frac: float = 1.0  # share of each head's pairs that rotate (torch_brain: 0.5); the rest match by content
     rotate_values: bool = False  # papers' eq. (1)-(3) rotate queries and keys only; torch_brain also rotates values
+    zero_init_residual: bool = False  # residual branches' output projections start at 0 (blocks start as identity)
     # architecture variant (trainer.ablations)
     shared_encoder: bool = False  # True: one cross-attention encoder for both modalities ("common-ca")
     encoder_ca_depth: int = 1  # cross-attention layers per encoder

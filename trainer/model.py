@@ -182,7 +182,8 @@ class MultiModalPOYO(nn.Module):
         self.unit_emb = GrowableEmbedding(num=n_units, dim=c.dim, init_scale=c.emb_init_scale)
         self.session_emb = GrowableEmbedding(num=n_sessions, dim=c.dim, init_scale=c.emb_init_scale)
         self.task_emb = GrowableEmbedding(num=len(c.tasks), dim=c.dim, init_scale=c.emb_init_scale)
-        self.rotary = RotaryTimeEmbedding(dim_head=c.dim_head, t_min=c.t_min, t_max=c.t_max)
+        self.rotary = RotaryTimeEmbedding(dim_head=c.dim_head, t_min=c.t_min, t_max=c.t_max,
+                                          rotate_frac=c.rotate_frac)
         # latent time steps spread evenly over the window: (i + 1/2) * latent_step, each with all latents
         steps = (torch.arange(c.n_latent_steps, dtype=torch.float32) + 0.5) * c.latent_step
         self.register_buffer("latent_times", steps.repeat_interleave(c.latents_per_step), persistent=False)
@@ -194,9 +195,22 @@ class MultiModalPOYO(nn.Module):
                                              dropout=c.attn_dropout, rotate_values=False, backend=c.attn_backend)
         self.dec_ffn = FeedForward(dim=c.dim, mult=c.ffn_mult, dropout=c.ffn_dropout)
         self.heads = nn.ModuleDict({t.name: nn.Linear(c.dim, t.out_dim) for t in c.tasks})
+        if c.zero_init_residual:
+            self._zero_residual_outputs()
         if c.compile:  # dense, fixed-shape parts; in place, so state_dict keys do not change
             for m in [*self.trunk, *(b for e in self.encoders for b in e.blocks), self.dec_ffn]:
                 m.compile(dynamic=True)
+
+    @torch.no_grad()
+    def _zero_residual_outputs(self) -> None:
+        """Start every residual branch of the latent blocks (trunk, modality blocks) at zero, so each
+        block is the identity at initialisation and the encoders' output reaches the decoder unchanged
+        (GPT-2 / Fixup-style; measured in docs/model.md)."""
+        blocks = [*self.trunk, *(b for e in self.encoders for b in e.blocks)]
+        for blk in blocks:
+            for linear in (blk.attn.to_out, blk.ffn.down):
+                linear.weight.zero_()
+                linear.bias.zero_()
 
     # -- forward -------------------------------------------------------------------------------
 

@@ -33,17 +33,26 @@ class RotaryTimeEmbedding(nn.Module):
     """Maps timestamps to the rotations that ``rotate`` applies.
 
     Args (keyword-only):
-        dim_head: width of one attention head (even); all of it is rotated.
+        dim_head: width of one attention head (even).
         t_min, t_max: shortest and longest period in seconds.
+        rotate_frac: share of the head's coordinate pairs that rotate (the first ones); the others
+            get frequency 0, i.e. are left as they are, so part of every query/key is matched by
+            content alone (unit identity, latent identity) whatever the time difference.
+            torch_brain rotates half of each head; 1.0 rotates all of it (the papers' eq. C.1).
     """
 
-    def __init__(self, *, dim_head: int, t_min: float, t_max: float) -> None:
+    def __init__(self, *, dim_head: int, t_min: float, t_max: float, rotate_frac: float = 1.0) -> None:
         super().__init__()
         if dim_head % 2:
             raise ValueError("dim_head must be even")
+        if not 0.0 < rotate_frac <= 1.0:
+            raise ValueError(f"rotate_frac must be in (0, 1], got {rotate_frac}")
+        pairs = dim_head // 2
+        n_rot = max(1, int(round(pairs * rotate_frac)))
         # derived from the config: neither learned nor in the state dict, and a plain attribute so
         # that model.to(dtype) cannot round it
-        self._cycles_per_s = 1.0 / log_spaced_periods(dim_head // 2, t_min, t_max)  # float64
+        self._cycles_per_s = torch.zeros(pairs, dtype=torch.float64)  # float64; 0 = not rotated
+        self._cycles_per_s[:n_rot] = 1.0 / log_spaced_periods(n_rot, t_min, t_max)
         self._cycles_on: dict[torch.device, Tensor] = {}
 
     @property
