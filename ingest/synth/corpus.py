@@ -35,6 +35,31 @@ from .write_ophys_nwb1 import write_ophys_nwb1
 from .write_ophys_nwb2 import OphysData, write_ophys_nwb2
 
 OphysFormat = Literal["nwb2", "nwb1"]
+
+#: Named corpus configurations. ``default``: small and fast (demo, tests; must never change).
+#: ``science``: the benchmark corpus (docs/results.md): realistic unit counts and rates, every task
+#: between 0.5 and 0.9 for the ideal observer, OPhys harder than EPhys, >= 10 train presentations
+#: per natural scene per session. Its values were set by measuring ``ingest.synth.ideal``.
+PRESETS: dict[str, SynthConfig] = {
+    "default": SynthConfig(),
+    "science": SynthConfig(
+        preset="science", duration_s=1200.0, units_per_region=60, unassigned_units=0, rois_per_plane=200,
+        region_spread=0.35,
+        time_share={"drifting_gratings": 0.3, "static_gratings": 0.2, "natural_scenes": 0.5},
+        task_strength={"static_gratings": 0.5, "drifting_gratings": 0.2, "natural_scenes": 1.4},
+        ophys_task_strength={"static_gratings": 1.0, "drifting_gratings": 0.75, "natural_scenes": 1.0},
+        ophys_baseline_hz=0.3, ophys_gain_hz=1.2, dff_noise=0.12,
+    ),
+}
+
+
+def preset_config(name: str, **overrides) -> SynthConfig:
+    """A fresh copy of preset ``name`` with some fields replaced (ValueError naming the presets if unknown)."""
+    import dataclasses
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
 #: Fixed clock for session_start_time / file_create_date, so reruns write identical files.
 EPOCH = dt.datetime(2019, 1, 7, 9, 0, 0, tzinfo=dt.timezone.utc)
 TEMPLATE_SHAPE = (16, 24)
@@ -68,16 +93,49 @@ def _spike_trains(units: UnitParams, stim_rates: np.ndarray, schedule: Schedule,
     return trains
 
 
-def _frame_counts(units: UnitParams, stim_rates: np.ndarray, schedule: Schedule, times: np.ndarray,
-                  rate_hz: float, rng: np.random.Generator) -> np.ndarray:
-    """(n_frames, n_rois) Poisson spike counts per imaging frame."""
-    bins = np.concatenate([times, [times[-1] + 1.0 / rate_hz]])
+def frame_bins(times: np.ndarray, rate_hz: float) -> np.ndarray:
+    """Edges of the imaging frames' count bins: frame k counts the spikes in [times[k], times[k+1])."""
+    return np.concatenate([times, [times[-1] + 1.0 / rate_hz]])
+
+
+def frame_means(units: UnitParams, stim_rates: np.ndarray, schedule: Schedule, times: np.ndarray,
+                rate_hz: float) -> np.ndarray:
+    """(n_frames, n_rois) expected spike count per imaging frame, given each presentation's rates."""
+    bins = frame_bins(times, rate_hz)
     mu = np.zeros((len(times), len(units.gain)))
     for lat in np.unique(units.latency_s):
         idx = np.flatnonzero(units.latency_s == lat)
         edges, rates = piecewise_rates(schedule, stim_rates[idx], units.baseline[idx], float(lat))
         mu[:, idx] = expected_counts(edges, rates, bins)
-    return rng.poisson(np.maximum(mu, 0.0)).astype(np.float64)
+    return np.maximum(mu, 0.0)
+
+
+def _frame_counts(units: UnitParams, stim_rates: np.ndarray, schedule: Schedule, times: np.ndarray,
+                  rate_hz: float, rng: np.random.Generator) -> np.ndarray:
+    """(n_frames, n_rois) Poisson spike counts per imaging frame."""
+    return rng.poisson(frame_means(units, stim_rates, schedule, times, rate_hz)).astype(np.float64)
+
+
+def ophys_latent(truth: SessionTruth) -> tuple[np.ndarray, np.ndarray]:
+    """(expected, drawn) spike counts per frame and ROI of an OPhys session, regenerated from its truth.
+
+    The counts are not saved (they would double a session's size); they are redrawn exactly as
+    :func:`_ophys_session` drew them, from the same stream. The ROI parameters drawn after them
+    must equal the saved ones, which proves the stream is in step (else ValueError).
+    """
+    if truth.seed is None or truth.session_index is None or truth.frame_times is None:
+        raise ValueError(f"{truth.session_id}: truth has no seed/session index (written before generator version 2)")
+    c = truth.config
+    rng = rng_for(truth.seed, STREAM_SPIKES, truth.session_index)
+    times = frame_times(truth.schedule.duration_s, c.frame_rate_hz, c.frame_jitter_s, rng)
+    mu = frame_means(truth.units, presentation_rates(truth.units, truth.model, truth.schedule), truth.schedule, times,
+                     c.frame_rate_hz)
+    counts = rng.poisson(mu)
+    tau_decay = rng.uniform(*c.tau_decay_range_s, size=len(truth.unit_ids))
+    if not (np.array_equal(times, truth.frame_times) and np.array_equal(tau_decay, truth.ophys["tau_decay_s"])):
+        raise ValueError(f"{truth.session_id}: regenerated frame times / ROI kernels differ from the truth file's "
+                         "(made by another generator or numpy?)")
+    return mu, counts
 
 
 def _ephys_session(out_dir: Path, k: int, seed: int, config: SynthConfig, model: CorpusModel,
@@ -115,7 +173,7 @@ def _ophys_session(out_dir: Path, k: int, seed: int, config: SynthConfig, model:
     region = config.regions[(k // 2) % len(config.regions)]
     n = config.rois_per_plane
     units = draw_units(model, [region] * n, config, rng_for(seed, STREAM_UNITS, k), config.ophys_baseline_hz,
-                       config.ophys_gain_hz)
+                       config.ophys_gain_hz, ophys=True)
     rng = rng_for(seed, STREAM_SPIKES, k)
     times = frame_times(schedule.duration_s, config.frame_rate_hz, config.frame_jitter_s, rng)
     counts = _frame_counts(units, presentation_rates(units, model, schedule), schedule, times, config.frame_rate_hz, rng)
@@ -154,11 +212,13 @@ def synthesize_session(out_dir: str | Path, index: int, *, seed: int = 0, ophys_
     out.mkdir(parents=True, exist_ok=True)
     model = model or draw_corpus_model(seed, config)
     schedule = build_schedule(config.duration_s, rng_for(seed, STREAM_SCHEDULE, index), gap_s=config.gap_s,
-                              blocks_per_task=config.blocks_per_task, blank_fraction=config.blank_fraction)
+                              blocks_per_task=config.blocks_per_task, blank_fraction=config.blank_fraction,
+                              time_share=config.time_share)
     if index % 2 == 0:
         summary, truth = _ephys_session(out, index, seed, config, model, schedule)
     else:
         summary, truth = _ophys_session(out, index, seed, config, model, schedule, ophys_format)
+    truth.seed, truth.session_index = int(seed), int(index)
     truth.save(summary.path.with_suffix(""))
     return summary
 
@@ -192,7 +252,6 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m ingest synth``: write a synthetic corpus and print a summary table."""
     from tqdm import tqdm
 
-    d = SynthConfig()
     p = argparse.ArgumentParser(prog="python -m ingest synth", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Write a seeded synthetic corpus of NWB files in the public Allen layouts "
                                             "(even sessions Neuropixels-like EPhys, odd ones 2P OPhys), with ground truth.")
@@ -201,17 +260,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="corpus seed")
     p.add_argument("--ophys-format", choices=("nwb2", "nwb1"), default="nwb2",
                    help="nwb2: DANDI 000728-like; nwb1: Allen BrainObservatoryCache NWB 1.0.5")
-    p.add_argument("--duration", type=float, default=d.duration_s, help="seconds per session")
-    p.add_argument("--units", type=int, default=d.units_per_region, help="EPhys units per recorded region")
-    p.add_argument("--rois", type=int, default=d.rois_per_plane, help="OPhys ROIs per imaging plane")
-    p.add_argument("--regions", default=",".join(d.regions), help="comma-separated region acronyms")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="named configuration; 'science' is the benchmark corpus (docs/results.md)")
+    for flag, field_name, kind, what in (("--duration", "duration_s", float, "seconds per session"),
+                                         ("--units", "units_per_region", int, "EPhys units per recorded region"),
+                                         ("--rois", "rois_per_plane", int, "OPhys ROIs per imaging plane")):
+        p.add_argument(flag, type=kind, default=argparse.SUPPRESS, dest=field_name,
+                       help=f"{what} (default: the preset's; " + ", ".join(
+                           f"{n} {getattr(c, field_name):g}" for n, c in PRESETS.items()) + ")")
+    p.add_argument("--regions", default=argparse.SUPPRESS, help="comma-separated region acronyms (default: the preset's, "
+                                                   f"{','.join(PRESETS['default'].regions)})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    regions = tuple(r.strip() for r in a.regions.split(",") if r.strip())
+    overrides = {k: getattr(a, k) for k in ("duration_s", "units_per_region", "rois_per_plane") if hasattr(a, k)}
+    if hasattr(a, "regions"):
+        overrides["regions"] = tuple(r.strip() for r in a.regions.split(",") if r.strip())
     try:
         if a.sessions < 1:
             raise ValueError("--sessions must be at least 1")
-        config = SynthConfig(duration_s=a.duration, units_per_region=a.units, rois_per_plane=a.rois, regions=regions)
+        config = preset_config(a.preset, **overrides)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -42,7 +42,7 @@ from typing import Sequence
 import numpy as np
 
 from ..tasks import TASKS
-from .schedule import TASK_CODE, TASK_NAMES, Schedule
+from .schedule import TASK_CODE, TASK_NAMES, TIME_SHARE, Schedule
 
 #: The five visual areas of the papers.
 REGIONS: tuple[str, ...] = ("VISp", "VISl", "VISal", "VISam", "VISpm")
@@ -51,6 +51,10 @@ UNASSIGNED = "unassigned"
 
 #: Stream keys for :func:`rng_for` (never reorder: changing them changes every corpus).
 STREAM_CORPUS, STREAM_SCHEDULE, STREAM_UNITS, STREAM_SPIKES, STREAM_LAYOUT = range(5)
+#: Version of the generator written into every truth file. Bump it whenever the same config and seed
+#: would give other arrays: tools that regenerate latent variables (``ideal.py``) refuse other versions.
+#: Files written before the field existed are version 1 (they also lack the seed).
+GENERATOR_VERSION = 2
 
 
 @dataclass
@@ -66,6 +70,7 @@ class SynthConfig:
     code_dim: int = 8
     tuning_strength: float = 1.0  # scales every drive (signal-to-noise knob)
     tuning_spread: float = 1.0  # per-unit deviation from the region's mean preference
+    region_spread: float = 1.0  # scales how much regions differ (log-sd of their axis scales and task gains)
     latency_s: float = 0.05  # mean response latency; regions differ by up to +-15 ms
     ephys_baseline_hz: float = 3.0
     ephys_gain_hz: float = 4.0
@@ -80,14 +85,29 @@ class SynthConfig:
     gap_s: float = 5.0  # spontaneous gap between stimulus blocks
     blocks_per_task: int = 2
     blank_fraction: float = 0.05  # grating blank sweeps per condition
+    # per-task factor on the drive (tasks differ in difficulty: 6, 8 or 119 classes, 0.25 s or 2 s on)
+    task_strength: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in TASK_NAMES})
+    # an extra factor for OPhys ROIs (calcium blurs 0.25-s back-to-back presentations far more than 2-s ones)
+    ophys_task_strength: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in TASK_NAMES})
+    # share of the non-gap time each task gets (schedule.TIME_SHARE by default)
+    time_share: dict[str, float] = field(default_factory=lambda: dict(TIME_SHARE))
+    preset: str = "default"  # name of the preset this config came from (recorded in the truth files)
 
     def __post_init__(self) -> None:
         self.regions = tuple(self.regions)
         self.tau_decay_range_s = tuple(self.tau_decay_range_s)  # type: ignore[assignment]
+        self.task_strength = {t: float(self.task_strength.get(t, 1.0)) for t in TASK_NAMES}
+        self.ophys_task_strength = {t: float(self.ophys_task_strength.get(t, 1.0)) for t in TASK_NAMES}
+        self.time_share = {t: float(self.time_share[t]) for t in TASK_NAMES}
         if not self.regions:
             raise ValueError("SynthConfig.regions is empty")
         if self.duration_s <= 0 or self.units_per_region < 1 or self.rois_per_plane < 1:
             raise ValueError("duration_s, units_per_region and rois_per_plane must be positive")
+        if (self.unassigned_units < 0 or min(self.task_strength.values()) < 0
+                or min(self.ophys_task_strength.values()) < 0 or min(self.time_share.values()) <= 0):
+            raise ValueError("unassigned_units and task_strength must be >= 0, time_share > 0")
+        if abs(sum(self.time_share.values()) - 1.0) > 1e-9:
+            raise ValueError(f"time_share must sum to 1, not {sum(self.time_share.values())}")
 
 
 def rng_for(seed: int, stream: int, index: int = 0) -> np.random.Generator:
@@ -128,7 +148,7 @@ def _angle_code(angles_deg: Sequence[float], period: float, dim: int, rng: np.ra
 
 
 def draw_corpus_model(seed: int, config: SynthConfig) -> CorpusModel:
-    """The stimulus code and per-region tuning of a corpus (depends on seed, regions and code_dim only)."""
+    """The stimulus code and per-region tuning of a corpus (depends on seed, regions, code_dim, region_spread)."""
     rng = rng_for(seed, STREAM_CORPUS)
     d = config.code_dim
     ns = rng.normal(size=(len(TASKS["natural_scenes"].values), d))
@@ -142,8 +162,8 @@ def draw_corpus_model(seed: int, config: SynthConfig) -> CorpusModel:
     for name in names + [UNASSIGNED]:
         r = rng_for(seed, STREAM_CORPUS, 1 + zlib.crc32(name.encode()))
         q, _ = np.linalg.qr(r.normal(size=(d, d)))
-        scales = np.exp(r.normal(0.0, 0.5, size=d))
-        gain = np.clip(np.exp(r.normal(0.0, 0.3, size=len(TASK_NAMES))), 0.6, 1.6)
+        scales = np.exp(r.normal(0.0, 0.5 * config.region_spread, size=d))
+        gain = np.clip(np.exp(r.normal(0.0, 0.3 * config.region_spread, size=len(TASK_NAMES))), 0.6, 1.6)
         mean = 0.7 * r.normal(size=d)
         latency = config.latency_s + float(r.uniform(-0.015, 0.015))
         if name == UNASSIGNED:
@@ -166,17 +186,20 @@ class UnitParams:
 
 
 def draw_units(model: CorpusModel, regions: Sequence[str], config: SynthConfig, rng: np.random.Generator,
-               baseline_hz: float, gain_hz: float) -> UnitParams:
+               baseline_hz: float, gain_hz: float, ophys: bool = False) -> UnitParams:
     """Units tuned like their region; ``regions[i]`` names the RegionParams of unit i."""
     n, d = len(regions), config.code_dim
     w = np.zeros((n, d))
     task_gain = np.zeros((n, len(TASK_NAMES)))
     latency = np.zeros(n)
     z = rng.normal(size=(n, d))
+    # all 1.0 by default: an exact no-op
+    per_task = np.asarray([config.task_strength[t] * (config.ophys_task_strength[t] if ophys else 1.0)
+                           for t in TASK_NAMES])
     for i, name in enumerate(regions):
         p = model.regions[name]
         w[i] = p.projection.T @ (p.mean + config.tuning_spread * z[i])
-        task_gain[i] = config.tuning_strength * p.task_gain
+        task_gain[i] = config.tuning_strength * p.task_gain * per_task
         latency[i] = p.latency_s
     gain = gain_hz * np.exp(rng.normal(-0.125, 0.5, size=n))
     baseline = baseline_hz * np.exp(rng.normal(-0.125, 0.5, size=n))
@@ -284,6 +307,9 @@ class SessionTruth:
     schedule: Schedule
     frame_times: np.ndarray | None = None  # OPhys
     ophys: dict[str, np.ndarray] = field(default_factory=dict)  # tau_decay_s, amplitude, noise per ROI
+    seed: int | None = None  # corpus seed and session index: enough to regenerate latent draws (OPhys spikes)
+    session_index: int | None = None
+    generator_version: int = GENERATOR_VERSION
 
     def save(self, stem: Path) -> tuple[Path, Path]:
         """Write ``<stem>.truth.json`` and ``<stem>.truth.npz``."""
@@ -297,6 +323,8 @@ class SessionTruth:
             "units": [{"id": int(i), "location": str(loc), "params": str(r)}
                       for i, loc, r in zip(self.unit_ids, self.unit_location, self.units.region)],
             "duration_s": self.schedule.duration_s,
+            "generator_version": self.generator_version, "seed": self.seed, "session_index": self.session_index,
+            "preset": self.config.preset,
         }
         if self.modality == "ophys":
             meta["kernel"] = {"form": "exp(-t/tau_decay) - exp(-t/tau_rise), peak 1, times amplitude",
@@ -335,7 +363,8 @@ class SessionTruth:
         schedule = Schedule(duration_s=float(meta["duration_s"]), **sched)
         ophys = {k[6:]: v for k, v in a.items() if k.startswith("ophys_")}
         return cls(meta["session_id"], meta["modality"], config, model, a["unit_id"], a["unit_location"], units,
-                   schedule, a.get("frame_times"), ophys)
+                   schedule, a.get("frame_times"), ophys, meta.get("seed"), meta.get("session_index"),
+                   int(meta.get("generator_version", 1)))
 
 
 # ---- the optimal decoder ------------------------------------------------------------------------

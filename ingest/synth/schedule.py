@@ -97,13 +97,17 @@ def _draw(task: str, n: int, blank_fraction: float, rng: np.random.Generator) ->
 
 
 def build_schedule(duration_s: float, rng: np.random.Generator, *, gap_s: float = 5.0, blocks_per_task: int = 2,
-                   blank_fraction: float = 0.05) -> Schedule:
-    """Blocks DG, SG, NS repeated ``blocks_per_task`` times, a spontaneous gap before each and at the end."""
+                   blank_fraction: float = 0.05, time_share: dict[str, float] | None = None) -> Schedule:
+    """Blocks DG, SG, NS repeated ``blocks_per_task`` times, a spontaneous gap before each and at the end.
+
+    ``time_share`` (default :data:`TIME_SHARE`): each task's share of the non-gap time (sums to 1).
+    """
+    share = TIME_SHARE if time_share is None else time_share
     n_blocks = len(BLOCK_ORDER) * blocks_per_task
     n_gaps = n_blocks + 1
     gap = min(gap_s, 0.3 * duration_s / n_gaps)  # gaps never eat more than 30 % of a short session
     avail = duration_s - n_gaps * gap
-    per_block = {t: TIME_SHARE[t] * avail / blocks_per_task for t in BLOCK_ORDER}
+    per_block = {t: share[t] * avail / blocks_per_task for t in BLOCK_ORDER}
     n_per_block = {t: max(1, int(per_block[t] // (ON_S[t] + OFF_S[t]))) for t in BLOCK_ORDER}
     params = {t: _draw(t, n_per_block[t] * blocks_per_task, blank_fraction, rng) for t in BLOCK_ORDER}
 
