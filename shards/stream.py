@@ -169,7 +169,7 @@ class MixtureStream(IterableDataset):
         train = self.config.split == "train"
         dropout = train if self.config.unit_dropout is None else self.config.unit_dropout
         tcfg = TokenConfig(window_s=self.config.window_s, unit_dropout=dropout)
-        windows, modality, session, pads, skipped = [], [], [], [], 0
+        windows, modality, session, record, pads, skipped = [], [], [], [], [], 0
         for p in pos:
             row = int(plan.chunk[p])
             try:
@@ -185,10 +185,11 @@ class MixtureStream(IterableDataset):
             windows.append(window_tokens(c, float(plan.t0[p]), tcfg, rng))
             modality.append(c.modality)
             session.append(c.session)
+            record.append(c.record)
             pads.append(bool(plan.pad[p]))
         if not windows:
             raise CorruptSampleError(f"every sample of batch at position {int(pos[0])} is corrupt")
-        arrays = pack(windows, modality, session, self.config.window_s, pads)
+        arrays = pack(windows, modality, session, self.config.window_s, pads, record)
         arrays["position"] = np.int64(pos[0])
         arrays["n_skipped"] = np.int64(skipped)
         return arrays

@@ -13,7 +13,7 @@ batch is concatenated once: no per-token Python, no padding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -38,16 +38,22 @@ def presentation_id(start: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Vocab:
-    """Global unit and session indices, from units.parquet / sessions.parquet (sorted ids)."""
+    """Global unit, session and record indices, from units.parquet / sessions.parquet (sorted ids).
+
+    A record is one (session_id, region) row of sessions.parquet: an EPhys session holds one per
+    brain region, and the splits are drawn per record (``ingest/splits.py``)."""
 
     units: dict[str, int]
     sessions: dict[str, int]
+    records: dict[tuple[str, str], int] = field(default_factory=dict)
 
     @classmethod
     def from_tables(cls, units: pd.DataFrame, sessions: pd.DataFrame) -> "Vocab":
         u = sorted(units.unit_id.unique())
         s = sorted(sessions.session_id.unique())
-        return cls({k: i for i, k in enumerate(u)}, {k: i for i, k in enumerate(s)})
+        r = sorted(set(zip(sessions.session_id, sessions.region)))
+        return cls({k: i for i, k in enumerate(u)}, {k: i for i, k in enumerate(s)},
+                   {k: i for i, k in enumerate(r)})
 
 
 @dataclass
@@ -68,6 +74,7 @@ class DecodedChunk:
     q_end: np.ndarray
     q_label: np.ndarray
     q_id: np.ndarray | None = None  # int64 presentation ids (presentation_id(q_start) when None)
+    record: int = -1  # global (session_id, region) record index (Vocab.records); -1 when unknown
 
     @classmethod
     def from_sample(cls, sample: Sample, vocab: Vocab) -> "DecodedChunk":
@@ -83,6 +90,10 @@ class DecodedChunk:
         keep = (task >= 0) & (label >= 0)
         ephys = m["modality"] == "ephys"
         a = sample.arrays
+        try:
+            record = vocab.records[(sid, m["region"])]
+        except KeyError:
+            raise ValueError(f"sample {sample.key}: record ({sid}, {m.get('region')}) is not in sessions.parquet") from None
         return cls(
             key=sample.key, modality=MODALITY_INDEX[m["modality"]], session=vocab.sessions[sid],
             t_start=float(m["t_start"]), t_end=float(m["t_end"]), unit_index=unit_index,
@@ -90,7 +101,7 @@ class DecodedChunk:
             spike_units=a["spike_units"] if ephys else None, dff=None if ephys else a["dff"],
             q_task=task[keep], q_start=np.asarray(st["start"], np.float64)[keep],
             q_end=np.asarray(st["end"], np.float64)[keep], q_label=label[keep],
-            q_id=presentation_id(np.asarray(st["start"], np.float64)[keep]),
+            q_id=presentation_id(np.asarray(st["start"], np.float64)[keep]), record=record,
         )
 
 
@@ -143,8 +154,10 @@ def window_tokens(c: DecodedChunk, t0: float, config: TokenConfig, rng: np.rando
 
 
 def pack(windows: list[tuple], modality: list[int], session: list[int], window_s: float,
-         pad: list[bool] | None = None) -> dict[str, np.ndarray]:
-    """Concatenate per-window tokens into the packed batch of docs/batch.md (numpy; torch later)."""
+         pad: list[bool] | None = None, record: list[int] | None = None) -> dict[str, np.ndarray]:
+    """Concatenate per-window tokens into the packed batch of docs/batch.md (numpy; torch later).
+    ``record``: each window's (session_id, region) record index (``record_index``; the key is left out
+    when None)."""
     n_in = np.array([len(w[0]) for w in windows], dtype=np.int64)
     n_out = np.array([len(w[3]) for w in windows], dtype=np.int64)
     cu_in = np.zeros(len(windows) + 1, dtype=np.int32)
@@ -155,7 +168,7 @@ def pack(windows: list[tuple], modality: list[int], session: list[int], window_s
     if pad is not None:
         weights[np.repeat(np.asarray(pad, dtype=bool), n_out)] = 0.0
     cat = np.concatenate
-    return {
+    out = {
         "input_unit_index": cat([w[0] for w in windows]).astype(np.int64, copy=False),
         "input_timestamps": cat([w[1] for w in windows]).astype(np.float32, copy=False),
         "input_values": cat([w[2] for w in windows]).astype(np.float32, copy=False),
@@ -170,3 +183,6 @@ def pack(windows: list[tuple], modality: list[int], session: list[int], window_s
         "output_cu_seqlens": cu_out,
         "window_s": np.float32(window_s),
     }
+    if record is not None:
+        out["record_index"] = np.asarray(record, dtype=np.int64)
+    return out

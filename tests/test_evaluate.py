@@ -1,5 +1,6 @@
 """Evaluation as the papers do it: logits averaged per presentation over the overlapping windows that
-query it, one argmax per presentation, accuracy per session, mean over sessions (the headline), next to
+query it, one argmax per presentation, accuracy per (session, region) record, mean over records (the
+headline; a batch without record_index counts each session as one record), next to
 the pooled per-query figure; the same across ranks (partial tallies merged, and a real 2-process gloo
 all_reduce); the evaluation plan's overlapping windows cover every presentation of a chunk and never
 cross a chunk edge; the training plan and training tokens are those of the code before (golden checksums).
@@ -68,10 +69,11 @@ def test_logits_are_averaged_per_presentation_then_accuracy_per_session_then_mea
     s = tally_of(WINDOWS).summary()
     ephys, ophys = s["modality"]["ephys"]["tasks"]["cls"], s["modality"]["ophys"]["tasks"]["cls"]
     # per session: s0 1 of 2 presentations, s1 1 of 1, s2 0 of 1
-    assert s["session"]["s0"]["tasks"]["cls"] == {"acc": 0.5, "n": 2.0}
-    assert s["session"]["s1"]["tasks"]["cls"] == {"acc": 1.0, "n": 1.0}
-    assert s["session"]["s2"]["tasks"]["cls"] == {"acc": 0.0, "n": 1.0} and s["session"]["s2"]["modality"] == "ophys"
-    assert ephys == {"acc": 0.75, "n": 3.0, "sessions": 2}  # mean of 0.5 and 1.0, not 2 of 3 presentations
+    assert s["record"]["s0"]["tasks"]["cls"] == {"acc": 0.5, "n": 2.0}
+    assert s["record"]["s1"]["tasks"]["cls"] == {"acc": 1.0, "n": 1.0}
+    assert s["record"]["s2"]["tasks"]["cls"] == {"acc": 0.0, "n": 1.0} and s["record"]["s2"]["modality"] == "ophys"
+    assert s["record"]["s2"]["session"] == "s2" and s["record"]["s2"]["region"] is None  # no record_index
+    assert ephys == {"acc": 0.75, "n": 3.0, "records": 2}  # mean of 0.5 and 1.0, not 2 of 3 presentations
     assert ophys["acc"] == 0.0
     assert s["score"] == pytest.approx(0.375)
     # pooled per query: EPhys 4 of 6 queries right (the padding window counts nowhere), OPhys 1 of 2
@@ -85,12 +87,50 @@ def test_logits_are_averaged_per_presentation_then_accuracy_per_session_then_mea
     assert conf["ophys"].sum() == 1 and conf["ophys"][1, 0] == 1
 
 
+RECORDS = [("e1", "VISl"), ("e1", "VISp"), ("o1", "VISp")]  # Vocab.records order: sorted (session_id, region)
+
+
+def test_two_records_of_one_session_are_scored_apart_and_the_headline_is_their_mean():
+    # EPhys session e1 (session index 0) has two records. Presentation 10 (label 0) is queried in both:
+    # in VISl (record 0) by two windows whose mean logits are right, in VISp (record 1) by one wrong
+    # window; averaged over the session it would be right (3 vs 2.5). VISp also has presentation 11
+    # (label 1), right. So VISl 1 of 1, VISp 1 of 2: headline EPhys (1 + 0.5) / 2, not 2 of 2 (per
+    # session) nor 2 of 3 (per record-presentation, pooled). OPhys o1 (record 2): presentation 30 right.
+    windows = [(0, 0, 0, [(10, 0, [2., 0., 0.])]), (0, 0, 1, [(10, 0, [0., 2.5, 0.]), (11, 1, [0., 1., 0.])]),
+               (0, 0, 0, [(10, 0, [1., 0., 0.])]), (1, 1, 2, [(30, 2, [0., 0., 1.])])]
+    t = Tally(TASKS, ["e1", "o1"], record_ids=RECORDS, confusion=True, per_presentation=True)
+    for i in range(0, len(windows), 2):
+        out, batch = batch_of([(m, s, 1.0, q) for m, s, _, q in windows[i:i + 2]])
+        batch["record_index"] = torch.tensor([r for _, _, r, _ in windows[i:i + 2]])
+        t.add(out, batch)
+    s = t.summary()
+    assert set(s["record"]) == {"e1/VISl", "e1/VISp", "o1/VISp"}
+    assert s["record"]["e1/VISl"] == {"session": "e1", "region": "VISl", "modality": "ephys",
+                                      "tasks": {"cls": {"acc": 1.0, "n": 1.0}}}
+    assert s["record"]["e1/VISp"]["tasks"]["cls"] == {"acc": 0.5, "n": 2.0}
+    assert s["record"]["o1/VISp"]["modality"] == "ophys" and s["record"]["o1/VISp"]["tasks"]["cls"]["acc"] == 1.0
+    assert s["modality"]["ephys"]["tasks"]["cls"] == {"acc": 0.75, "n": 3.0, "records": 2}
+    assert s["score"] == pytest.approx((0.75 + 1.0) / 2)
+    assert t.confusion_matrices()["cls"]["ephys"].sum() == 3  # one count per record's presentation
+    assert set(s["pooled"]["session"]) == {"e1", "o1"}  # the per-query figures stay per session
+    sc = t.scalars("test", sessions=True)
+    assert sc["test_record/e1/VISp/acc/cls"] == 0.5 and sc["test/acc/ephys/cls"] == 0.75
+    # split over two ranks, merged: the same numbers
+    halves = [Tally(TASKS, ["e1", "o1"], record_ids=RECORDS, per_presentation=True) for _ in range(2)]
+    for i, w in enumerate(windows):
+        out, batch = batch_of([(w[0], w[1], 1.0, w[3])])
+        batch["record_index"] = torch.tensor([w[2]])
+        halves[i % 2].add(out, batch)
+    merged = halves[0].merge(halves[1]).summary()
+    assert merged["record"] == s["record"] and merged["score"] == s["score"]
+
+
 def test_scalars_hold_headline_and_pooled():
     sc = tally_of(WINDOWS).scalars("val", sessions=True)
     assert sc["val/score"] == pytest.approx(0.375) and sc["val/acc/ephys/cls"] == 0.75
     assert sc["val/acc_pooled/ephys/cls"] == pytest.approx(4 / 6)
     assert sc["val/score_pooled"] == pytest.approx((4 / 6 + 0.5) / 2)
-    assert sc["val_session/s0/acc/cls"] == 0.5 and "val/loss/ephys/cls" in sc
+    assert sc["val_record/s0/acc/cls"] == 0.5 and "val/loss/ephys/cls" in sc
 
 
 def test_training_tallies_stay_pooled():
@@ -106,7 +146,7 @@ def test_presentations_split_over_two_ranks_merge_to_the_single_rank_numbers():
     # different ranks, and rank 1 alone would call it wrong
     rank0 = tally_of(WINDOWS[0::2])
     rank1 = tally_of(WINDOWS[1::2])
-    assert rank1.summary()["session"]["s0"]["tasks"]["cls"]["acc"] == 0.0
+    assert rank1.summary()["record"]["s0"]["tasks"]["cls"]["acc"] == 0.0
     merged = rank0.merge(rank1).summary()
     assert merged == tally_of(WINDOWS).summary()
     assert merged["score"] == pytest.approx(0.375)
@@ -135,7 +175,7 @@ def test_all_reduce_over_two_gloo_processes_gives_every_rank_the_headline(tmp_pa
     assert all(p.exitcode == 0 for p in procs)
     want = tally_of(WINDOWS).summary()
     assert got[0] == got[1]
-    assert got[0]["score"] == want["score"] and got[0]["session"] == want["session"]
+    assert got[0]["score"] == want["score"] and got[0]["record"] == want["record"]
     assert got[0]["pooled"]["score"] == pytest.approx(want["pooled"]["score"])
 
 
@@ -151,7 +191,7 @@ def test_regression_tasks_average_predictions_per_presentation():
     t = Tally(tasks, ["s0"], per_presentation=True)
     t.add(out, batch)
     s = t.summary()
-    assert s["session"]["s0"]["tasks"]["reg"]["r2"] == pytest.approx(1.0)  # means 0 and 2: exact
+    assert s["record"]["s0"]["tasks"]["reg"]["r2"] == pytest.approx(1.0)  # means 0 and 2: exact
     assert s["pooled"]["session"]["s0"]["tasks"]["reg"]["r2"] == pytest.approx(1 - 2 / 4)
     assert s["score"] == pytest.approx(1.0)
 
@@ -251,10 +291,12 @@ def test_the_training_plan_and_tokens_are_those_of_before():
                       np.full(len(qs), 2, np.int64), qs, qs + 0.25, rng.integers(0, 119, len(qs)))
     wins = [window_tokens(c_, float(t0), TokenConfig(unit_dropout=True), np.random.default_rng(i))
             for i, t0 in enumerate(rng.uniform(0, 9, 12)) for c_ in (ch, co)]
-    b = pack(wins, [0, 1] * 12, [0] * 24, 1.0, [False] * 23 + [True])
+    b = pack(wins, [0, 1] * 12, [0] * 24, 1.0, [False] * 23 + [True], [2, 0] * 12)
+    assert b["record_index"].dtype == np.int64 and b["record_index"].tolist() == [2, 0] * 12
+    assert list(b)[:-1] == list(pack(wins, [0, 1] * 12, [0] * 24, 1.0, [False] * 23 + [True]))
     crc = 0
     for k, v in b.items():
-        if k != "output_presentation":
+        if k not in ("output_presentation", "record_index"):
             crc = zlib.crc32(k.encode() + np.ascontiguousarray(v).tobytes(), crc)
     assert crc == 3642167818
     assert b["output_presentation"].dtype == np.int64 and len(b["output_presentation"]) == len(b["output_labels"])

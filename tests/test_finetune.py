@@ -78,7 +78,7 @@ def test_finetune_grows_vocab_and_unfreezes_gradually(store, pretrained, tmp_pat
     # test-split accuracy per task, per modality and session
     test = metrics["test"]
     assert set(test["modality"]) == {"ephys", "ophys"}
-    assert set(test["session"]) <= set(HELD_OUT) and test["session"]
+    assert {e["session"] for e in test["record"].values()} <= set(HELD_OUT) and test["record"]
     for e in test["modality"].values():
         assert all(0 <= v["acc"] <= 1 for v in e["tasks"].values())
     assert "epoch 1: unfreezing" in open(out / "train.log").read()

@@ -129,13 +129,18 @@ def test_eval_batches_carry_presentation_ids_through_workers_and_cover_every_pre
     inproc = [batch_key(b) for b in StreamLoader(MixtureStream(c, rank=1, world_size=2), num_workers=0)]
     workers = [batch_key(b) for b in StreamLoader(MixtureStream(c, rank=1, world_size=2), num_workers=2)]
     same_batches(workers, inproc)
-    assert inproc[0]["output_presentation"].dtype == torch.int64
+    assert inproc[0]["output_presentation"].dtype == torch.int64 and inproc[0]["record_index"].dtype == torch.int64
+    vocab = MixtureStream(c).vocab
+    session_ids = sorted(vocab.sessions, key=vocab.sessions.get)
+    record_session = {i: sid for (sid, _), i in vocab.records.items()}  # the record's session
     seen: dict[tuple, tuple] = {}
     windows_per: dict[tuple, int] = {}
     for rank in (0, 1):
         for b in StreamLoader(MixtureStream(c, rank=rank, world_size=2), num_workers=0):
             q = torch.repeat_interleave(torch.arange(len(b["modality"])), torch.diff(b["output_cu_seqlens"].long()))
             real = b["output_weights"] > 0
+            assert [record_session[r] for r in b["record_index"].tolist()] == \
+                [session_ids[i] for i in b["session_index"].tolist()]
             cols = [b["session_index"][q], b["output_task_index"], b["output_presentation"], b["output_labels"]]
             for sess, task, pid, label in zip(*(x[real].tolist() for x in cols)):
                 assert seen.setdefault((sess, task, pid), (label,)) == (label,)
@@ -144,6 +149,7 @@ def test_eval_batches_carry_presentation_ids_through_workers_and_cover_every_pre
     expected = set()
     for row in np.nonzero((s.chunks.split == "valid").to_numpy())[0]:
         ch = s._decode(int(row), OrderedDict())
+        assert ch.record == s.vocab.records[(s.chunks.session_id.iloc[row], s.chunks.region.iloc[row])]
         if ch.t_end - ch.t_start < 1.0 - 1e-9:
             continue
         inside = np.minimum(ch.q_end, ch.t_end) - np.maximum(ch.q_start, ch.t_start)

@@ -116,7 +116,8 @@ def test_two_workers_loss_falls_and_tensorboard_has_both_modalities(resumed_run)
     final = metrics["final"]
     assert set(final["modality"]) == {"ephys", "ophys"}
     assert {"static_gratings", "natural_scenes"} <= set(final["modality"]["ophys"]["tasks"])
-    assert {"e1", "o1"} <= set(final["session"])  # the sessions long enough for a validation split
+    assert {"e1", "o1"} <= {e["session"] for e in final["record"].values()}  # long enough for a validation split
+    assert all(name == f"{e['session']}/{e['region']}" for name, e in final["record"].items())  # one per record
     assert final["score"] == pytest.approx((final["modality"]["ephys"]["score"]
                                             + final["modality"]["ophys"]["score"]) / 2)
     doc = yaml.safe_load(open(out / "config.yaml"))

@@ -92,18 +92,20 @@ def run_mlp_baseline(cfg: TrainConfig, *, bins: int = 8, hidden: int = 128, lr: 
                 loss.backward()
                 opt.step()
         model.eval()
-        tally = Tally(tasks, sorted(train.vocab.sessions, key=train.vocab.sessions.get), per_presentation=True)
+        tally = Tally(tasks, sorted(train.vocab.sessions, key=train.vocab.sessions.get),
+                      record_ids=sorted(train.vocab.records, key=train.vocab.records.get), per_presentation=True)
         with torch.no_grad():
             for batch in StreamLoader(test, num_workers=0):
                 tally.add(model(features(batch, unit_col, n_cols, bins, cfg.window_s), batch["output_task_index"]),
                           batch)
-        results[sid] = tally.summary()["session"].get(sid)
+        mine = {name: e for name, e in tally.summary()["record"].items() if e["session"] == sid}
+        results.update(mine)
         if total is None:
             total = tally
         else:
             total.merge(tally)
-        print(f"mlp {sid}: " + ", ".join(f"{t} {v['acc']:.3f}" for t, v in (results[sid] or {"tasks": {}})["tasks"]
-                                         .items()), flush=True)
+        for name, e in mine.items() or [(sid, {"tasks": {}})]:
+            print(f"mlp {name}: " + ", ".join(f"{t} {v['acc']:.3f}" for t, v in e["tasks"].items()), flush=True)
     summary = total.summary() if total is not None else {}
     metrics = {"status": "finished", "mode": "mlp", "step": 0, "total_steps": 0, "epochs": cfg.epochs,
                "train": {"first_loss": float("nan"), "last_loss": float("nan")}, "final": None, "best": None,

@@ -1,24 +1,30 @@
-"""Metrics per task, per modality and per session, summed over ranks: training logs and validation.
+"""Metrics per task, per modality and per session or record, summed over ranks: training logs and validation.
 
 Headline (evaluation, ``per_presentation=True``; the papers' protocol, POYO+ and its multi-modal
-successor): one prediction per stimulus presentation, accuracy per session, then the mean over
-sessions.
+successor): one prediction per stimulus presentation, accuracy per record, then the mean over
+records. A record is one (session_id, region) row of sessions.parquet (an EPhys session holds one
+per brain region; an OPhys session one): the splits are drawn per record (``ingest/splits.py``), so
+one presentation may be test in one region's record and train in another's (the ideal observer,
+``ingest/synth/ideal.py``, scores per record too). The summary's ``record`` section is keyed
+``"session_id/region"``; the pooled figures stay per session.
 1. Evaluation windows overlap (``shards.plan.plan_eval``: half a window apart), so one
    presentation is queried by one or more windows; every query carries the presentation's id
    (``output_presentation``, docs/batch.md).
-2. For each (modality, session, task, presentation) the logits of every window that queries it
+2. For each (modality, record, task, presentation) the logits of every window that queries it
    are averaged (weighted by ``output_weights``, so padding windows count nowhere). The mean of
    the raw logits, not of log-softmax: the two differ per window by a class-independent constant
    (the window's log-sum-exp), so their argmax is the same; raw logits are what torch_brain's
    stitching averages and need no extra pass. Regression tasks average the predictions.
-3. One argmax per presentation; a session's accuracy is the mean over its presentations (R²
+3. One argmax per presentation; a record's accuracy is the mean over its presentations (R²
    over its presentations for regression tasks).
-4. A (modality, task)'s accuracy is the mean over its sessions; the score is the mean over
+4. A (modality, task)'s accuracy is the mean over its records; the score is the mean over
    modalities of each modality's mean accuracy over its classification tasks (R² for
    regression-only modalities), as in the papers' App. B. It picks ``model_best.pt`` and
    drives early stopping.
-Windows of the different regions of one EPhys session that query the same presentation are
-averaged together: the session's prediction draws on all its recorded units.
+The windows of one record are the record's own (its region's units): those of the other regions of
+its session that query the same presentation are averaged into their own records' predictions.
+Records are ``record_index`` of the batch (docs/batch.md), named by ``record_ids``; a batch without
+it (hand-made test batches) counts each session as one record.
 
 Pooled (the ``pooled`` entry of an evaluation summary, TensorBoard ``val/acc_pooled/...``; the
 whole summary of a training tally): every labelled query counts once per window that holds it.
@@ -27,7 +33,7 @@ queries, the correct ones, the loss, and for regression tasks the sums R² needs
 tensors, so summing over ranks is one ``all_reduce`` each. Losses are always pooled per query
 (the training objective).
 
-Ranks: the presentations of one session may be split over ranks (windows are dealt out in
+Ranks: the presentations of one record may be split over ranks (windows are dealt out in
 turn), so ``all_reduce`` also gathers every rank's per-presentation sums (``all_gather_object``
 of CPU tensors) and merges them in rank order; every rank ends up with the same numbers (the
 same early-stopping decision, without a broadcast). ``Tally.merge`` is the same merge for
@@ -50,7 +56,7 @@ from trainer.config import MODALITIES
 N, CORRECT, LOSS, SSE, SUM_Y, SUM_Y2, N_Y = range(7)
 FIELDS = 7
 # columns of a presentation key
-KEY_MODALITY, KEY_SESSION, KEY_PRESENTATION = range(3)
+KEY_MODALITY, KEY_RECORD, KEY_PRESENTATION = range(3)
 
 
 def sample_of_query(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -61,7 +67,7 @@ def sample_of_query(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @dataclass
 class Presentations:
-    """Per-presentation sums of one task. Row p: ``keys[p]`` = (modality, session, presentation id),
+    """Per-presentation sums of one task. Row p: ``keys[p]`` = (modality, record, presentation id),
     ``weight[p]`` = the summed weights of the queries (windows) that asked for it, ``logits[p]`` =
     their weighted sum of logits (regression: predictions), ``target[p]`` = their weighted sum of
     targets (classification: the label, one column). Rows may repeat a key until ``compact``."""
@@ -96,11 +102,16 @@ class Presentations:
 
 class Tally:
     """Sums over queries, by (modality, session, task); with ``per_presentation`` also the sums per
-    presentation the headline needs. ``session_ids`` name the sessions (store order)."""
+    presentation (by modality, record, task) the headline needs. ``session_ids`` name the sessions (store
+    order), ``record_ids`` the (session_id, region) records (``Vocab.records`` in index order); without
+    ``record_ids`` each session is one record (region None)."""
 
-    def __init__(self, tasks, session_ids: list[str], *, confusion: bool = False, per_presentation: bool = False,
-                 device="cpu"):
+    def __init__(self, tasks, session_ids: list[str], *, record_ids: list[tuple[str, str]] | None = None,
+                 confusion: bool = False, per_presentation: bool = False, device="cpu"):
         self.tasks, self.session_ids = tuple(tasks), list(session_ids)
+        self.record_ids: list[tuple[str, str | None]] = ([tuple(r) for r in record_ids] if record_ids is not None
+                                                         else [(sid, None) for sid in self.session_ids])
+        self.n_records = max(1, len(self.record_ids))
         self.sums = torch.zeros(len(MODALITIES), max(1, len(session_ids)), len(self.tasks), FIELDS,
                                 dtype=torch.float64, device=device)
         self.confusion = {t.name: torch.zeros(len(MODALITIES), t.out_dim, t.out_dim, dtype=torch.float64, device=device)
@@ -118,13 +129,17 @@ class Tally:
         q_sample = sample_of_query(batch)
         weights = batch["output_weights"].float()
         n_sessions = self.sums.shape[1]
-        presentation = None
+        presentation = record = None
         if self.per_presentation:
             presentation = batch.get("output_presentation")
             if presentation is None:  # hand-made batches: every query is its own presentation
                 n_q = len(weights)
                 presentation = -1 - torch.arange(self._anonymous, self._anonymous + n_q, device=weights.device)
                 self._anonymous += n_q
+            record = batch.get("record_index")
+            if record is None:  # hand-made batches: one record per session
+                record = batch["session_index"]
+            record = record.clamp(max=self.n_records - 1)
         for k, task in enumerate(self.tasks):
             rows = out["query_index"][task.name]
             if rows.numel() == 0:
@@ -160,7 +175,7 @@ class Tally:
             if presentation is not None:
                 keep = w > 0
                 ww = w[keep].double()
-                keys = torch.stack([mod[keep], sess[keep], presentation[rows][keep]], 1).long()
+                keys = torch.stack([mod[keep], record[s][keep], presentation[rows][keep]], 1).long()
                 self._parts[task.name].append(Presentations(keys, ww, logits[keep].double() * ww[:, None],
                                                             target[keep] * ww[:, None]))
         if presentation is not None:
@@ -257,60 +272,69 @@ class Tally:
         res["score"] = sum(scores) / len(scores) if scores else math.nan
         return res
 
-    def _per_session(self, task, table: Presentations) -> dict[tuple[int, int], dict[str, float]]:
-        """{(modality, session): {"acc" | "r2", "n"}} over the presentations of one task."""
+    def record_name(self, r: int) -> str:
+        """``"session_id/region"`` of record r (the session id alone for a record without a region)."""
+        sid, region = self.record_ids[r] if r < len(self.record_ids) else (str(r), None)
+        return sid if region is None else f"{sid}/{region}"
+
+    def _per_record(self, task, table: Presentations) -> dict[tuple[int, int], dict[str, float]]:
+        """{(modality, record): {"acc" | "r2", "n"}} over the presentations of one task."""
         mean = table.logits / table.weight[:, None]  # the presentation's mean logits (or prediction)
         target = table.target / table.weight[:, None]
-        group = table.keys[:, KEY_MODALITY] * self.sums.shape[1] + table.keys[:, KEY_SESSION]
+        group = table.keys[:, KEY_MODALITY] * self.n_records + table.keys[:, KEY_RECORD]
         res = {}
         for g in torch.unique(group).tolist():
             sel = group == g
             n = int(sel.sum())
-            key = (g // self.sums.shape[1], g % self.sums.shape[1])
+            key = (g // self.n_records, g % self.n_records)
             if task.kind == "classification":
                 correct = mean[sel].argmax(-1) == target[sel, 0].round().long()
                 res[key] = {"acc": float(correct.double().mean()), "n": n}
             else:
                 y, pred = target[sel], mean[sel]
-                total = float(((y - y.mean()) ** 2).sum())  # about the session's mean of the task's elements
+                total = float(((y - y.mean()) ** 2).sum())  # about the record's mean of the task's elements
                 res[key] = {"r2": 1.0 - float(((pred - y) ** 2).sum()) / total if total > 0 else math.nan, "n": n}
         return res
 
     def summary(self) -> dict[str, Any]:
-        """Nested metrics. With ``per_presentation``: the headline (module docstring) as score, per modality
-        (per task: mean over sessions, presentations ``n``, ``sessions``) and per session (per task), and the
-        per-query figures under ``pooled``. Without (training tallies): the pooled summary itself."""
+        """Nested metrics. With ``per_presentation``: the headline (module docstring) as ``score``;
+        ``modality``: {mod: {score, n, tasks: {task: {acc | r2 (mean over records), n (presentations),
+        records}}}}; ``record``: {"session_id/region": {session, region, modality, tasks: {task: {acc | r2,
+        n}}}}; and the per-query figures (per modality and per session) under ``pooled``. Without
+        (training tallies): the pooled summary itself."""
         pooled = self.pooled_summary()
         if not self.per_presentation:
             return pooled
-        res: dict[str, Any] = {"modality": {}, "session": {}}
+        res: dict[str, Any] = {"modality": {}, "record": {}}
         by_task = {}
         for t in self.tasks:
             table = self.presentations(t.name)
             if table is not None:
-                by_task[t.name] = (t, self._per_session(t, table))
+                by_task[t.name] = (t, self._per_record(t, table))
         scores = []
         for m, mod in enumerate(MODALITIES):
             tasks = {}
             for name, (t, per) in by_task.items():
-                mine = {s: v for (mm, s), v in per.items() if mm == m}
+                mine = {r: v for (mm, r), v in per.items() if mm == m}
                 if not mine:
                     continue
                 key = "acc" if t.kind == "classification" else "r2"
                 vals = [v[key] for v in mine.values() if not math.isnan(v[key])]
                 tasks[name] = {key: sum(vals) / len(vals) if vals else math.nan,
-                               "n": float(sum(v["n"] for v in mine.values())), "sessions": len(mine)}
+                               "n": float(sum(v["n"] for v in mine.values())), "records": len(mine)}
             if not tasks:
                 continue
             entry = {"score": _primary(tasks), "n": float(sum(v["n"] for v in tasks.values())), "tasks": tasks}
             scores.append(entry["score"])
             res["modality"][mod] = entry
-        for s, sid in enumerate(self.session_ids):
+        for r in range(self.n_records):
             for m, mod in enumerate(MODALITIES):
-                tasks = {name: {**per[(m, s)], "n": float(per[(m, s)]["n"])} for name, (t, per) in by_task.items()
-                         if (m, s) in per}
+                tasks = {name: {**per[(m, r)], "n": float(per[(m, r)]["n"])} for name, (t, per) in by_task.items()
+                         if (m, r) in per}
                 if tasks:
-                    res["session"][sid] = {"modality": mod, "tasks": tasks}
+                    sid, region = self.record_ids[r] if r < len(self.record_ids) else (str(r), None)
+                    res["record"][self.record_name(r)] = {"session": sid, "region": region, "modality": mod,
+                                                          "tasks": tasks}
         res["score"] = sum(scores) / len(scores) if scores else math.nan
         res["pooled"] = pooled
         return res
@@ -318,7 +342,9 @@ class Tally:
     def scalars(self, prefix: str, sessions: bool = False) -> dict[str, float]:
         """Flat ``{prefix}/acc/{modality}/{task}``-style scalars for TensorBoard and Ray: the headline under
         ``acc``/``r2``/``score``, the per-query figures under ``acc_pooled``/``r2_pooled``/``score_pooled``
-        (evaluation tallies only), losses always per query."""
+        (evaluation tallies only), losses always per query. ``sessions``: also
+        ``{prefix}_record/{session_id/region}/{acc|r2}/{task}`` (evaluation tallies) or
+        ``{prefix}_session/{session_id}/...`` (training tallies, pooled)."""
         s = self.summary()
         pooled = s.get("pooled")
         out = {f"{prefix}/score": s["score"]}
@@ -340,11 +366,12 @@ class Tally:
         if pooled:
             out[f"{prefix}/score_pooled"] = pooled["score"]
         if sessions:
-            for sid, e in s["session"].items():
+            section = "record" if "record" in s else "session"
+            for name, e in s[section].items():
                 for task, v in e["tasks"].items():
                     for key in ("acc", "r2"):
                         if key in v:
-                            out[f"{prefix}_session/{sid}/{key}/{task}"] = v[key]
+                            out[f"{prefix}_{section}/{name}/{key}/{task}"] = v[key]
         return out
 
     def confusion_matrices(self) -> dict[str, dict[str, Any]]:
@@ -380,14 +407,15 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, *, session_ids: list[str], device, to_model=lambda b: b,
-             max_batches: int | None = None) -> Tally:
+             max_batches: int | None = None, record_ids: list[tuple[str, str]] | None = None) -> Tally:
     """Run the model (in eval mode, no DDP) over one pass of an evaluation loader; sum over ranks, with the
     per-presentation sums of the headline merged across them. Every rank runs the same number of batches
     (the evaluation plan is padded to whole steps)."""
     net = unwrap(model)
     was_training = net.training
     net.eval()
-    tally = Tally(net.config.tasks, session_ids, confusion=True, per_presentation=True, device=device)
+    tally = Tally(net.config.tasks, session_ids, record_ids=record_ids, confusion=True, per_presentation=True,
+                  device=device)
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break

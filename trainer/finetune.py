@@ -11,9 +11,9 @@ Modes (the comparison of the papers):
 - ``scratch``: the same model, freshly initialised, trained on those sessions only (nothing frozen).
 - ``mlp``: one small MLP per session on binned activity (``trainer.baselines``).
 
-Each reports test-split accuracy per task (and per session) in ``RUN2/metrics.json`` and on screen: the
-papers' figure (one prediction per presentation from the overlapping test windows, accuracy per session,
-mean over sessions; ``trainer.evaluate``), with the per-query figure under ``pooled``.
+Each reports test-split accuracy per task (and per record) in ``RUN2/metrics.json`` and on screen: the
+papers' figure (one prediction per presentation from the overlapping test windows, accuracy per
+(session, region) record, mean over records; ``trainer.evaluate``), with the per-query figure under ``pooled``.
 Every other setting comes from the pretrained run's ``config.yaml`` (model variant and size, batch,
 learning rate, workers), then from the flags given here. The training itself is ``trainer.train``'s:
 same loop, checkpoints, TensorBoard, ``--resume``.
@@ -171,13 +171,13 @@ def print_test(metrics: dict, mode: str, out: str) -> None:
 
     test = metrics.get("test") or {}
     pooled = (test.get("pooled") or {}).get("score", float("nan"))
-    print(f"\n{mode}: test-split accuracy per task, one prediction per presentation, mean over sessions "
+    print(f"\n{mode}: test-split accuracy per task, one prediction per presentation, mean over records "
           f"(score {test.get('score', float('nan')):.3f}; pooled per query {pooled:.3f})")
     print("\n".join(accuracy_table(test)))
-    for sid, e in test.get("session", {}).items():
+    for name, e in test.get("record", {}).items():
         accs = ", ".join(f"{t} {v.get('acc', v.get('r2', float('nan'))):.3f} (n={int(v['n'])})"
                          for t, v in e["tasks"].items())
-        print(f"  session {sid} ({e['modality']}): {accs}")
+        print(f"  record {name} ({e['modality']}): {accs}")
     print(f"metrics: {os.path.join(out, 'metrics.json')}")
 
 

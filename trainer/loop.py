@@ -62,6 +62,7 @@ def train_loop_per_worker(config: dict) -> None:
     total_steps = cfg.total_steps(steps_per_epoch)
     vocab = train_stream.vocab
     session_ids = sorted(vocab.sessions, key=vocab.sessions.get)  # store order
+    record_ids = sorted(vocab.records, key=vocab.records.get)  # (session_id, region), store order
 
     # ---- model, optimizer, learning-rate schedule ----------------------------------------------------
     built = build_model(cfg, train_stream)
@@ -166,7 +167,7 @@ def train_loop_per_worker(config: dict) -> None:
         # ---- end of an epoch (or of training): validate, keep the best, maybe stop early --------------
         with timer.excluded():
             val = evaluate(model, StreamLoader(valid_stream, num_workers=0), session_ids=session_ids,
-                           device=device, to_model=built.to_model, max_batches=cfg.val_batches)
+                           record_ids=record_ids, device=device, to_model=built.to_model, max_batches=cfg.val_batches)
             summary = val.summary()
             last_val = summary
             scalars = val.scalars("val", sessions=True)
@@ -194,7 +195,8 @@ def train_loop_per_worker(config: dict) -> None:
                 say(f"early stopping: no better validation score for {cfg.early_stop_patience} validations "
                     f"(best {progress['best_score']:.4f} at step {progress['best_step']})")
             done = step >= total_steps or bool(early)
-            report({k: v for k, v in scalars.items() if "_session/" not in k}, validated=True)
+            report({k: v for k, v in scalars.items() if "_session/" not in k and "_record/" not in k},
+                   validated=True)
 
     # ---- the end: (finetune) test split with the best weights; metrics.json ----------------------------
     test = None
@@ -202,8 +204,8 @@ def train_loop_per_worker(config: dict) -> None:
         if best_model is not None:
             net.load_state_dict(best_model)
         test_stream = MixtureStream(cfg.stream_config("test"), rank=rank, world_size=world)
-        tally = evaluate(model, StreamLoader(test_stream, num_workers=0), session_ids=session_ids, device=device,
-                         to_model=built.to_model)
+        tally = evaluate(model, StreamLoader(test_stream, num_workers=0), session_ids=session_ids,
+                         record_ids=record_ids, device=device, to_model=built.to_model)
         test = tally.summary()
         tb.scalars(tally.scalars("test", sessions=True), step)
         tb.confusion(tally.confusion_matrices(), step, prefix="test")
@@ -408,7 +410,7 @@ def inject_failure(cfg: TrainConfig, step: int, rank: int, world: int, say) -> N
 
 
 def format_accuracies(summary: dict) -> str:
-    """The headline accuracy per modality and task (per presentation, mean over sessions), then the
+    """The headline accuracy per modality and task (per presentation, mean over records), then the
     pooled per-query score when the summary has one."""
     parts = []
     for mod, e in summary.get("modality", {}).items():
