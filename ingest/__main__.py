@@ -38,7 +38,8 @@ def _run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"synth": "write a synthetic Allen-like NWB corpus", "run": "ingest NWB files into a shard store",
+    commands = {"synth": "write a synthetic Allen-like NWB corpus (--preset science: the benchmark corpus)",
+                "run": "ingest NWB files into a shard store",
                 "allen": "download Allen sessions (needs `make allen-env` and internet)"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: python -m ingest {synth,run,allen} [options]   (each takes --help)\n")

@@ -58,7 +58,8 @@ def test_ephys_ideal_observer_equals_brute_force_poisson_enumeration(tiny):
     for region in sorted(set(units.region[units.modality == "ephys"])):
         local = list(units.local_id[(units.modality == "ephys") & (units.region == region)])
         rows = np.asarray([by_id[u] for u in local])
-        for a, b in zip(*[chunks[(chunks.modality == "ephys") & (chunks.region == region)][c] for c in ("t_start", "t_end")]):
+        mine = chunks[(chunks.modality == "ephys") & (chunks.region == region)]
+        for a, b in zip(mine.t_start, mine.t_end):
             for task in TASK_NAMES:
                 rates = class_rates(ideal.subset_units(truth.units, rows), truth.model, task)
                 m = s.mask(task) & (s.label >= 0) & ((s.start + s.end) / 2 >= a) & ((s.start + s.end) / 2 < b)
@@ -233,16 +234,19 @@ def test_presets_leave_the_default_config_alone_and_record_name_and_seed(tmp_pat
 
 @pytest.mark.slow
 def test_science_preset_puts_the_ideal_observer_in_its_target_band(tmp_path):
-    """A 4-minute version of the benchmark corpus (accuracy per presentation does not depend on the
-    duration): EPhys exact and both OPhys bounds within loose margins of docs/results.md's numbers."""
-    config = preset_config("science", duration_s=240.0)
-    synthesize(tmp_path / "src", sessions=2, seed=0, config=config)
+    """A 6-minute version of the benchmark corpus (accuracy per presentation does not depend on the duration),
+    every split pooled: EPhys exact and both OPhys bounds in the targets of docs/results.md, up to the sampling
+    error of the few presentations (1 / sqrt(n), generous: drifting gratings have ~30 here)."""
+    synthesize(tmp_path / "src", sessions=2, seed=0, config=preset_config("science", duration_s=360.0))
     store = build_store(tmp_path / "src", tmp_path / "store")
-    results = ideal.ideal_observer(str(store), str(tmp_path / "src"), split="train")
-    assert {r.region for r in results if r.modality == "ephys"} == {"VISp", "VISl", "VISal"}  # no unassigned units
+    preds = [p for split in ("train", "valid", "test")
+             for p in ideal.ideal_predictions(str(store), str(tmp_path / "src"), split=split)]
+    assert {p.region for p in preds if p.modality == "ephys"} == {"VISp", "VISl", "VISal"}  # no unassigned units
     for task in TASK_NAMES:
-        eph = [r.accuracy for r in results if r.modality == "ephys" and r.task == task]
-        (oph,) = [r for r in results if r.modality == "ophys" and r.task == task]
-        assert 0.5 <= np.mean(eph) <= 0.95, (task, eph)
-        assert 0.4 <= oph.accuracy and oph.upper <= 0.97, (task, oph)
-        assert oph.accuracy < np.mean(eph) + 0.05, (task, oph, eph)  # OPhys (200 ROIs) no easier than EPhys (60 units)
+        eph = [p.correct for p in preds if p.modality == "ephys" and p.task == task]
+        oph = [p for p in preds if p.modality == "ophys" and p.task == task]
+        low, up = np.mean([p.correct for p in oph]), np.mean([p.correct_upper for p in oph])
+        tol = 1 / math.sqrt(len(oph))
+        assert 0.5 - tol <= np.mean(eph) <= 0.9 + tol, (task, np.mean(eph), len(eph))
+        assert 0.5 - tol <= low and up <= 0.95 + tol, (task, low, up, len(oph))
+        assert low <= np.mean(eph) + tol, (task, low, np.mean(eph))  # 200 ROIs no easier than 60 units

@@ -44,10 +44,10 @@ PRESETS: dict[str, SynthConfig] = {
     "default": SynthConfig(),
     "science": SynthConfig(
         preset="science", duration_s=1200.0, units_per_region=60, unassigned_units=0, rois_per_plane=200,
-        region_spread=0.35,
+        region_spread=0.25,
         time_share={"drifting_gratings": 0.3, "static_gratings": 0.2, "natural_scenes": 0.5},
-        task_strength={"static_gratings": 0.5, "drifting_gratings": 0.2, "natural_scenes": 1.4},
-        ophys_task_strength={"static_gratings": 1.0, "drifting_gratings": 0.75, "natural_scenes": 1.0},
+        task_strength={"static_gratings": 0.55, "drifting_gratings": 0.2, "natural_scenes": 1.4},
+        ophys_task_strength={"static_gratings": 1.0, "drifting_gratings": 0.9, "natural_scenes": 1.05},
         ophys_baseline_hz=0.3, ophys_gain_hz=1.2, dff_noise=0.12,
     ),
 }

@@ -139,7 +139,7 @@ def _records(tables: manifest.StoreTables, truth_dir: Path, sessions: list[str] 
 
 
 def _chunks(store: Store, chunks, rec: _Record, split: str) -> Iterator:
-    """The record's samples of ``split`` in time order, each read by its byte range (``chunks``: the table as pandas)."""
+    """The record's samples of ``split`` in time order, each read by its byte range (``chunks``: the table)."""
     c = chunks
     c = c[(c.session_id == rec.session) & (c.region == rec.region) & (c.split == split)].sort_values("t_start")
     for path, offset, length in zip(c.path, c.offset, c.length):

@@ -222,7 +222,7 @@ def _upper(sess: OphysSession, ch: _Chunk, gr: _Group) -> np.ndarray:
     use = (o > 0) & (own <= ch.last)
     o = np.where(use, o, 0.0)
     n = sess.counts[own][:, :, ch.idx] * use[:, :, None]  # (P, K, J)
-    # sum over frames and ROIs of n log(lam) - lam, lam = other + o r_c; the sum of lam's class part is (sum o) (sum r_c)
+    # sum over frames and ROIs of n log(lam) - lam with lam = other + o r_c; lam's class part sums to (sum o)(sum r_c)
     p, k, j = np.nonzero(n)
     other = np.clip(sess.mu[own[p, k], ch.idx[j]] - o[p, k] * gr.rates[j, lab[p]], 0.0, None)
     terms = n[p, k, j, None] * np.log(other[:, None] + o[p, k, None] * gr.rates[j])  # (nonzero, C)
@@ -253,7 +253,8 @@ def _lower(sess: OphysSession, ch: _Chunk, gr: _Group, excess: tuple | None) -> 
         if excess is not None:
             first, extra, own_delta = excess
             kmat = tf.kmat[ch.idx][:, m, :]  # (J, A, n_own)
-            resid = resid - extra[frames - first] + (amp * own_delta[ps])[:, None, :] * np.einsum("jao,po->paj", kmat, o)
+            own = (amp * own_delta[ps])[:, None, :] * np.einsum("jao,po->paj", kmat, o)
+            resid = resid - extra[frames - first] + own
         s_j, q_j = sess.filter_terms(tf, m, ch.idx, o, resid)
         s_j, q_j = amp * s_j, amp ** 2 * q_j
         low[ps] = s_j @ gr.d - 0.5 * q_j @ gr.d ** 2
@@ -274,7 +275,8 @@ def _excess(sess: OphysSession, ch: _Chunk, groups: list[_Group], lows: list[np.
         np.add.at(counts, gr.own[p, k] - first, gr.o[p, k, None] * delta[p])
         deltas.append(delta)
     n = len(counts)
-    extra = np.stack([sess.amp[j] * np.convolve(counts[:, i], sess.kernels[j])[:n] for i, j in enumerate(ch.idx)], axis=1)
+    extra = np.stack([sess.amp[j] * np.convolve(counts[:, i], sess.kernels[j])[:n] for i, j in enumerate(ch.idx)],
+                     axis=1)
     return [(first, extra, dl) for dl in deltas]
 
 
