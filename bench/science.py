@@ -1,0 +1,248 @@
+"""A benchmark with a known optimum: does the model learn what the data allow?
+
+    python bench/science.py                      # CPU configuration (2 cores; see CONFIGS)
+    python bench/science.py --config gpu         # the papers' model size, for the GPU machine
+    python bench/science.py --config smoke       # minutes: checks the pipeline, not the science
+
+One synthetic corpus (``ingest synth --preset science``, its seed in the truth files), ingested with Ray.
+Held-out sessions (a fixed number per modality, chosen by the corpus seed) are never seen in pretraining.
+On exactly the test presentations of those sessions, per record (session x region) then averaged:
+
+- ``ideal``: the Bayes-optimal observer from the generator's ground truth (``ingest.synth.ideal``;
+  EPhys exact, OPhys bracketed: the lower bound is reported as the ideal, the upper bound beside it);
+- ``logreg``: per-record logistic regression on presentation-aligned counts / dF/F (``trainer.logreg``);
+- ``mlp``: the per-session MLP (``trainer.finetune --mode mlp``);
+- ``scratch``: the model trained from scratch on the held-out sessions only (``--mode scratch``);
+- ``model``: the model pretrained on the other sessions (``trainer.train``), then finetuned on the held-out
+  sessions with gradual unfreezing (``trainer.finetune``, the papers' App. C).
+
+Every trained figure is mean ± SEM over ``--seeds`` (training seeds; the corpus is fixed), as a fraction of
+the ideal observer. Everything runs through the same command lines a user types (``--workers 0``).
+Writes bench/results/science.json (keys: ideal_accuracy, model_accuracy, fraction_of_ideal, baselines,
+seeds, config, wall_s), docs/science.png, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+TASKS = ("static_gratings", "drifting_gratings", "natural_scenes")
+CHANCE = {"static_gratings": 1 / 6, "drifting_gratings": 1 / 8, "natural_scenes": 1 / 119}
+MODALITIES = ("ephys", "ophys")
+
+
+@dataclass
+class BenchConfig:
+    sessions: int = 8  # corpus sessions (half EPhys, half OPhys)
+    held_out: int = 1  # held-out sessions per modality
+    duration_s: float | None = None  # None: the preset's
+    corpus_seed: int = 0
+    preset: str = "small"  # model preset
+    model_overrides: dict = field(default_factory=dict)
+    pretrain_steps: int = 3000
+    finetune_epochs: int = 20
+    unfreeze_epoch: int = 5
+    batch_size: int = 32
+    lr: float | None = None
+    extra: list = field(default_factory=list)  # further trainer.train flags
+
+
+CONFIGS = {
+    "smoke": BenchConfig(sessions=4, duration_s=300, pretrain_steps=40, finetune_epochs=2, unfreeze_epoch=1),
+    "cpu": BenchConfig(),
+    "gpu": BenchConfig(sessions=12, held_out=2, preset="paper", pretrain_steps=20000, finetune_epochs=50,
+                       unfreeze_epoch=25, batch_size=64),
+}
+
+
+def sh(cmd: list[str], log: Path) -> None:
+    """Run one of the project's command lines; its output goes to ``log``; fail with the log's tail."""
+    with open(log, "w") as fh:
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    if rc:
+        tail = log.read_text().splitlines()[-15:]
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed (exit {rc}); {log}:\n" + "\n".join(tail))
+
+
+def build_corpus(work: Path, cfg: BenchConfig) -> tuple[Path, Path]:
+    nwb, store = work / "nwb", work / "store"
+    if not (store / "manifest.parquet").exists():
+        cmd = [sys.executable, "-m", "ingest", "synth", "--preset", "science", "--out", str(nwb),
+               "--sessions", str(cfg.sessions), "--seed", str(cfg.corpus_seed), "--quiet"]
+        if cfg.duration_s:
+            cmd += ["--duration", str(cfg.duration_s)]
+        sh(cmd, work / "synth.log")
+        sh([sys.executable, "-m", "ingest", "run", "--src", str(nwb), "--out", str(store), "--workers", "2"],
+           work / "ingest.log")
+    return nwb, store
+
+
+def held_out_sessions(store: Path, n: int, seed: int) -> dict[str, list[str]]:
+    """n sessions per modality, drawn by the corpus seed (the same for every training seed)."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(store / "sessions.parquet").to_pandas()
+    rng = np.random.default_rng(seed)
+    out = {}
+    for mod in MODALITIES:
+        ids = sorted(t[t.modality == mod].session_id.unique())
+        if len(ids) <= n:
+            raise SystemExit(f"{store}: {len(ids)} {mod} sessions, need more than {n} to hold {n} out")
+        out[mod] = sorted(rng.choice(ids, n, replace=False).tolist())
+    return out
+
+
+def headline(metrics_path: Path) -> dict[str, dict[str, float]]:
+    """{modality: {task: acc}} of a finetune run's test split (the papers' per-record figure)."""
+    test = json.loads(metrics_path.read_text())["test"]
+    return {mod: {t: v["acc"] for t, v in e["tasks"].items() if "acc" in v} for mod, e in test["modality"].items()}
+
+
+def ideal(store: Path, nwb: Path, sessions: list[str]) -> tuple[dict, dict]:
+    from ingest.synth.ideal import ideal_observer
+
+    rows = ideal_observer(str(store), str(nwb), split="test", sessions=sessions)
+    acc: dict = {}
+    upper: dict = {}
+    for r in rows:
+        acc.setdefault(r.modality, {}).setdefault(r.task, []).append(r.accuracy)
+        if r.upper is not None:
+            upper.setdefault(r.modality, {}).setdefault(r.task, []).append(r.upper)
+    mean = lambda d: {m: {t: float(np.mean(v)) for t, v in ts.items()} for m, ts in d.items()}  # noqa: E731
+    return mean(acc), mean(upper)
+
+
+def train_seed(work: Path, store: Path, held: list[str], cfg: BenchConfig, seed: int) -> dict[str, dict]:
+    """Pretrain on the other sessions, then finetune / scratch / MLP on the held-out ones; test headline of each."""
+    py = sys.executable
+    common = ["--shards", str(store), "--workers", "0", "--seed", str(seed), "--batch-size", str(cfg.batch_size),
+              "--preset", cfg.preset, "--loader-workers", "1", "--log-every", "200"]
+    common += [f"--model-override={k}={v}" for k, v in cfg.model_overrides.items()]
+    if cfg.lr is not None:
+        common += ["--lr", str(cfg.lr)]
+    run = work / f"seed{seed}"
+    run.mkdir(parents=True, exist_ok=True)
+    pre = run / "pretrain"
+    if not (pre / "metrics.json").exists():
+        sh([py, "-m", "trainer.train", *common, "--mix", "ephys=1,ophys=1", "--sessions-exclude", ",".join(held),
+            "--max-steps", str(cfg.pretrain_steps), "--out", str(pre), "--early-stop-patience", "0", *cfg.extra],
+           run / "pretrain.log")
+    out = {}
+    for mode in ("pretrained", "scratch", "mlp"):
+        ft = run / mode
+        if not (ft / "metrics.json").exists():
+            sh([py, "-m", "trainer.finetune", "--from", str(pre), "--shards", str(store), "--sessions", ",".join(held),
+                "--out", str(ft), "--mode", mode, "--epochs", str(cfg.finetune_epochs),
+                "--unfreeze-epoch", str(cfg.unfreeze_epoch if mode == "pretrained" else 0), "--workers", "0",
+                "--seed", str(seed)], run / f"{mode}.log")
+        out[mode] = headline(ft / "metrics.json")
+    return out
+
+
+def mean_sem(values: list[float]) -> tuple[float, float]:
+    v = np.asarray([x for x in values if not math.isnan(x)], dtype=float)
+    if not len(v):
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+def plot(path: Path, table: dict, ideal_acc: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = ["logreg", "mlp", "scratch", "model"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, mod in zip(axes, MODALITIES):
+        x = np.arange(len(TASKS))
+        for i, m in enumerate(methods):
+            means = [table[m].get(mod, {}).get(t, (math.nan, math.nan))[0] for t in TASKS]
+            sems = [table[m].get(mod, {}).get(t, (math.nan, math.nan))[1] for t in TASKS]
+            frac = [a / ideal_acc.get(mod, {}).get(t, math.nan) for a, t in zip(means, TASKS)]
+            err = [s / ideal_acc.get(mod, {}).get(t, math.nan) for s, t in zip(sems, TASKS)]
+            ax.bar(x + (i - 1.5) * 0.2, frac, 0.2, yerr=err, label=m, capsize=2)
+        chance = [CHANCE[t] / ideal_acc.get(mod, {}).get(t, math.nan) for t in TASKS]
+        ax.scatter(x, chance, marker="_", s=400, color="k", label="chance", zorder=3)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xticks(x, [t.replace("_", " ") for t in TASKS])
+        ax.set_title(f"{mod}: test accuracy / ideal observer")
+    axes[0].set_ylabel("fraction of the ideal observer")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--work", default=str(REPO / "bench" / ".science"), help="corpus, store and runs (reused)")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "science.json"))
+    p.add_argument("--plot", default=str(REPO / "docs" / "science.png"))
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="override a BenchConfig field")
+    a = p.parse_args()
+    cfg = CONFIGS[a.config]
+    for kv in a.set:
+        k, v = kv.split("=", 1)
+        cfg = BenchConfig(**{**asdict(cfg), k: json.loads(v)})
+    seeds = [int(s) for s in a.seeds.split(",") if s]
+    t0 = time.time()
+    work = Path(a.work) / a.config
+    work.mkdir(parents=True, exist_ok=True)
+    nwb, store = build_corpus(work, cfg)
+    held = held_out_sessions(store, cfg.held_out, cfg.corpus_seed)
+    held_all = [s for mod in MODALITIES for s in held[mod]]
+    ideal_acc, ideal_upper = ideal(store, nwb, held_all)
+    from trainer.logreg import logreg_baseline
+
+    logreg = logreg_baseline(str(store), held_all, {t: n for t, n in zip(TASKS, (6, 8, 119))})
+    per_seed = {s: train_seed(work, store, held_all, cfg, s) for s in seeds}
+    table: dict = {"logreg": {m: {t: (v, 0.0) for t, v in logreg.get(m, {}).items()} for m in MODALITIES}}
+    for name, mode in (("model", "pretrained"), ("scratch", "scratch"), ("mlp", "mlp")):
+        table[name] = {m: {t: mean_sem([per_seed[s][mode].get(m, {}).get(t, math.nan) for s in seeds]) for t in TASKS}
+                       for m in MODALITIES}
+    frac = {m: {t: table["model"][m][t][0] / ideal_acc[m][t] for t in TASKS if t in ideal_acc.get(m, {})}
+            for m in MODALITIES}
+    result = {
+        "ideal_accuracy": ideal_acc, "ideal_upper_bound": ideal_upper,
+        "model_accuracy": {m: {t: v[0] for t, v in ts.items()} for m, ts in table["model"].items()},
+        "model_sem": {m: {t: v[1] for t, v in ts.items()} for m, ts in table["model"].items()},
+        "fraction_of_ideal": frac,
+        "baselines": {k: {m: {t: v[0] for t, v in ts.items()} for m, ts in table[k].items()}
+                      for k in ("logreg", "mlp", "scratch")},
+        "chance": CHANCE, "held_out": held, "seeds": seeds, "config": {"name": a.config, **asdict(cfg)},
+        "per_seed": per_seed, "wall_s": round(time.time() - t0, 1),
+    }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    plot(Path(a.plot), table, ideal_acc)
+    print(f"{'modality':8} {'task':18} {'chance':>7} {'ideal':>7} {'logreg':>7} {'mlp':>13} {'scratch':>13} "
+          f"{'model':>13} {'model/ideal':>11}")
+    for m in MODALITIES:
+        for t in TASKS:
+            f = lambda k: "{:.3f}±{:.3f}".format(*table[k][m][t])  # noqa: E731
+            print(f"{m:8} {t:18} {CHANCE[t]:7.3f} {ideal_acc.get(m, {}).get(t, math.nan):7.3f} "
+                  f"{table['logreg'][m].get(t, (math.nan,))[0]:7.3f} {f('mlp'):>13} {f('scratch'):>13} {f('model'):>13} "
+                  f"{frac[m].get(t, math.nan):11.3f}")
+    print(f"wall {result['wall_s']:.0f} s -> {a.out}, {a.plot}")
+
+
+if __name__ == "__main__":
+    main()
