@@ -114,9 +114,13 @@ def padded_reference(model: MultiModalPOYO, batch) -> torch.Tensor:
     lat_rope = model.rotary(lat_t)
 
     def attend(attn, x_q, t_q, ctx, t_k, key_mask, rotate_values):
-        q = pair_rotate(attn.to_q(attn.norm_q(x_q)).unflatten(-1, (attn.heads, d)), t_q[..., None], omega)
+        q = attn.to_q(attn.norm_q(x_q)).unflatten(-1, (attn.heads, d))
         kv = attn.to_kv(attn.norm_kv(ctx)).unflatten(-1, (2, attn.heads, d))
-        k = pair_rotate(kv[..., 0, :, :], t_k[..., None], omega)
+        k = kv[..., 0, :, :]
+        if attn.q_time is not None:  # the time prior's learned offsets, added before the rotation
+            q, k = q + attn.q_time, k + attn.k_time
+        q = pair_rotate(q, t_q[..., None], omega)
+        k = pair_rotate(k, t_k[..., None], omega)
         v = pair_rotate(kv[..., 1, :, :], t_k[..., None], omega) if rotate_values else kv[..., 1, :, :]
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=None if key_mask is None else key_mask[:, None, None, :])
@@ -360,6 +364,26 @@ def test_partial_rotary_leaves_the_content_half_of_each_head_unrotated():
     assert not torch.allclose(y[..., :8], x[..., :8])
     with pytest.raises(ValueError, match="rotate_frac"):
         RotaryTimeEmbedding(dim_head=16, t_min=1e-2, t_max=4.0, rotate_frac=0.0)
+
+
+def test_time_prior_offsets_start_attention_local_in_time():
+    from trainer.attention import time_prior_offsets
+
+    rope = RotaryTimeEmbedding(dim_head=32, t_min=1e-2, t_max=4.0, rotate_frac=0.5)
+    off = time_prior_offsets(2, 32, rope.omega.float(), amplitude=1.0)
+    assert (off[:, 1::2] == 0).all() and (off[:, 16:] == 0).all()  # real parts of rotated pairs only
+
+    def score(dt):
+        a = rotate(off[None], rope(torch.tensor([0.5])))
+        b = rotate(off[None], rope(torch.tensor([0.5 + dt])))
+        return float((a * b).sum(-1)[0, 0]) / 32 ** 0.5
+
+    near, far = score(0.0), [score(dt) for dt in (0.25, 0.4, -0.3)]
+    assert near == pytest.approx(6.0, rel=1e-4)  # 6 rotated pairs with periods >= 50 ms, 1 logit each
+    assert all(near - f > 3.0 for f in far)
+    model = MultiModalPOYO(config=ModelConfig.small(dim_head=32, time_prior=1.0), n_units=10, n_sessions=2)
+    names = {n for n, _ in model.named_parameters()}
+    assert {"encoders.0.cross.0.q_time", "dec_attn.k_time", "trunk.0.attn.q_time"} <= names
 
 
 def test_zero_init_residual_makes_every_latent_block_the_identity():

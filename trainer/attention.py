@@ -207,6 +207,26 @@ class _TokenKeysValues(torch.autograd.Function):
         return d_table, None, None, d_direction, d_scale, d_bias, None, None, None
 
 
+def time_prior_offsets(heads: int, dim_head: int, omega: Tensor | None, amplitude: float,
+                       min_period_s: float = 0.05) -> Tensor:
+    """Initial query/key offsets (H, d) that make attention local in time before anything is learned.
+
+    Adding the same real vector ``a`` to the rotated pairs of every query and key (phase 0) adds
+    ``sum_j a_j^2 cos(omega_j (t_k - t_q)) / sqrt(d)`` to every score: a kernel peaked at equal times. With
+    ``amplitude`` A per pair (in logits) and the pairs whose period is at least ``min_period_s`` (faster
+    ones would only add noise at the scale of stimulus presentations), a latent starts out attending to
+    the spikes near its own time instead of to the whole window. The offsets are learned afterwards.
+    """
+    off = torch.zeros(heads, dim_head)
+    if omega is None or amplitude <= 0:
+        return off
+    period = 2 * torch.pi / omega.clamp_min(1e-12)
+    use = (omega > 0) & (period >= min_period_s)
+    a = (amplitude * dim_head ** 0.5) ** 0.5
+    off[:, 0::2][:, use.to(torch.bool)] = a
+    return off
+
+
 class RotaryCrossAttention(nn.Module):
     """Pre-norm cross-attention with rotary time embedding: queries attend to the packed context
     tokens of their own sample. Returns the residual branch (the caller adds it).
@@ -219,7 +239,7 @@ class RotaryCrossAttention(nn.Module):
     """
 
     def __init__(self, *, dim: int, heads: int, dim_head: int, dropout: float, rotate_values: bool,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", time_prior: float = 0.0, omega: Tensor | None = None) -> None:
         super().__init__()
         self.heads, self.dim_head, self.dropout = heads, dim_head, dropout
         self.rotate_values, self.backend = rotate_values, backend
@@ -229,11 +249,23 @@ class RotaryCrossAttention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim)
+        self.q_time = self.k_time = None
+        if time_prior > 0:  # learned query/key offsets, initialised to a time-local kernel (time_prior_offsets)
+            off = time_prior_offsets(heads, dim_head, omega, time_prior)
+            self.q_time, self.k_time = nn.Parameter(off.clone()), nn.Parameter(off.clone())
+
+    def _k_offset(self, like: Tensor) -> Tensor | None:
+        """The key offset laid out like a row of to_kv's output (2Hd,): k part offset, v part 0."""
+        if self.k_time is None:
+            return None
+        return torch.cat([self.k_time.reshape(-1), self.k_time.new_zeros(self.k_time.numel())]).to(like.dtype)
 
     def context(self, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor]:
         """Context rows x (..., D) at times ``rope`` (rotations broadcastable to (..., 1, d/2)) ->
         rotated keys, values, each (N, H, d) with N the product of x's leading dims."""
         k, v = self.to_kv(self.norm_kv(x)).unflatten(-1, (2, self.heads, self.dim_head)).unbind(-3)
+        if self.k_time is not None:
+            k = k + self.k_time.to(k.dtype)
         k = rotate(k, rope)
         v = rotate(v, rope) if self.rotate_values else v
         return k.reshape(-1, self.heads, self.dim_head), v.reshape(-1, self.heads, self.dim_head)
@@ -257,6 +289,9 @@ class RotaryCrossAttention(nn.Module):
         a_c = rows - rows.mean(-1, keepdim=True)
         per_unit = F.linear(a_c * ln.weight, w)  # (U, 2Hd)
         bias_out = F.linear(ln.bias, w)  # (2Hd,)
+        offset = self._k_offset(bias_out)
+        if offset is not None:  # the key offset is added after the LayerNorm, like its bias
+            bias_out = bias_out + offset
         dt = per_unit.dtype
         if coef is None:  # spikes: every token of a unit has the same key and value before rotation
             inv_s = torch.rsqrt(a_c.float().pow(2).mean(-1, keepdim=True) + ln.eps).to(dt)
@@ -281,7 +316,10 @@ class RotaryCrossAttention(nn.Module):
             returns (Nq, D), or (S*M, D) when ``shared_q``
         """
         h, d = self.heads, self.dim_head
-        q = rotate(self.to_q(self.norm_q(x_q)).unflatten(-1, (h, d)), q_rope)
+        q = self.to_q(self.norm_q(x_q)).unflatten(-1, (h, d))
+        if self.q_time is not None:
+            q = q + self.q_time.to(q.dtype)
+        q = rotate(q, q_rope)
         out = varlen_attention(q.reshape(-1, h, d), k, v, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k,
                                shared_q=shared_q, dropout_p=self.dropout if self.training else 0.0,
                                backend=self.backend)  # (Nq, H, d)
@@ -298,16 +336,23 @@ class RotarySelfAttention(nn.Module):
     Args (keyword-only): dim (D), heads (H), dim_head (d), dropout (attention), rotate_values.
     """
 
-    def __init__(self, *, dim: int, heads: int, dim_head: int, dropout: float, rotate_values: bool) -> None:
+    def __init__(self, *, dim: int, heads: int, dim_head: int, dropout: float, rotate_values: bool,
+                 time_prior: float = 0.0, omega: Tensor | None = None) -> None:
         super().__init__()
         self.heads, self.dim_head, self.dropout, self.rotate_values = heads, dim_head, dropout, rotate_values
         self.norm = nn.LayerNorm(dim)
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim)
+        self.q_time = self.k_time = None
+        if time_prior > 0:
+            off = time_prior_offsets(heads, dim_head, omega, time_prior)
+            self.q_time, self.k_time = nn.Parameter(off.clone()), nn.Parameter(off.clone())
 
     def forward(self, x: Tensor, rope: Rope) -> Tensor:
         """x (S, M, D); rope (M, 1, d/2) rotations of the latent times -> (S, M, D)."""
         q, k, v = self.to_qkv(self.norm(x)).unflatten(-1, (3, self.heads, self.dim_head)).unbind(2)
+        if self.q_time is not None:
+            q, k = q + self.q_time.to(q.dtype), k + self.k_time.to(k.dtype)
         q, k = rotate(q, rope), rotate(k, rope)
         v = rotate(v, rope) if self.rotate_values else v
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

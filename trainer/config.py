@@ -71,6 +71,7 @@ class ModelConfig:
     t_max: float = 4.0
     rotate_frac: float = 1.0  # share of each head's pairs that rotate (torch_brain: 0.5); the rest match by content
     rotate_values: bool = False  # papers' eq. (1)-(3) rotate queries and keys only; torch_brain also rotates values
+    time_prior: float = 0.0  # > 0: learned q/k offsets start as a time-local kernel, this many logits per pair
     zero_init_residual: bool = False  # residual branches' output projections start at 0 (blocks start as identity)
     # architecture variant (trainer.ablations)
     shared_encoder: bool = False  # True: one cross-attention encoder for both modalities ("common-ca")
@@ -109,17 +110,17 @@ class ModelConfig:
 
     @classmethod
     def small(cls, **changes: Any) -> "ModelConfig":
-        """A tiny model for CPU tests and the demo: dim 32, 2 trunk layers, 16 latents, no dropout.
+        """A tiny model for CPU tests and the demo: dim 32, 2 trunk layers, 32 latents, no dropout.
 
-        Heads of 16 (2 per block) with half of each rotated over periods 10 ms .. 4 s, and residual
-        branches that start at zero: with heads of 8 fully rotated from 0.1 ms, two of the four frequency
-        pairs were random phases at spike-timing scale and the model stayed at chance on the demo
-        corpus (docs/model.md has the measurements)."""
+        Heads of 32 (2 per block) with half of each rotated over periods 10 ms .. 4 s and started as a
+        time-local kernel (``time_prior``), latents every 0.125 s, residual branches that start at zero.
+        The earlier preset (heads of 8 fully rotated from 0.1 ms, latents every 0.25 s, default init)
+        stayed at chance on the demo corpus's static gratings (docs/model.md has the measurements)."""
         base = dict(
-            dim=32, depth=2, dim_head=16, cross_heads=2, self_heads=2, ffn_mult=2,
-            latent_step=0.25, latents_per_step=4,
+            dim=32, depth=2, dim_head=32, cross_heads=2, self_heads=2, ffn_mult=2,
+            latent_step=0.125, latents_per_step=4,
             ffn_dropout=0.0, attn_dropout=0.0, residual_dropout=0.0,
-            t_min=1e-2, rotate_frac=0.5, zero_init_residual=True,
+            t_min=1e-2, rotate_frac=0.5, time_prior=1.0, zero_init_residual=True,
         )
         base.update(changes)
         return cls(**base)

@@ -2,7 +2,7 @@
 
     data       this rank's share of the mixture (shards.stream, not Ray Data) + the validation split
     model      the variant by name (or a pretrained model with grown vocabularies), wrapped in DDP
-    optimizer  LAMB, peak lr = base_lr x global batch, OneCycle (hold half-way, cosine decay), per batch
+    optimizer  LAMB (paper preset) or AdamW (small), peak lr = base_lr x global batch, OneCycle, per batch
     resume     the latest checkpoint, if Ray has one (--resume, or a restart after a worker failure)
     loop       step: forward, backward, (finetune: drop the grads of frozen parts), clip, step
                every log_every steps: TensorBoard (rank 0) of metrics summed over ranks
@@ -68,7 +68,7 @@ def train_loop_per_worker(config: dict) -> None:
     built = build_model(cfg, train_stream)
     model = ray.train.torch.prepare_model(built.model, parallel_strategy_kwargs={"find_unused_parameters": True})
     net = unwrap(model)  # the model itself (DDP wrapper or not): config, param_groups, state_dict
-    optimizer = torch_optimizer.Lamb(model.parameters(), lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg, model.parameters())
     scheduler = OneCycleLR(optimizer, max_lr=cfg.peak_lr, total_steps=max(1, total_steps), pct_start=cfg.pct_start,
                            div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor, anneal_strategy="cos")
 
@@ -266,6 +266,13 @@ def build_model(cfg: TrainConfig, stream: MixtureStream) -> Built:
     meta = make_meta(variant=cfg.model, model_config=base, unit_ids=sorted(vocab.units, key=vocab.units.get),
                      session_ids=sorted(vocab.sessions, key=vocab.sessions.get), trained_sessions=trained)
     return Built(model, meta, lambda batch: batch)
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """LAMB (torch-optimizer, the papers') or AdamW, at the run's peak rate (``TrainConfig.optimizer_name``)."""
+    if cfg.optimizer_name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
+    return torch_optimizer.Lamb(params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
 
 
 def restore_schedule(scheduler: OneCycleLR, state: dict, step: int, total_steps: int, say) -> None:

@@ -98,12 +98,13 @@ class LatentBlock(nn.Module):
     Args (keyword-only): config.
     """
 
-    def __init__(self, *, config: ModelConfig) -> None:
+    def __init__(self, *, config: ModelConfig, omega: Tensor | None = None) -> None:
         super().__init__()
         c = config
         self.p = c.residual_dropout
         self.attn = RotarySelfAttention(dim=c.dim, heads=c.self_heads, dim_head=c.dim_head,
-                                        dropout=c.attn_dropout, rotate_values=c.rotate_values)
+                                        dropout=c.attn_dropout, rotate_values=c.rotate_values,
+                                        time_prior=c.time_prior, omega=omega)
         self.ffn = FeedForward(dim=c.dim, mult=c.ffn_mult, dropout=c.ffn_dropout)
 
     def forward(self, x: Tensor, rope: Rope) -> Tensor:
@@ -121,7 +122,7 @@ class Encoder(nn.Module):
     Args (keyword-only): config; calcium (True: tokens carry a dF/F value, embedded with W_f).
     """
 
-    def __init__(self, *, config: ModelConfig, calcium: bool) -> None:
+    def __init__(self, *, config: ModelConfig, calcium: bool, omega: Tensor | None = None) -> None:
         super().__init__()
         c = config
         self.n_steps, self.n_latents = c.n_latent_steps, c.n_latents
@@ -129,11 +130,12 @@ class Encoder(nn.Module):
         self.value_proj = CalciumValueProjection(dim=c.dim, init_scale=c.emb_init_scale) if calcium else None
         self.cross = nn.ModuleList(
             RotaryCrossAttention(dim=c.dim, heads=c.cross_heads, dim_head=c.dim_head, dropout=c.attn_dropout,
-                                 rotate_values=c.rotate_values, backend=c.attn_backend)
+                                 rotate_values=c.rotate_values, backend=c.attn_backend,
+                                 time_prior=c.time_prior, omega=omega)
             for _ in range(c.encoder_ca_depth))
         self.cross_ffn = nn.ModuleList(FeedForward(dim=c.dim, mult=c.ffn_mult, dropout=c.ffn_dropout)
                                        for _ in range(c.encoder_ca_depth))
-        self.blocks = nn.ModuleList(LatentBlock(config=c) for _ in range(c.modality_depth))
+        self.blocks = nn.ModuleList(LatentBlock(config=c, omega=omega) for _ in range(c.modality_depth))
 
     def forward(self, *, unit_rows: Tensor, unit_of_token: Tensor, values: Tensor, token_rope: Rope,
                 cu: Tensor, max_len: int, latent_rope: Rope) -> Tensor:
@@ -189,10 +191,12 @@ class MultiModalPOYO(nn.Module):
         self.register_buffer("latent_times", steps.repeat_interleave(c.latents_per_step), persistent=False)
         # encoders[modality code]: 0 EPhys, 1 OPhys (docs/batch.md); one encoder when shared
         kinds = [True] if c.shared_encoder else [False, True]
-        self.encoders = nn.ModuleList(Encoder(config=c, calcium=calcium) for calcium in kinds)
-        self.trunk = nn.ModuleList(LatentBlock(config=c) for _ in range(c.depth))
+        omega = self.rotary.omega.float()
+        self.encoders = nn.ModuleList(Encoder(config=c, calcium=calcium, omega=omega) for calcium in kinds)
+        self.trunk = nn.ModuleList(LatentBlock(config=c, omega=omega) for _ in range(c.depth))
         self.dec_attn = RotaryCrossAttention(dim=c.dim, heads=c.cross_heads, dim_head=c.dim_head,
-                                             dropout=c.attn_dropout, rotate_values=False, backend=c.attn_backend)
+                                             dropout=c.attn_dropout, rotate_values=False, backend=c.attn_backend,
+                                             time_prior=c.time_prior, omega=omega)
         self.dec_ffn = FeedForward(dim=c.dim, mult=c.ffn_mult, dropout=c.ffn_dropout)
         self.heads = nn.ModuleDict({t.name: nn.Linear(c.dim, t.out_dim) for t in c.tasks})
         if c.zero_init_residual:
