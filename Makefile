@@ -28,6 +28,7 @@ demo: setup
 	$(PY) -m shards mix $(DEMO)/store --mix ephys=0.5,ophys=0.5 --batch-size 16 --batches 20 --world-size 2
 	$(PY) -m trainer.train --shards $(DEMO)/store --mix ephys=0.5,ophys=0.5 --out $(DEMO)/run --workers 2 \
 		--preset small --epochs 25 --log-every 100
+	$(PY) bench/vs_ideal.py --run $(DEMO)/run --store $(DEMO)/store --truth $(DEMO)/nwb --split valid
 
 test: setup
 	$(PY) -m pytest -q tests
