@@ -12,14 +12,19 @@
    POYOPlus.tokenize, collate) via ../shared/anchors/torch_brain_poyoplus.py in
    ``.venv-tb`` (skipped, and said so, when that environment is missing), on its synthetic
    spikes of similar size (100-300 units at 5-10 Hz, 1-s windows);
-5. peak RSS of a process streaming from the store at 1x and at 4x the data.
-Results: bench/results/stream.json.
+5. peak RSS of a process streaming from the store at 1x and at 4x the data;
+6. the cost of the per-sample xxh3 check (shards/integrity.py): every chunk decoded the way the
+   stream decodes it (``MixtureStream._decode``: read, checksum, tar/.npy, DecodedChunk), with and
+   without the check, alternating in one run, plus in-process training windows/s both ways.
+Results: bench/results/stream.json. ``--only checksum`` runs 6 alone (bench/results/stream_checksum.json),
+e.g. ``python bench/stream.py --only checksum --sessions 2 --duration 300 --batches 200``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -102,11 +107,73 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def stream_rate(store_uri: str, batches: int, workers: int, batch_size: int = 32, resume_at: int = 0) -> dict:
+def checksum_cost(store_uri: str, batches: int, repeats: int = 7) -> dict:
+    """Decoded chunks/s with and without the xxh3 check (the stream's own decode path, every chunk
+    of the store, no decoded cache; per chunk the fastest of ``repeats`` decodes each way, the two
+    alternating), the hash alone (xxh3 and zlib crc32) as a share of that decode time, then
+    in-process training windows/s both ways (best of ``repeats`` runs each; whole runs, so noisier
+    on a shared host). ``overhead`` = 1 - checked rate / unchecked rate."""
+    from collections import OrderedDict
+
+    from shards.stream import MixtureStream, StreamConfig
+
+    streams = {name: MixtureStream(StreamConfig(store=store_uri, mix="ephys=1,ophys=1", check_checksums=on))
+               for name, on in (("checked", True), ("unchecked", False))}
+    rows = range(len(streams["checked"].chunks))
+    n_bytes = int(streams["checked"].chunks.length.sum())
+
+    def decode_once(s, r) -> float:
+        t = time.perf_counter()
+        s._decode(r, OrderedDict())
+        return time.perf_counter() - t
+
+    # per chunk, the fastest of `repeats` decodes each way, the two ways alternating back to back: on
+    # a shared 2-core host a preempted decode only lengthens the samples the minimum drops
+    pair = list(streams.items())
+    for r in rows:
+        for _, s in pair:
+            decode_once(s, r)  # warm the page cache and the fd cache
+    best = {name: [math.inf] * len(rows) for name in streams}
+    for k in range(repeats):
+        for r in rows:
+            for name, s in (pair if (r + k) % 2 else pair[::-1]):
+                best[name][r] = min(best[name][r], decode_once(s, r))
+    res: dict = {"n_chunks": len(rows), "mb": n_bytes / 1e6, "method": "sum over chunks of the fastest of "
+                 f"{repeats} decodes each way, alternating"}
+    for name, ts in best.items():
+        total = sum(ts)
+        res[f"decoded_{name}"] = {"chunks_per_s": len(rows) / total, "mb_per_s": n_bytes / 1e6 / total}
+    res["decoded_overhead"] = 1 - res["decoded_checked"]["chunks_per_s"] / res["decoded_unchecked"]["chunks_per_s"]
+    # the hash alone over the same chunk bytes (in memory), as a share of the unchecked decode time:
+    # why xxh3 and not zlib's crc32
+    import zlib
+
+    from shards.integrity import checksum
+
+    st = streams["checked"].store
+    blobs = [st.read_range(p, o, o + n) for p, o, n in zip(streams["checked"].chunks.path,
+                                                          streams["checked"].chunks.offset,
+                                                          streams["checked"].chunks.length)]
+    decode_s = len(rows) / res["decoded_unchecked"]["chunks_per_s"]
+    for name, fn in (("xxh3", checksum), ("crc32", zlib.crc32)):
+        fastest = min(_timed(lambda: [fn(b) for b in blobs]) for _ in range(repeats))
+        res[f"{name}_gb_per_s"] = n_bytes / 1e9 / fastest
+        res[f"{name}_share_of_decode"] = fastest / decode_s
+    train = {"checked": [], "unchecked": []}
+    for _ in range(repeats):
+        for name, on in (("checked", True), ("unchecked", False)):
+            train[name].append(stream_rate(store_uri, batches, workers=0, check_checksums=on)["windows_per_s"])
+    res["train_windows_per_s"] = {k: max(v) for k, v in train.items()}
+    res["train_overhead"] = 1 - res["train_windows_per_s"]["checked"] / res["train_windows_per_s"]["unchecked"]
+    return res
+
+
+def stream_rate(store_uri: str, batches: int, workers: int, batch_size: int = 32, resume_at: int = 0,
+                check_checksums: bool = True) -> dict:
     from shards.stream import MixtureStream, StreamConfig, StreamLoader
 
     cfg = StreamConfig(store=store_uri, mix="ephys=0.5,ophys=0.5", batch_size=batch_size,
-                       epoch_windows=(batches + resume_at + 1) * batch_size)
+                       epoch_windows=(batches + resume_at + 1) * batch_size, check_checksums=check_checksums)
     t0 = time.perf_counter()
     loader = StreamLoader(MixtureStream(cfg), num_workers=workers)
     if resume_at:
@@ -235,12 +302,28 @@ def main() -> int:
     p.add_argument("--sessions", type=int, default=6)
     p.add_argument("--duration", type=float, default=600.0)
     p.add_argument("--batches", type=int, default=1000)
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "stream.json"))
+    p.add_argument("--out", default=None, help="results file (default bench/results/stream.json, "
+                                                 "or stream_checksum.json with --only checksum)")
+    p.add_argument("--only", choices=["all", "checksum"], default="all")
     a = p.parse_args()
     import torch
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="bench-stream-"))
+    if a.only == "checksum":
+        try:
+            store1 = build_store(work, a.sessions, a.duration)
+            import ray
+
+            ray.shutdown()
+            res = checksum_cost(store1, a.batches)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        res.update(sessions=a.sessions, duration_s=a.duration, batches=a.batches, cores=os.cpu_count(),
+                   goal={"decoded_overhead": "<= 0.05"})
+        _print_checksum(res)
+        Path(a.out or REPO / "bench" / "results" / "stream_checksum.json").write_text(json.dumps(res, indent=1) + "\n")
+        return 0
     try:
         store1 = build_store(work, a.sessions, a.duration)
         store4 = build_store(work, 4 * a.sessions, a.duration, seed=1)
@@ -255,6 +338,7 @@ def main() -> int:
         s3 = s3_figures(store1, a.batches)
         tb = torch_brain_anchor(20)
         rss1, rss4 = peak_rss(store1, a.batches), peak_rss(store4, a.batches)
+        checks = checksum_cost(store1, a.batches)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res = {
@@ -273,9 +357,11 @@ def main() -> int:
         "ratio_vs_torch_brain": (inproc["windows_per_s"] / tb["windows_per_s"]) if tb and "windows_per_s" in tb else None,
         "peak_rss_mb": {"1x": rss1, "4x": rss4},
         "rss_growth_4x": rss4 / rss1,
+        "checksum": checks,
         "cores": os.cpu_count(),
         "goal": {"ratio_vs_webdataset_decoded": ">= 2", "dataloader_efficiency": ">= 0.8",
-                 "ratio_vs_torch_brain": ">= 3", "first_batch_s3_s": "< 3", "rss_growth_4x": "<= 1.25"},
+                 "ratio_vs_torch_brain": ">= 3", "first_batch_s3_s": "< 3", "rss_growth_4x": "<= 1.25",
+                 "checksum_decoded_overhead": "<= 0.05"},
     }
     rows = [
         ("decoded chunks/s, ours (1 process)", dec["ours"]["chunks_per_s"], f"{dec['ours']['mb_per_s']:.0f} MB/s"),
@@ -301,8 +387,19 @@ def main() -> int:
               "rss_growth_4x"):
         v = res[k]
         print(f"{k:30} {'n/a (torch_brain env missing)' if v is None else f'{v:.3f}'}   goal {res['goal'][k]}")
-    Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+    _print_checksum(checks)
+    Path(a.out or REPO / "bench" / "results" / "stream.json").write_text(json.dumps(res, indent=1) + "\n")
     return 0
+
+
+def _print_checksum(c: dict) -> None:
+    d, u = c["decoded_checked"], c["decoded_unchecked"]
+    print(f"xxh3 check: decoded chunks/s {d['chunks_per_s']:.0f} ({d['mb_per_s']:.0f} MB/s) checked vs "
+          f"{u['chunks_per_s']:.0f} ({u['mb_per_s']:.0f} MB/s) unchecked: overhead {c['decoded_overhead']:.1%} "
+          f"(goal <= 5%); training windows/s {c['train_windows_per_s']['checked']:.0f} vs "
+          f"{c['train_windows_per_s']['unchecked']:.0f}: overhead {c['train_overhead']:.1%}")
+    print(f"hash alone: xxh3 {c['xxh3_gb_per_s']:.1f} GB/s ({c['xxh3_share_of_decode']:.1%} of the decode time), "
+          f"zlib crc32 {c['crc32_gb_per_s']:.1f} GB/s ({c['crc32_share_of_decode']:.1%})")
 
 
 if __name__ == "__main__":

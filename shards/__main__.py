@@ -1,4 +1,8 @@
-"""``python -m shards {ls,verify}``: look at and check a shard store."""
+"""``python -m shards {ls,verify,mix}``: look at and check a shard store.
+
+Errors are one line on stderr, exit 2: a bad argument or store, a store that cannot be reached
+(``StoreUnavailable``: the endpoint and the object, after the fetcher's retry policy), a corrupt
+sample in strict mode or corrupt samples over the error budget (``CorruptSampleError``)."""
 
 from __future__ import annotations
 
@@ -31,13 +35,14 @@ def cmd_ls(store: Store) -> int:
     return 0
 
 
-def cmd_verify(store: Store) -> int:
+def cmd_verify(store: Store, a: argparse.Namespace) -> int:
     from .verify import verify_store
 
-    n, problems = verify_store(store, progress=sys.stderr.isatty())
+    n, problems = verify_store(store, progress=sys.stderr.isatty(), deep=a.deep)
     for p in problems:
         print(f"BAD {store.url(p.path)}: {p.reason}")
-    print(f"verify: {n} shards checked, {len(problems)} problems")
+    what = "shards checked, every sample decoded" if a.deep else "shards checked"
+    print(f"verify: {n} {what}, {len(problems)} problems")
     return 1 if problems else 0
 
 
@@ -47,7 +52,8 @@ def cmd_mix(store: Store, a: argparse.Namespace) -> int:
     from .report import mix_report
     from .stream import StreamConfig
 
-    config = StreamConfig(store=store.uri, mix=a.mix, batch_size=a.batch_size, seed=a.seed, window_s=a.window_s)
+    config = StreamConfig(store=store.uri, mix=a.mix, batch_size=a.batch_size, seed=a.seed, window_s=a.window_s,
+                          error_budget=a.error_budget, strict=a.strict)
     report = mix_report(config, a.batches, a.world_size, progress=not a.json and sys.stderr.isatty())
     if a.json:
         print(json.dumps(report))
@@ -57,6 +63,8 @@ def cmd_mix(store: Store, a: argparse.Namespace) -> int:
         print(f"{name:28} {r['requested']:9.4f} {r['realised']:9.4f} {r['windows']:8d}")
     t = report["tokens_per_batch"]
     print(f"batches per rank: {report['batches_per_rank']}   tokens per batch: mean {t['mean']:.0f}, max {t['max']}")
+    print(f"corrupt samples skipped: {report['skipped_samples']}"
+          + (f" (per rank {report['skipped_samples_per_rank']})" if len(report["skipped_samples_per_rank"]) > 1 else ""))
     return 0
 
 
@@ -67,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
                        ("verify", "every shard against the manifest (exit 1 and name the bad shard)")):
         sp = sub.add_parser(name, help=text, description=text)
         sp.add_argument("store", help="local folder or s3://bucket/prefix")
+        if name == "verify":
+            sp.add_argument("--deep", action="store_true",
+                            help="also decode every sample the way the stream does (its xxh3 checksum, the "
+                                 "tar and .npy members, its units and record), naming each bad sample")
     mp = sub.add_parser("mix", help="requested vs realised mixture fractions, batches per rank, tokens per batch",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     mp.add_argument("store", help="local folder or s3://bucket/prefix")
@@ -76,19 +88,27 @@ def main(argv: list[str] | None = None) -> int:
     mp.add_argument("--seed", type=int, default=0)
     mp.add_argument("--world-size", type=int, default=1)
     mp.add_argument("--window-s", type=float, default=1.0)
+    mp.add_argument("--error-budget", type=float, default=0.01,
+                    help="fraction of the drawn windows that may be corrupt samples (skipped and counted)")
+    mp.add_argument("--strict", action="store_true", help="stop at the first corrupt sample, naming it")
     mp.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
+    from .fetch import FetchError
+
     store = Store(a.store)
     try:
         if a.cmd == "mix":
             return cmd_mix(store, a)
-        return {"ls": cmd_ls, "verify": cmd_verify}[a.cmd](store)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        if a.cmd == "verify":
+            return cmd_verify(store, a)
+        return cmd_ls(store)
+    except Exception as exc:
+        stream = sys.modules.get("shards.stream")  # (imported by mix only: ls and verify stay torch-free)
+        if isinstance(exc, (ValueError, FileNotFoundError, FetchError)) or (
+                stream is not None and isinstance(exc, stream.CorruptSampleError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -50,6 +50,21 @@ connection closes without answering (RFC 9112 9.3.1), so an attempt is at most t
 Not retried (``FetchError`` at once, naming the store URL and path): other 4xx such as NoSuchKey
 (s3fs: ``FileNotFoundError``), AccessDenied/403 (``PermissionError``), InvalidRange.
 
+Giving up: once the attempts are spent, or once ``give_up_s`` have passed since the first attempt
+began (no attempt starts later than that), ``get`` raises ``StoreUnavailable`` (a ``FetchError``),
+one line naming the endpoint, the object and the attempts: ``S3 endpoint http://host:port
+unreachable after 8 attempts over 5.3 s reading s3://bucket/prefix/x.tar bytes a-b; last error:
+...``. That is a network failure, never data corruption: the stream does not count it as a corrupt
+sample (it stops). Bound on the time one ``get`` spends on a dead endpoint: the backoff sleeps
+(at most ``sum(min(max_backoff_s, backoff_s * 2**k) for k < retries - 1)``: 5.15 s with the
+defaults) plus the attempts themselves, each at most ``timeout_s`` (connect and read) plus the
+0.1 s s3fs sleeps after a failure, and never more than ``give_up_s + timeout_s + 0.1`` s in all.
+With the defaults (8 attempts, 0.05 s doubling to 2 s, 30 s timeouts, ``give_up_s`` 60): an
+endpoint that refuses connections (server down) is given up on within 6 s; one that does not
+answer at all (packets dropped) within 90.1 s. A body that is still short when the attempts are
+spent (the object ends before the range: a truncated shard, bad bytes) raises ``TruncatedShard``
+(a ``FetchError``) instead, as does a local file that ends early.
+
 Processes: a fetcher holds only its configuration until first used; threads, the s3fs client,
 the cache and file descriptors are created on first use *in the process using it*, and are
 created afresh when a forked child uses a fetcher its parent used. So it pickles, and is safe in
@@ -73,7 +88,7 @@ from typing import Iterable
 
 from .store import Store
 
-__all__ = ["ChunkFetcher", "FetchError", "is_retryable"]
+__all__ = ["ChunkFetcher", "FetchError", "StoreUnavailable", "TruncatedShard", "is_retryable"]
 
 Key = tuple  # (path, offset, length)
 
@@ -96,6 +111,32 @@ if hasattr(os, "register_at_fork"):
 
 class FetchError(IOError):
     """A chunk could not be fetched: a permanent error, or transient ones ``retries`` times."""
+
+
+class StoreUnavailable(FetchError):
+    """The S3 endpoint did not serve a chunk within the retry policy (network errors, timeouts,
+    5xx/SlowDown): an outage, not corruption. ``endpoint``, ``url`` (the object), ``attempts``,
+    ``elapsed_s`` and ``last`` (the last error) say what happened."""
+
+    def __init__(self, message: str = "", *, endpoint: str = "", url: str = "", attempts: int = 0,
+                 elapsed_s: float = 0.0, last: str = ""):
+        super().__init__(message)
+        self.endpoint, self.url, self.attempts, self.elapsed_s, self.last = endpoint, url, attempts, elapsed_s, last
+
+
+class TruncatedShard(FetchError):
+    """The object ends before the chunk's byte range: the store's bytes are bad (counted as a corrupt
+    sample by the stream), not the network."""
+
+
+def _again(e: BaseException) -> FetchError:
+    """A fresh exception of the same kind for another waiter of a failed fetch (a FetchError keeps its
+    class and attributes; anything else becomes a FetchError)."""
+    if isinstance(e, FetchError):
+        import copy
+
+        return copy.copy(e)
+    return FetchError(str(e))
 
 
 def _chain(e: BaseException):
@@ -221,32 +262,50 @@ class _Runtime:
         where = f"{url} bytes {offset}-{offset + length}"
         if length == 0:
             return b""
-        last = "no attempt"
+        last, short = "no attempt", False
         attempts = max(1, self.cfg["retries"])
+        t0 = time.monotonic()
+        made = 0
         for attempt in range(attempts):
             if attempt:
-                with self.lock:
-                    self.counters["retries"] += 1
                 cap = min(self.cfg["max_backoff_s"], self.cfg["backoff_s"] * 2 ** (attempt - 1))
                 if self.stop.wait(self.rng.uniform(0.0, cap)):
                     break
+                if time.monotonic() - t0 > self.cfg["give_up_s"]:
+                    break  # no attempt starts later than give_up_s after the first
+                with self.lock:
+                    self.counters["retries"] += 1
             if self.stop.is_set():
                 break
+            made += 1
             try:
                 data = self.fs.cat_file(self.store.path(path), start=offset, end=offset + length)
             except Exception as e:  # noqa: BLE001 - classified right here
                 if not is_retryable(e):
                     raise FetchError(f"{where}: {_describe(e)} (not retried)") from e
-                last = _describe(e)
+                last, short = _describe(e), False
                 continue
             if len(data) == length:
                 with self.lock:
                     self.counters["bytes_fetched"] += length
                 return data
-            last = f"short body: {len(data)} of {length} bytes"
+            last, short = f"short body: {len(data)} of {length} bytes", True
         if self.stop.is_set():
             raise FetchError(f"{where}: fetcher closed")
-        raise FetchError(f"{where}: gave up after {attempts} attempts; last error: {last}")
+        elapsed = time.monotonic() - t0
+        if short:
+            raise TruncatedShard(f"{where}: the object ends early ({last}, {made} attempts)")
+        raise StoreUnavailable(f"S3 endpoint {self.endpoint} unreachable after {made} attempt{'s' * (made != 1)} "
+                               f"over {elapsed:.1f} s "
+                               f"reading {where}; last error: {last}", endpoint=self.endpoint, url=url,
+                               attempts=made, elapsed_s=elapsed, last=last)
+
+    @property
+    def endpoint(self) -> str:
+        from .store import s3_endpoint
+
+        opts = getattr(self.store.fs, "storage_options", {}) or {}
+        return (opts.get("client_kwargs") or {}).get("endpoint_url") or s3_endpoint()
 
     def read_local(self, key: Key) -> bytes:
         path, offset, length = key
@@ -281,7 +340,7 @@ class _Runtime:
                 if entry[2] and entry[1] == 0:
                     os.close(entry[0])
         if got != length:
-            raise FetchError(f"{full} bytes {offset}-{offset + length}: file ends after {got} of {length} bytes")
+            raise TruncatedShard(f"{full} bytes {offset}-{offset + length}: file ends after {got} of {length} bytes")
         with self.lock:
             self.counters["misses"] += 1
             self.counters["bytes_fetched"] += length
@@ -477,11 +536,11 @@ class ChunkFetcher:
 
     def __init__(self, store: Store | str, *, cache_bytes: int = 1 << 30, threads: int = 8,
                  prefetch_depth: int = 64, retries: int = 8, backoff_s: float = 0.05,
-                 max_backoff_s: float = 2.0, timeout_s: float = 30.0):
+                 max_backoff_s: float = 2.0, timeout_s: float = 30.0, give_up_s: float = 60.0):
         store = Store(store) if isinstance(store, str) else store
         self._cfg = dict(store=store, cache_bytes=int(cache_bytes), threads=int(threads),
                          prefetch_depth=int(prefetch_depth), retries=int(retries), backoff_s=float(backoff_s),
-                         max_backoff_s=float(max_backoff_s), timeout_s=float(timeout_s))
+                         max_backoff_s=float(max_backoff_s), timeout_s=float(timeout_s), give_up_s=float(give_up_s))
         self._closed = False
         self._rt_obj: _Runtime | None = None
         self._finalizer = None
@@ -570,7 +629,7 @@ class ChunkFetcher:
             pending.done.wait()
         if pending.error is not None:
             e = pending.error
-            raise FetchError(str(e)) from e
+            raise _again(e) from e
         return pending.data
 
     @property

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+import xxhash
 
 EPHYS_ARRAYS = ("spike_times", "spike_units")
 OPHYS_ARRAYS = ("frame_times", "dff")
@@ -81,13 +82,16 @@ class TarSampleWriter:
     """Appends samples to an open binary file as a tar (the bytes tarfile would write); records
     each sample's byte range, so a reader can fetch one sample with a single ranged GET.
     The sha256 of everything written is kept as it goes (the manifest needs it, and reading
-    the shard back to hash it would cost another pass over its bytes)."""
+    the shard back to hash it would cost another pass over its bytes), and so is each sample's
+    XXH3-64 (``checksums``, parallel to ``offsets``: the ``xxh3`` column of chunks.parquet,
+    ``shards/integrity.py``)."""
 
     def __init__(self, fileobj):
         self._f = fileobj
         self._hash = hashlib.sha256()
         self.offset = 0
         self.offsets: list[tuple[int, int]] = []
+        self.checksums: list[str] = []
 
     def write(self, sample: Sample) -> tuple[int, int]:
         start = self.offset
@@ -97,6 +101,7 @@ class TarSampleWriter:
         blob = b"".join(parts)
         self._f.write(blob)
         self._hash.update(blob)
+        self.checksums.append(xxhash.xxh3_64_hexdigest(blob))
         self.offset += len(blob)
         self.offsets.append((start, self.offset))
         return start, self.offset

@@ -72,6 +72,7 @@ CHUNKS_SCHEMA = pa.schema(
         ("n_units", pa.int64()),
         ("n_events", pa.int64()),  # spikes (EPhys) or kept frames (OPhys)
         ("n_queries", pa.int64()),  # labelled presentations overlapping the chunk
+        ("xxh3", pa.string()),  # XXH3-64 (hex) of the sample's bytes; null in stores written before it
     ]
 )
 # units.parquet: these columns first, then whatever each file says of its units (as strings).

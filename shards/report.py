@@ -7,12 +7,13 @@ from dataclasses import replace
 
 import numpy as np
 
-from .stream import MixtureStream, StreamConfig
+from .stream import MixtureStream, StreamConfig, error_budget, over_budget
 
 
 def mix_report(config: StreamConfig, batches: int, world_size: int = 1, progress: bool = False) -> dict:
     """Requested vs realised fractions per selector over ``batches`` steps of every rank, batches per
-    rank, and tokens per batch (computed by building every batch, exactly as training would)."""
+    rank, tokens per batch (computed by building every batch, exactly as training would), and the
+    corrupt samples skipped while building them (``skipped_samples``, in all and per rank)."""
     from tqdm import tqdm
 
     config = replace(config, epoch_windows=batches * world_size * config.batch_size)
@@ -27,16 +28,23 @@ def mix_report(config: StreamConfig, batches: int, world_size: int = 1, progress
         for i, sel in enumerate(streams[0].selectors)
     }
     tokens = []
+    skipped = [0] * world_size
     total = sum(per_rank)
     with tqdm(total=total, unit="batch", desc="mix", disable=not progress) as bar:
-        for s in streams:
+        for r, s in enumerate(streams):
             cache: OrderedDict = OrderedDict()
             for pos in s.positions(plan, 0):
-                tokens.append(len(s.make_batch(plan, pos, 0, cache)["input_unit_index"]))
+                batch = s.make_batch(plan, pos, 0, cache)
+                tokens.append(len(batch["input_unit_index"]))
+                skipped[r] += int(batch["n_skipped"])
+                if sum(skipped) > error_budget(config, len(plan)):  # every rank's skips count against one budget
+                    raise over_budget(config, sum(skipped), len(plan))
                 bar.update(1)
     return {
         "selectors": selectors,
         "batches_per_rank": per_rank,
         "tokens_per_batch": {"mean": float(np.mean(tokens)) if tokens else 0.0, "max": int(max(tokens, default=0))},
+        "skipped_samples": sum(skipped),
+        "skipped_samples_per_rank": skipped,
         "seed": config.seed,
     }

@@ -9,12 +9,20 @@ epoch plan (``shards.plan``); a worker only fetches, decodes, cuts and packs.
 the number of global windows consumed (by batches the training loop actually
 received), plus the corrupt-sample count. Resuming on another world size or
 worker count continues the same global order.
+
+Corrupt samples are bad bytes only: a checksum (``xxh3`` in chunks.parquet, ``shards.integrity``)
+that differs, a sample that does not decode, a shard that ends before the sample. They are
+skipped (lenient, counted in the batch's ``n_skipped`` and against ``error_budget``, checked at
+every skipped sample) or raise ``CorruptSampleError`` naming the shard (``strict``). A store that
+cannot be reached (``shards.fetch.StoreUnavailable``, after the fetcher's retry policy) or an
+object that is missing or denied (``FetchError``) is not corruption: it stops the stream at once.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 
@@ -23,8 +31,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from . import manifest
-from .fastread import iter_samples
+from . import integrity, manifest
+from .fetch import FetchError, StoreUnavailable, TruncatedShard
 from .mixture import Selector, assign, parse_mix
 from .plan import Plan, PlanConfig, _rng, eval_stride, plan_eval, plan_train_epoch
 from .store import Store
@@ -55,6 +63,7 @@ class StreamConfig:
     prefetch_batches: int = 4
     batches_per_transfer: int = 8  # DataLoader workers hand over this many batches per item
     check_shards: bool = True  # verify every planned shard exists before training starts
+    check_checksums: bool = True  # check each sample's xxh3 (chunks.parquet) before decoding it
 
     def plan_config(self) -> PlanConfig:
         return PlanConfig(window_s=self.window_s, epoch_windows=self.epoch_windows, shuffle_window=self.shuffle_window,
@@ -64,6 +73,16 @@ class StreamConfig:
 
 class CorruptSampleError(RuntimeError):
     pass
+
+
+def error_budget(config: StreamConfig, n_epoch: int) -> int:
+    """Corrupt samples an epoch of ``n_epoch`` windows may skip (lenient mode)."""
+    return math.ceil(config.error_budget * n_epoch)
+
+
+def over_budget(config: StreamConfig, skipped: int, n_epoch: int) -> CorruptSampleError:
+    return CorruptSampleError(f"{skipped} corrupt samples skipped this epoch, over the error budget of "
+                              f"{error_budget(config, n_epoch)} ({config.error_budget:.1%} of {n_epoch} windows)")
 
 
 class MixtureStream(IterableDataset):
@@ -81,12 +100,30 @@ class MixtureStream(IterableDataset):
         self._keys = self.chunks.key.to_numpy()
         self._offsets = self.chunks.offset.to_numpy()
         self._lengths = self.chunks.length.to_numpy()
+        self._checksums = self._checksum_column(tables.chunks)
         self.vocab = Vocab.from_tables(tables.units.to_pandas(), tables.sessions.to_pandas())
         self.selectors: list[Selector] = parse_mix(config.mix) if config.split == "train" else []
         self._validate(tables.manifest.to_pandas())
         self.epoch = 0
         self.start_window = 0
+        self.start_skipped = 0  # corrupt samples the epoch had skipped before start_window (StreamLoader)
+        self.skipped = 0  # corrupt samples skipped this epoch, as this process counts them
         self._fetcher = None
+
+    def _checksum_column(self, chunks) -> np.ndarray | None:
+        """Each row's expected xxh3 ("" where the store has none), or None when nothing is checked."""
+        if not self.config.check_checksums:
+            return None
+        where = self.store.url(manifest.CHUNKS)
+        if integrity.COLUMN not in chunks.column_names:
+            log.warning("%s has no %s column (written before per-sample checksums): its samples are read "
+                        "unchecked; ingest into a new store to add them", where, integrity.COLUMN)
+            return None
+        col = chunks.column(integrity.COLUMN)
+        if col.null_count:
+            log.warning("%s: %d of %d samples have no %s checksum (ingested before checksums): those are read "
+                        "unchecked", where, col.null_count, len(col), integrity.COLUMN)
+        return np.array(col.fill_null("").to_pylist(), dtype=object)
 
     @classmethod
     def for_this_rank(cls, config: StreamConfig) -> "MixtureStream":
@@ -146,19 +183,31 @@ class MixtureStream(IterableDataset):
         return self._fetcher
 
     def _decode(self, row: int, cache: OrderedDict) -> DecodedChunk:
+        """The decoded chunk of ``row``; CorruptSampleError for bad bytes (remembered in ``cache``
+        like a decoded chunk, so a bad chunk is not fetched again for each of its windows). Fetch
+        errors that are not about the bytes (StoreUnavailable, a missing object) pass through."""
         hit = cache.get(row)
         if hit is not None:
             cache.move_to_end(row)
+            if isinstance(hit, CorruptSampleError):
+                raise hit
             return hit
-        path, key = self._paths[row], self._keys[row]
-        data = self._get_fetcher().get(path, int(self._offsets[row]), int(self._lengths[row]))
-        samples = list(iter_samples(data))
-        if len(samples) != 1 or samples[0].key != key:
-            raise CorruptSampleError(f"{self.store.url(path)}: bytes at {self._offsets[row]} are not sample {key}")
-        chunk = DecodedChunk.from_sample(samples[0], self.vocab)
+        path, key, offset = self._paths[row], self._keys[row], int(self._offsets[row])
+        try:
+            data = self._get_fetcher().get(path, offset, int(self._lengths[row]))
+            expected = self._checksums[row] if self._checksums is not None else None
+            chunk = integrity.decode_chunk(data, key, self.vocab, expected)
+        except FetchError as exc:
+            if not isinstance(exc, TruncatedShard):
+                raise
+            chunk = CorruptSampleError(f"bytes {offset}+{int(self._lengths[row])}: {exc}")
+        except Exception as exc:  # bad bytes, whatever the decoder tripped on
+            chunk = CorruptSampleError(f"bytes {offset}+{int(self._lengths[row])}: {type(exc).__name__}: {exc}")
         cache[row] = chunk
         if len(cache) > self.config.decoded_cache:
             cache.popitem(last=False)
+        if isinstance(chunk, CorruptSampleError):
+            raise chunk
         return chunk
 
     def _prefetch(self, plan: Plan, positions: np.ndarray) -> None:
@@ -174,12 +223,17 @@ class MixtureStream(IterableDataset):
             row = int(plan.chunk[p])
             try:
                 c = self._decode(row, cache)
-            except Exception as exc:  # a corrupt member: skip it (lenient) or stop (strict)
+            except CorruptSampleError as exc:  # bad bytes: skip the sample (lenient) or stop (strict)
                 key, where = self._keys[row], self.store.url(self._paths[row])
                 if self.config.strict:
-                    raise CorruptSampleError(f"corrupt sample {key} in {where}: {exc}") from exc
-                log.warning("skipping corrupt sample %s in %s: %s", key, where, exc)
+                    raise CorruptSampleError(f"corrupt sample {key} in {where}: {exc}") from None
+                if not getattr(exc, "reported", False):  # once per bad chunk, not once per window of it
+                    exc.reported = True
+                    log.warning("skipping corrupt sample %s in %s: %s", key, where, exc)
                 skipped += 1
+                self.skipped += 1
+                if self.skipped > error_budget(self.config, len(plan)):  # checked per sample, not per batch
+                    raise over_budget(self.config, self.skipped, len(plan)) from None
                 continue
             rng = _rng(self.config.seed, epoch, "dropout", int(p)) if dropout else None
             windows.append(window_tokens(c, float(plan.t0[p]), tcfg, rng))
@@ -207,23 +261,26 @@ class MixtureStream(IterableDataset):
         mine = [i for grp in groups for i in grp]
         cache: OrderedDict = OrderedDict()
         ahead = max(1, self.config.prefetch_batches)
-        if mine:
-            self._prefetch(plan, pos[mine[:ahead]])
-        done = 0
-        for grp in groups:
-            batches = []
-            for i in grp:
-                if done + ahead < len(mine):
-                    self._prefetch(plan, pos[mine[done + ahead]][None])
-                batches.append(self.make_batch(plan, pos[i], epoch, cache))
-                done += 1
-            if info is None:
-                yield {key: torch.from_numpy(np.asarray(v)) for key, v in batches[0].items()}
-            else:
-                yield to_wire(batches)
-        if self._fetcher is not None and info is not None:
-            self._fetcher.close()
-            self._fetcher = None
+        self.skipped = self.start_skipped
+        try:
+            if mine:
+                self._prefetch(plan, pos[mine[:ahead]])
+            done = 0
+            for grp in groups:
+                batches = []
+                for i in grp:
+                    if done + ahead < len(mine):
+                        self._prefetch(plan, pos[mine[done + ahead]][None])
+                    batches.append(self.make_batch(plan, pos[i], epoch, cache))
+                    done += 1
+                if info is None:
+                    yield {key: torch.from_numpy(np.asarray(v)) for key, v in batches[0].items()}
+                else:
+                    yield to_wire(batches)
+        finally:
+            if self._fetcher is not None and info is not None:
+                self._fetcher.close()
+                self._fetcher = None
 
     def __getstate__(self):  # workers get config and tables, never a live fetcher (threads do not fork)
         state = self.__dict__.copy()
@@ -303,6 +360,24 @@ def from_wire(item: dict) -> list[dict[str, torch.Tensor]]:
     return out
 
 
+_WORKER_ERRORS = (StoreUnavailable, FetchError, CorruptSampleError)
+
+
+def _clean_worker_errors(it):
+    """The DataLoader re-raises a worker's exception with the worker's whole traceback as its
+    message; the stream's own errors are one line to the user, so give them back their own message."""
+    try:
+        yield from it
+    except _WORKER_ERRORS as exc:
+        text = str(exc)
+        if "Original Traceback" not in text:
+            raise
+        last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+        m = re.match(r"^[\w.]*?(\w+): (.*)$", last)
+        msg = m.group(2) if m and m.group(1) == type(exc).__name__ else last
+        raise type(exc)(msg) from None
+
+
 @dataclass
 class StreamState:
     epoch: int = 0
@@ -339,10 +414,10 @@ class StreamLoader:
     def __len__(self) -> int:
         return self.stream.batches_per_rank(self.state.epoch, self.state.consumed_windows)
 
-    def _start(self, epoch: int, start_window: int):
+    def _start(self, epoch: int, start_window: int, skipped: int = 0):
         """An iterator over one epoch from start_window; with workers, they fork (and start) now."""
         s = self.stream
-        s.epoch, s.start_window = epoch, start_window
+        s.epoch, s.start_window, s.start_skipped = epoch, start_window, skipped
         loader = DataLoader(s, batch_size=None, num_workers=self.num_workers, pin_memory=False,
                             prefetch_factor=2 if self.num_workers else None,
                             persistent_workers=False, multiprocessing_context="fork" if self.num_workers else None)
@@ -357,24 +432,23 @@ class StreamLoader:
             self.prestarted_epochs += 1
         else:
             del ahead  # a stale head start (the state was loaded since): its workers exit
-            it = self._start(epoch, start)
-        s.epoch, s.start_window = epoch, start
+            it = self._start(epoch, start, self.state.skipped)
+        s.epoch, s.start_window, s.start_skipped = epoch, start, self.state.skipped
         n_epoch = len(s.plan())
         step = s.world_size * s.config.batch_size
         remaining = max(0, (n_epoch - start) // step)  # batches_per_rank, without planning the epoch again
         lead = max(4 * s.config.batches_per_transfer * self.num_workers, remaining // 4)
-        budget = math.ceil(s.config.error_budget * n_epoch)
-        for item in it:
+        budget = error_budget(s.config, n_epoch)
+        for item in _clean_worker_errors(it):
             for batch in from_wire(item):
                 self.state.consumed_windows += step
                 self.state.skipped += int(batch["n_skipped"])
-                if self.state.skipped > budget:
-                    raise CorruptSampleError(f"{self.state.skipped} corrupt samples skipped this epoch, over the "
-                                             f"error budget of {budget} ({s.config.error_budget:.1%} of {n_epoch} windows)")
+                if self.state.skipped > budget:  # the sum over workers (each also checks its own, per sample)
+                    raise over_budget(s.config, self.state.skipped, n_epoch)
                 remaining -= 1
                 if self.prestart and self._next is None and remaining <= lead:
                     self._next = ((epoch + 1, 0), self._start(epoch + 1, 0))
-                    s.epoch, s.start_window = epoch, start
+                    s.epoch, s.start_window, s.start_skipped = epoch, start, self.state.skipped
                 if self.pin_memory:
                     batch = {k: v.pin_memory() for k, v in batch.items()}
                 yield batch

@@ -75,6 +75,7 @@ class RecordShardWriter:
                 "n_units": len(m["units"]),
                 "n_events": n_events,
                 "n_queries": n_queries,
+                "xxh3": cur.tar.checksums[-1],  # of bytes [offset, offset + length): shards/integrity.py
             }
         )
         cur.rows.append(row)

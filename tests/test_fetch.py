@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from shards.fetch import ChunkFetcher, FetchError, is_retryable
+from shards.fetch import ChunkFetcher, FetchError, StoreUnavailable, is_retryable
 from shards.store import Store
 from tests.faulty_proxy import FaultyProxy
 from tests.test_shard_store import ephys_record, write_record
@@ -88,11 +88,13 @@ def test_persistent_slowdown_gives_up_after_the_configured_attempts(stores, s3_s
     with FaultyProxy(s3_server, every_503=1) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         with ChunkFetcher(Store(remote.uri), retries=3, backoff_s=0.01) as f:
-            with pytest.raises(FetchError, match=r"gave up after 3 attempts.*SlowDown") as info:
+            with pytest.raises(StoreUnavailable, match=r"S3 endpoint http://127.0.0.1:\d+ unreachable after 3 "
+                                                       r"attempts over [\d.]+ s reading s3://.*SlowDown") as info:
                 f.get(*items[0])
             assert f.stats["retries"] == 2
         assert proxy.counts["requests"] == 3  # one HTTP request per attempt: s3fs/botocore retry nothing
-    assert remote.url(items[0][0]) in str(info.value)
+    assert remote.url(items[0][0]) in str(info.value) and proxy.url in str(info.value)
+    assert info.value.attempts == 3 and info.value.endpoint == proxy.url
 
 
 def test_dropped_connections_are_retried_a_bounded_number_of_times(stores, s3_server, monkeypatch):
@@ -100,7 +102,7 @@ def test_dropped_connections_are_retried_a_bounded_number_of_times(stores, s3_se
     with FaultyProxy(s3_server, every_drop=1) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         with ChunkFetcher(Store(remote.uri), retries=3, backoff_s=0.01) as f:
-            with pytest.raises(FetchError, match=r"gave up after 3 attempts.*ConnectionClosedError"):
+            with pytest.raises(StoreUnavailable, match=r"unreachable after 3 attempts.*ConnectionClosedError"):
                 f.get(*items[0])
             assert f.stats["retries"] == 2
         assert 3 <= proxy.counts["requests"] <= 6  # at most aiohttp's one silent retry per attempt
