@@ -1,6 +1,12 @@
 """Train state on disk: what a resumed run needs to continue exactly, loadable with weights_only=True.
 
-A checkpoint directory (one per ``ray.train.report``, written by rank 0) holds ``train_state.pt``:
+A checkpoint is a directory ``RUN/ray/checkpoint_XXXXXXXX`` (the global step, 8 digits), written by
+rank 0 in every mode (Ray Train's local mode persists no checkpoint, so the loop writes them itself,
+the same way with or without workers: ``write_checkpoint``). It holds ``train_state.pt`` and, beside
+it, ``train_state.pt.sha256`` (``sha256sum -c`` format), written last: a checkpoint is valid when the
+checksum matches (``check_checkpoint``). ``find_checkpoint`` returns the newest valid one and the
+invalid ones newer than it, so a resume falls back past a truncated or half-written file.
+``train_state.pt`` holds:
 
     meta        JSON string: model variant, ModelConfig, vocabulary ids (model row order), run info
     model       model state_dict
@@ -18,16 +24,20 @@ Only plain types and tensors: configs travel as JSON strings, numpy states as te
 
 from __future__ import annotations
 
-import glob
+import hashlib
 import json
 import os
 import random
+import re
+import shutil
 from typing import Any
 
 import numpy as np
 import torch
 
 STATE_FILE = "train_state.pt"
+CHECKSUM_FILE = STATE_FILE + ".sha256"
+CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
 
 
 # ---- metadata: which model this is --------------------------------------------------------------
@@ -61,11 +71,78 @@ def check_same_model(meta: dict, variant: str, model_config, what: str) -> None:
                          + ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs run {ours.get(k)!r}" for k in diff))
 
 
+def checkpoint_dir(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, "ray", f"checkpoint_{step:08d}")
+
+
+def checkpoint_step(directory: str) -> int:
+    m = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(directory)))
+    if not m:
+        raise ValueError(f"{directory}: not a checkpoint directory (checkpoint_XXXXXXXX)")
+    return int(m.group(1))
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """The checkpoint directories under RUN/ray, newest (highest step) first."""
+    root = os.path.join(run_dir, "ray")
+    names = [n for n in os.listdir(root) if CHECKPOINT_RE.match(n)] if os.path.isdir(root) else []
+    dirs = [os.path.join(root, n) for n in names if os.path.isdir(os.path.join(root, n))]
+    return sorted(dirs, key=checkpoint_step, reverse=True)
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_checkpoint(directory: str) -> str | None:
+    """None when the checkpoint is whole; otherwise what is wrong, naming the file. A checkpoint
+    without a checksum file (an older version's) is valid when it loads."""
+    state, checksum = os.path.join(directory, STATE_FILE), os.path.join(directory, CHECKSUM_FILE)
+    if not os.path.isfile(state):
+        return f"{state}: missing"
+    if not os.path.isfile(checksum):
+        try:
+            torch.load(state, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated zip, bad pickle, I/O error: all mean "not usable"
+            return f"{state}: unreadable and no {CHECKSUM_FILE} ({type(exc).__name__}: " \
+                   f"{(str(exc).strip().splitlines() or [''])[0][:100]})"
+        return None
+    try:
+        with open(checksum) as fh:
+            want = fh.read().split()[0].lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", want):
+            raise ValueError
+    except (OSError, ValueError, IndexError):
+        return f"{checksum}: not a sha256 checksum file"
+    try:
+        got = file_sha256(state)
+    except OSError as exc:
+        return f"{state}: unreadable ({exc.strerror or exc})"
+    if got != want:
+        return (f"{state}: checksum mismatch ({os.path.getsize(state):,} bytes, sha256 {got[:12]}..., "
+                f"{CHECKSUM_FILE} says {want[:12]}...)")
+    return None
+
+
+def find_checkpoint(run_dir: str) -> tuple[str | None, list[str]]:
+    """(the newest valid checkpoint directory or None, the problems of the invalid ones newer than it,
+    newest first): what a resume continues from, and what it skipped."""
+    bad = []
+    for d in list_checkpoints(run_dir):
+        problem = check_checkpoint(d)
+        if problem is None:
+            return d, bad
+        bad.append(problem)
+    return None, bad
+
+
 def latest_checkpoint(run_dir: str) -> str | None:
-    """The newest checkpoint directory (highest step) that Ray persisted under RUN/ray, or None."""
-    dirs = [d for d in glob.glob(os.path.join(run_dir, "ray", "checkpoint_*"))
-            if os.path.exists(os.path.join(d, STATE_FILE))]
-    return max(dirs, key=lambda d: int(os.path.basename(d).split("_")[1])) if dirs else None
+    """The newest valid checkpoint directory under RUN/ray, or None."""
+    return find_checkpoint(run_dir)[0]
 
 
 # ---- random number generators -------------------------------------------------------------------
@@ -112,6 +189,58 @@ def save_train_state(directory: str, *, meta: str, model: torch.nn.Module, optim
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
     return path
+
+
+def write_checkpoint(run_dir: str, step: int, *, keep: int | None = None, **state: Any) -> str:
+    """RUN/ray/checkpoint_{step:08d}: ``save_train_state(**state)`` and its checksum, written beside the
+    final place and renamed into it (an interrupted write leaves no checkpoint_* directory); then the
+    checkpoints of later steps (invalid ones a resume fell back past) and all but the newest ``keep``
+    are removed. Returns the directory."""
+    final = checkpoint_dir(run_dir, step)
+    root = os.path.dirname(final)
+    tmp = os.path.join(root, f".{os.path.basename(final)}.tmp")
+    os.makedirs(root, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    path = save_train_state(tmp, **state)
+    _fsync(path)
+    with open(os.path.join(tmp, CHECKSUM_FILE + ".tmp"), "w") as fh:
+        fh.write(f"{file_sha256(path)}  {STATE_FILE}\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(os.path.join(tmp, CHECKSUM_FILE + ".tmp"), os.path.join(tmp, CHECKSUM_FILE))
+    if os.path.exists(final):  # the same step again (a resume past an invalid checkpoint): replace it
+        old = os.path.join(root, f".{os.path.basename(final)}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync(root)
+    dirs = list_checkpoints(run_dir)
+    for d in dirs:  # newer steps than this one: invalid ones a resume fell back past (it takes the newest valid)
+        if checkpoint_step(d) > step:
+            shutil.rmtree(d, ignore_errors=True)
+    if keep is not None:
+        for d in [d for d in dirs if checkpoint_step(d) <= step][keep:]:
+            shutil.rmtree(d, ignore_errors=True)
+        for name in os.listdir(root):  # what a killed writer left behind
+            if name.startswith(".checkpoint_") and name != os.path.basename(tmp):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return final
+
+
+def _fsync(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_train_state(directory: str, map_location: str | torch.device = "cpu") -> dict:

@@ -3,16 +3,21 @@
     data       this rank's share of the mixture (shards.stream, not Ray Data) + the validation split
     model      the variant by name (or a pretrained model with grown vocabularies), wrapped in DDP
     optimizer  LAMB (paper preset) or AdamW (small), peak lr = base_lr x global batch, OneCycle, per batch
-    resume     the latest checkpoint, if Ray has one (--resume, or a restart after a worker failure)
+    resume     the newest valid checkpoint in RUN/ray (--resume, or a restart after a worker failure),
+               past invalid ones with a warning
     loop       step: forward, backward, (finetune: drop the grads of frozen parts), clip, step
                every log_every steps: TensorBoard (rank 0) of metrics summed over ranks
-               every report_every steps: checkpoint through ray.train.report (a barrier: every rank calls it)
+               every report_every steps: checkpoint (rank 0 writes it), then ray.train.report (a barrier:
+               every rank calls it)
                every epoch end: validate, keep the best, stop early, checkpoint
+               Ctrl-C (the driver's RUN/.interrupt): checkpoint this step and stop
     end        (finetune) test split with the best weights; RUN/metrics.json, model_last.pt
 
 Steps are global optimizer steps (one batch per rank each). A checkpoint holds model, optimizer,
 scheduler, the stream's position (global windows consumed) and every rank's RNG states, so a
-resumed run trains on exactly the batches an uninterrupted one would (trainer.checkpoint).
+resumed run trains on exactly the batches an uninterrupted one would (trainer.checkpoint). Rank 0
+writes it to RUN/ray/checkpoint_XXXXXXXX itself, with or without workers: Ray Train's local mode
+(``--workers 0``) persists no reported checkpoint, and one writer keeps every mode the same.
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 import zlib
@@ -37,11 +41,13 @@ import torch_optimizer
 from torch.optim.lr_scheduler import OneCycleLR
 
 from shards.stream import MixtureStream, StreamLoader
-from trainer.checkpoint import (load_train_state, make_meta, rng_state, save_model_file, save_train_state,
-                                seed_everything, set_rng_state)
+from trainer.checkpoint import (find_checkpoint, load_train_state, make_meta, rng_state, save_model_file,
+                                seed_everything, set_rng_state, write_checkpoint)
 from trainer.evaluate import Tally, evaluate, unwrap
 from trainer.tblog import NullLog, TBLog
 from trainer.train_config import TrainConfig
+
+INTERRUPT_FILE = ".interrupt"  # RUN/.interrupt: the driver's Ctrl-C; the loop checkpoints and stops
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -72,14 +78,17 @@ def train_loop_per_worker(config: dict) -> None:
     scheduler = OneCycleLR(optimizer, max_lr=cfg.peak_lr, total_steps=max(1, total_steps), pct_start=cfg.pct_start,
                            div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor, anneal_strategy="cos")
 
-    # ---- resume from the latest checkpoint (--resume, or Ray restarting us after a worker died) -----
+    # ---- resume from the newest valid checkpoint (--resume, or Ray restarting us after a worker died) -
+    # RUN/ray holds only this run's checkpoints (the driver refuses an --out with an earlier run unless
+    # --resume), so whatever is there is where this run continues from.
     progress = {"step": 0, "best_score": -math.inf, "best_step": -1, "bad_validations": 0,
                 "best_metrics": "{}", "last_metrics": "{}", "first_loss": math.nan}
     best_model = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = load_train_state(d, map_location=device)
+    found, invalid = find_checkpoint(cfg.out)
+    for problem in invalid:
+        say(f"warning: skipping an invalid checkpoint: {problem}")
+    if found is not None:
+        state = load_train_state(found, map_location=device)
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         restore_schedule(scheduler, state["scheduler"], state["progress"]["step"], total_steps, say)
@@ -91,8 +100,6 @@ def train_loop_per_worker(config: dict) -> None:
         say(f"resumed from the checkpoint at step {progress['step']} (epoch {loader.state.epoch}, "
             f"window {loader.state.consumed_windows} of the epoch's global order)", all_ranks=True)
     step = start_step = progress["step"]
-    # corrupt samples skipped (the batches' n_skipped): by all ranks before this attempt, by this rank since
-    skipped = {"before": progress.get("skipped_samples", 0), "mine": 0}
     tb = TBLog(os.path.join(cfg.out, "tb"), purge_step=step + 1 if step else None) if rank == 0 else NullLog()
     record = BatchRecord(cfg, rank, start_step)
     if rank == 0 and step == 0:
@@ -101,22 +108,20 @@ def train_loop_per_worker(config: dict) -> None:
             f"per epoch, {total_steps} steps")
 
     def report(metrics: dict, *, validated: bool) -> None:
-        """Checkpoint through Ray (every rank calls this: it is a barrier; rank 0 writes the files)."""
+        """Checkpoint (rank 0 writes RUN/ray/checkpoint_XXXXXXXX), then ray.train.report the metrics
+        (every rank calls this: it is a barrier, so the checkpoint is whole when it returns)."""
         rngs = gather(rng_state())
         tb.flush()
-        with tempfile.TemporaryDirectory() as d:
-            saved = None
-            if rank == 0:
-                save_train_state(d, meta=built.meta, model=net, optimizer=optimizer, scheduler=scheduler,
-                                 stream=loader.state_dict(), progress={**progress, "step": step}, rng=rngs,
-                                 best_model=best_model)
-                saved = ray.train.Checkpoint.from_directory(d)
-            ray.train.report({"step": step, "epoch": loader.state.epoch, "validated": validated, **metrics},
-                             checkpoint=saved, checkpoint_dir_name=f"checkpoint_{step:08d}")
+        if rank == 0:
+            write_checkpoint(cfg.out, step, keep=cfg.keep_checkpoints, meta=built.meta, model=net,
+                             optimizer=optimizer, scheduler=scheduler, stream=loader.state_dict(),
+                             progress={**progress, "step": step}, rng=rngs, best_model=best_model)
+        ray.train.report({"step": step, "epoch": loader.state.epoch, "validated": validated, **metrics})
 
     # ---- the loop -------------------------------------------------------------------------------------
     train_tally = Tally(net.config.tasks, session_ids, device=device)
     timer = Timer()
+    interrupt = Interrupt(os.path.join(cfg.out, INTERRUPT_FILE), world, cfg.log_every, device)
     status = "finished"
     last_val: dict = json.loads(progress["last_metrics"])
     done = step >= total_steps
@@ -128,7 +133,6 @@ def train_loop_per_worker(config: dict) -> None:
             say(f"epoch {epoch}: unfreezing the decoder, encoders and trunk")
         for i, batch in enumerate(timer.timed(loader)):
             record.add(step + 1, epoch, batch)
-            skipped["mine"] += int(batch["n_skipped"])
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
             out = model(built.to_model(batch))
@@ -147,26 +151,28 @@ def train_loop_per_worker(config: dict) -> None:
             inject_failure(cfg, step, rank, world, say)
             if step % cfg.log_every == 0 or step == 1:
                 scalars = timer.summary(train_tally, optimizer, device)
-                progress["skipped_samples"] = skipped["before"] + sum(gather(skipped["mine"]))
-                scalars["data/skipped_samples"] = progress["skipped_samples"]
                 if math.isnan(progress["first_loss"]):
                     progress["first_loss"] = scalars["train/loss"]
                 tb.scalars(scalars, step)
                 say(f"step {step}/{total_steps}  epoch {epoch}  loss {scalars['train/loss']:.4f}  "
                     f"lr {scalars['train/lr']:.3g}  {scalars['perf/steps_per_s']:.1f} steps/s  "
-                    f"data wait {scalars['perf/data_wait_fraction']:.1%}  skipped {progress['skipped_samples']}")
+                    f"data wait {scalars['perf/data_wait_fraction']:.1%}")
                 train_tally = Tally(net.config.tasks, session_ids, device=device)
-            if step >= total_steps or step == cfg.stop_at_step:
+            if step >= total_steps or step == cfg.stop_at_step or interrupt.requested(step):
                 break
             if step % cfg.report_every == 0 and i < n_batches - 1:  # the epoch's last step reports below
                 with timer.excluded():
                     report({}, validated=False)
 
-        if step == cfg.stop_at_step and step < total_steps:  # as if preempted: checkpoint, no validation
+        if step < total_steps and (step == cfg.stop_at_step or interrupt.seen):  # checkpoint, no validation
             with timer.excluded():
                 report({}, validated=False)
-            status = "stopped"
-            say(f"stopped at step {step} (--stop-at-step); --resume continues from here")
+            if interrupt.seen:
+                status = "interrupted"
+                say(f"interrupted at step {step} (Ctrl-C): checkpoint written; --resume continues from here")
+            else:
+                status = "stopped"
+                say(f"stopped at step {step} (--stop-at-step); --resume continues from here")
             break
 
         # ---- end of an epoch (or of training): validate, keep the best, maybe stop early --------------
@@ -202,10 +208,14 @@ def train_loop_per_worker(config: dict) -> None:
             done = step >= total_steps or bool(early)
             report({k: v for k, v in scalars.items() if "_session/" not in k and "_record/" not in k},
                    validated=True)
+        if not done and interrupt.requested(step, now=True):  # just checkpointed: stop here
+            status = "interrupted"
+            say(f"interrupted at step {step} (Ctrl-C): checkpoint written; --resume continues from here")
+            break
 
     # ---- the end: (finetune) test split with the best weights; metrics.json ----------------------------
     test = None
-    if cfg.test_at_end and status != "stopped":
+    if cfg.test_at_end and status not in ("stopped", "interrupted"):
         if best_model is not None:
             net.load_state_dict(best_model)
         test_stream = MixtureStream(cfg.stream_config("test"), rank=rank, world_size=world)
@@ -215,14 +225,13 @@ def train_loop_per_worker(config: dict) -> None:
         tb.scalars(tally.scalars("test", sessions=True), step)
         tb.confusion(tally.confusion_matrices(), step, prefix="test")
         say("test split (best weights): " + format_accuracies(test))
-    progress["skipped_samples"] = skipped["before"] + sum(gather(skipped["mine"]))  # (every rank calls gather)
     if rank == 0:
         save_model_file(os.path.join(cfg.out, "model_last.pt"), net, built.meta, step=step)
         write_json(os.path.join(cfg.out, "metrics.json"), {
             "status": status, "step": step, "total_steps": total_steps, "epochs": loader.state.epoch,
             "train": {"first_loss": progress["first_loss"], "last_loss": timer.last_loss},
             "final": last_val, "best": json.loads(progress["best_metrics"]), "test": test,
-            "skipped_samples": progress["skipped_samples"], "tensorboard": os.path.join(cfg.out, "tb")})
+            "tensorboard": os.path.join(cfg.out, "tb")})
     tb.close()
     record.close()
 
@@ -404,6 +413,24 @@ class BatchRecord:
     def close(self) -> None:
         if self.fh is not None:
             self.fh.close()
+
+
+class Interrupt:
+    """Has the driver asked to stop (Ctrl-C: it creates RUN/.interrupt)? One stat per step; with several
+    ranks they agree by an all-reduce every log_every steps (and when ``now``), so all stop at one step."""
+
+    def __init__(self, path: str, world: int, every: int, device: torch.device):
+        self.path, self.world, self.every, self.device = path, world, every, device
+        self.seen = False
+
+    def requested(self, step: int, now: bool = False) -> bool:
+        if self.world == 1:
+            self.seen = self.seen or os.path.exists(self.path)
+        elif now or step % self.every == 0:
+            flag = torch.tensor([float(os.path.exists(self.path))], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.seen = self.seen or bool(flag.item())
+        return self.seen
 
 
 def inject_failure(cfg: TrainConfig, step: int, rank: int, world: int, say) -> None:

@@ -6,27 +6,37 @@
     tensorboard --logdir runs/pre/tb
 
 The driver (this file) resolves the config (defaults < --config YAML < flags), checks everything it can
-before any worker starts (the store, the mixture, the sessions, a --resume checkpoint's model variant),
-writes ``RUN/config.yaml`` and starts a ``TorchTrainer``; every worker runs ``trainer.loop``. Checkpoints
-go through ``ray.train.report`` to ``RUN/ray/``; a worker that dies is replaced and the group restarts
-from the latest one (``FailureConfig(max_failures)``), which ``RUN/train.log`` records. At the end the
-driver prints the validation accuracy per modality and task from ``RUN/metrics.json``.
+before any worker starts (the store, the mixture, the sessions, an --out that already holds a run, the
+--resume checkpoint: the newest valid one, its model variant), writes ``RUN/config.yaml`` and starts a
+``TorchTrainer``; every worker runs ``trainer.loop``. Rank 0 writes the checkpoints to
+``RUN/ray/checkpoint_XXXXXXXX`` (with a checksum; the same in local mode, ``--workers 0``); a worker that
+dies is replaced and the group restarts from the newest valid one (``FailureConfig(max_failures)``),
+which ``RUN/train.log`` records. Ctrl-C checkpoints the step the loop is at and stops ("interrupted at
+step N; resume with --resume", exit status 130); a second Ctrl-C stops at once, the last checkpoint
+being what --resume continues from. At the end the driver prints the validation accuracy per modality
+and task from ``RUN/metrics.json``.
 
 Ray: a local cluster unless ``RAY_ADDRESS`` names one (``RAY_ADDRESS=auto`` on a cluster's head node).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
+import ray
 import ray.train
 import torch
+from ray.train.torch import TorchTrainer
 
 from trainer.train_config import TrainConfig, dump_yaml, parse_args
 
@@ -37,31 +47,149 @@ def main(argv: list[str] | None = None) -> dict:
         metrics = run(cfg)
     except (ValueError, FileNotFoundError) as exc:  # pre-flight: nothing has started
         raise SystemExit(f"error: {exc}") from None
+    except KeyboardInterrupt:  # Ctrl-C before training started (run() handles it from there on)
+        print("interrupted before training started", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     print_summary(metrics, cfg.absolute().out)
     return metrics
 
 
+class Interrupted(SystemExit):
+    """Ctrl-C ended the run (exit status 130); ``message`` is the one line printed on stderr."""
+
+    def __init__(self, message: str, step: int | None):
+        super().__init__(130)
+        self.message, self.step = message, step
+
+
 def run(cfg: TrainConfig) -> dict:
     """Check, then train; returns RUN/metrics.json. Raises ValueError/FileNotFoundError before any
-    worker starts when the input is wrong."""
+    worker starts when the input is wrong; on Ctrl-C prints one line on stderr and raises Interrupted."""
+    from trainer.loop import INTERRUPT_FILE
+
     cfg = cfg.absolute()
     cfg.validate()
     resolved = preflight(cfg)
     os.makedirs(cfg.out, exist_ok=True)
-    trainer, resources = make_trainer(cfg)
-    resolved.update(resources)
-    dump_yaml(cfg, os.path.join(cfg.out, "config.yaml"), resolved)  # as given, plus what was derived
-    print(f"run {cfg.out}: {resolved['params']:,} parameters ({cfg.model}, {cfg.preset}), "
-          f"{resolved['world_size']} worker(s) x batch {cfg.batch_size}, lr {resolved['lr']:.3g}, "
-          f"{resolved['steps_per_epoch']} steps/epoch, {resolved['total_steps']} steps"
-          + (" (resuming)" if cfg.resume else ""), flush=True)
-    print(f"watch it: tensorboard --logdir {resolved['tensorboard']}", flush=True)
-    threads = torch.get_num_threads()
-    with echo(os.path.join(cfg.out, "train.log"), enabled=cfg.workers > 0):  # workers' progress on this console
-        trainer.fit()
-    torch.set_num_threads(threads)  # local mode ran the loop in this process
-    with open(os.path.join(cfg.out, "metrics.json")) as fh:
-        return json.load(fh)
+    retire_ray_snapshot(cfg.out)
+    with quiet_local_mode(cfg.workers == 0):
+        trainer, resources = make_trainer(cfg)
+        resolved.update(resources)
+        dump_yaml(cfg, os.path.join(cfg.out, "config.yaml"), resolved)  # as given, plus what was derived
+        print(f"run {cfg.out}: {resolved['params']:,} parameters ({cfg.model}, {cfg.preset}), "
+              f"{resolved['world_size']} worker(s) x batch {cfg.batch_size}, lr {resolved['lr']:.3g}, "
+              f"{resolved['steps_per_epoch']} steps/epoch, {resolved['total_steps']} steps"
+              + (" (resuming)" if cfg.resume else ""), flush=True)
+        print(f"watch it: tensorboard --logdir {resolved['tensorboard']}", flush=True)
+        threads = torch.get_num_threads()
+        marker = os.path.join(cfg.out, INTERRUPT_FILE)
+        ctrl_c = CtrlC(marker)
+        try:
+            with ctrl_c, echo(os.path.join(cfg.out, "train.log"), enabled=cfg.workers > 0):  # workers' progress
+                trainer.set_ctrl_c(ctrl_c)
+                trainer.fit()
+        except BaseException:
+            if not ctrl_c.aborted:  # a failure, not the second Ctrl-C
+                raise
+            # the second Ctrl-C: local mode's KeyboardInterrupt, or Ray's controller gone (ActorDiedError)
+        finally:
+            torch.set_num_threads(threads)  # local mode ran the loop in this process
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(marker)
+    metrics_path = os.path.join(cfg.out, "metrics.json")
+    metrics = None
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as fh:
+            metrics = json.load(fh)
+    if not ctrl_c.aborted and metrics is not None and metrics.get("status") == "interrupted":
+        interrupted(f"interrupted at step {metrics['step']}; resume with --resume", metrics["step"])
+    if ctrl_c.aborted or (ctrl_c.count and (metrics is None or metrics.get("status") != "finished")):
+        from trainer.checkpoint import checkpoint_step, latest_checkpoint
+
+        last = latest_checkpoint(cfg.out)
+        if last is None:
+            interrupted(f"interrupted before the first checkpoint: nothing to resume (remove {cfg.out} to "
+                        f"start again)", None)
+        k = checkpoint_step(last)
+        interrupted(f"interrupted at step {k} (the last checkpoint; later steps are lost); resume with --resume", k)
+    if metrics is None:
+        raise RuntimeError(f"training ended without writing {metrics_path}")
+    return metrics
+
+
+def interrupted(message: str, step: int | None):
+    print(message, file=sys.stderr, flush=True)
+    raise Interrupted(message, step)
+
+
+class CtrlC:
+    """SIGINT while training (main thread only). The first: create RUN/.interrupt, which the loop sees
+    between steps: it checkpoints that step and stops. The second: stop at once (local mode: a
+    KeyboardInterrupt; Ray: the controller aborts the workers). Forked DataLoader workers inherit the
+    handler and ignore the signal (the driver decides)."""
+
+    def __init__(self, marker: str):
+        self.marker, self.count, self.aborted = marker, 0, False
+        self.abort = None  # set by the Ray trainer: stop the workers now
+        self.pid = os.getpid()
+        self.previous = None
+
+    def __enter__(self):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.marker)  # a stale one (a driver killed after a Ctrl-C)
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+    def handle(self, signum, frame) -> None:
+        if os.getpid() != self.pid:  # a forked DataLoader worker
+            return
+        self.count += 1
+        if self.count == 1:
+            with open(self.marker, "w") as fh:
+                fh.write(f"{time.time()}\n")
+            print("Ctrl-C: checkpointing and stopping after this step (Ctrl-C again to stop at once)", flush=True)
+            return
+        self.aborted = True
+        if self.abort is None:
+            raise KeyboardInterrupt
+        self.abort()  # fit() then raises (the controller is gone): run() knows why
+
+
+def abort_controller(controller) -> None:
+    """Ray Train's own second-Ctrl-C: the controller stops the workers and exits."""
+    import ray.exceptions
+
+    try:
+        ray.get(controller.abort.remote())
+    except ray.exceptions.RayActorError:  # it exited before answering
+        pass
+
+
+@contextlib.contextmanager
+def quiet_local_mode(enabled: bool):
+    """Ray Train's local mode logs at INFO on the console (stderr); the workers' LoggingConfig is WARNING."""
+    logger = logging.getLogger("ray.train")
+    level = logger.level
+    if enabled:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def retire_ray_snapshot(out: str) -> None:
+    """Checkpoints are the loop's own (trainer.checkpoint), not Ray's: a run made by an older version has
+    Ray's checkpoint_manager_snapshot.json, whose Ray would check against checkpoints pruned since."""
+    snapshot = os.path.join(out, "ray", "checkpoint_manager_snapshot.json")
+    if os.path.exists(snapshot):
+        os.replace(snapshot, snapshot + ".unused")
 
 
 # ---- checks before any worker starts ------------------------------------------------------------------
@@ -71,9 +199,24 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
     the model this run builds; return the resolved numbers for config.yaml."""
     from shards.stream import MixtureStream
     from trainer.ablations import variant_config
-    from trainer.checkpoint import check_same_model, latest_checkpoint, load_model_file, read_meta
+    from trainer.checkpoint import check_same_model, find_checkpoint, load_model_file, read_meta
     from trainer.model import MultiModalPOYO, n_parameters
 
+    ray_dir = os.path.join(cfg.out, "ray")
+    earlier = earlier_run(cfg.out)
+    if earlier and not cfg.resume:
+        raise ValueError(f"{cfg.out} already holds a run ({', '.join(earlier)}): pass --resume to continue it, "
+                         f"or choose another --out")
+    latest, invalid = find_checkpoint(cfg.out) if cfg.resume else (None, [])
+    if cfg.resume and not latest:
+        if invalid:
+            raise ValueError(f"--resume: no valid checkpoint under {ray_dir}: " + "; ".join(invalid))
+        raise FileNotFoundError(f"--resume: no checkpoint under {ray_dir}"
+                                + (f" ({cfg.out} holds a run that saved none: remove it or choose another --out "
+                                   f"to start again)" if earlier else ""))
+    for problem in invalid:
+        print(f"warning: skipping an invalid checkpoint: {problem}; resuming from {latest}", file=sys.stderr,
+              flush=True)
     world = cfg.world_size
     train = MixtureStream(dataclasses.replace(cfg.stream_config("train"), check_shards=True), world_size=world)
     MixtureStream(cfg.stream_config("valid"), world_size=world)
@@ -83,14 +226,6 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
                          f"{cfg.global_batch} (batch {cfg.batch_size} x {world} workers): lower --batch-size "
                          f"or raise --epoch-windows")
 
-    ray_dir = os.path.join(cfg.out, "ray")
-    latest = latest_checkpoint(cfg.out)
-    existing = latest or os.path.exists(os.path.join(ray_dir, "checkpoint_manager_snapshot.json"))
-    if cfg.resume and not latest:
-        raise FileNotFoundError(f"--resume: no checkpoint under {ray_dir}")
-    if existing and not cfg.resume:
-        raise ValueError(f"{cfg.out} already holds a run (checkpoints in {ray_dir}): pass --resume to continue it, "
-                         f"or choose another --out")
     base = cfg.model_config()
     if cfg.init_from:
         if not os.path.exists(cfg.init_from):
@@ -109,13 +244,22 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
             "model_config": variant.to_dict(), "checkpoints": ray_dir, "tensorboard": os.path.join(cfg.out, "tb")}
 
 
+def earlier_run(out: str) -> list[str]:
+    """What in ``out`` shows that a run trained there (config.yaml alone does not: the driver writes it
+    before training starts)."""
+    found = []
+    for name in ("ray", "metrics.json", "model_best.pt", "model_last.pt", "train.log", "tb", "batches"):
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and os.listdir(path) or os.path.isfile(path):
+            found.append(name + ("/" if os.path.isdir(path) else ""))
+    return found
+
+
 # ---- Ray Train --------------------------------------------------------------------------------------
 
 def make_trainer(cfg: TrainConfig):
     """The TorchTrainer (local mode when workers == 0) and the resources it asks for."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from trainer.loop import train_loop_per_worker
 
@@ -134,14 +278,29 @@ def make_trainer(cfg: TrainConfig):
         cfg = dataclasses.replace(cfg, cpus_per_worker=cpus, use_gpu=use_gpu)
         scaling = ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus})
     run_config = ray.train.RunConfig(
-        name="ray", storage_path=cfg.out,  # same (storage_path, name) = the same run: that is how Ray resumes
+        name="ray", storage_path=cfg.out,  # Ray's run folder is RUN/ray, where the loop writes its checkpoints
         failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         callbacks=[FailureLog(os.path.join(cfg.out, "train.log"), cfg.max_failures)],
         logging_config=ray.train.LoggingConfig(log_level="WARNING"))
-    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=cfg.to_dict(), scaling_config=scaling,
-                           run_config=run_config, torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"))
+    trainer = Trainer(train_loop_per_worker, train_loop_config=cfg.to_dict(), scaling_config=scaling,
+                      run_config=run_config, torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"))
     return trainer, {"use_gpu": use_gpu, "cpus_per_worker": cfg.cpus_per_worker}
+
+
+class Trainer(TorchTrainer):
+    """TorchTrainer whose Ctrl-C is ours (CtrlC): the first one checkpoints and stops the loop; Ray's own
+    handler (it replaces any when fit() starts the controller) aborts the workers at once."""
+
+    ctrl_c = None
+
+    def set_ctrl_c(self, ctrl_c: "CtrlC") -> None:
+        self.ctrl_c = ctrl_c
+
+    def _register_sigint_handler(self, controller) -> None:  # ray 2.60: fit() calls it in the main thread
+        if self.ctrl_c is None:
+            return super()._register_sigint_handler(controller)
+        self.ctrl_c.abort = lambda: abort_controller(controller)
+        signal.signal(signal.SIGINT, self.ctrl_c.handle)
 
 
 class FailureLog(ray.train.UserCallback):
