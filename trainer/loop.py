@@ -100,6 +100,8 @@ def train_loop_per_worker(config: dict) -> None:
         say(f"resumed from the checkpoint at step {progress['step']} (epoch {loader.state.epoch}, "
             f"window {loader.state.consumed_windows} of the epoch's global order)", all_ranks=True)
     step = start_step = progress["step"]
+    # corrupt samples skipped (the batches' n_skipped): by all ranks before this attempt, by this rank since
+    skipped = {"before": progress.get("skipped_samples", 0), "mine": 0}
     tb = TBLog(os.path.join(cfg.out, "tb"), purge_step=step + 1 if step else None) if rank == 0 else NullLog()
     record = BatchRecord(cfg, rank, start_step)
     if rank == 0 and step == 0:
@@ -133,6 +135,7 @@ def train_loop_per_worker(config: dict) -> None:
             say(f"epoch {epoch}: unfreezing the decoder, encoders and trunk")
         for i, batch in enumerate(timer.timed(loader)):
             record.add(step + 1, epoch, batch)
+            skipped["mine"] += int(batch["n_skipped"])
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
             out = model(built.to_model(batch))
@@ -151,12 +154,14 @@ def train_loop_per_worker(config: dict) -> None:
             inject_failure(cfg, step, rank, world, say)
             if step % cfg.log_every == 0 or step == 1:
                 scalars = timer.summary(train_tally, optimizer, device)
+                progress["skipped_samples"] = skipped["before"] + sum(gather(skipped["mine"]))
+                scalars["data/skipped_samples"] = progress["skipped_samples"]
                 if math.isnan(progress["first_loss"]):
                     progress["first_loss"] = scalars["train/loss"]
                 tb.scalars(scalars, step)
                 say(f"step {step}/{total_steps}  epoch {epoch}  loss {scalars['train/loss']:.4f}  "
                     f"lr {scalars['train/lr']:.3g}  {scalars['perf/steps_per_s']:.1f} steps/s  "
-                    f"data wait {scalars['perf/data_wait_fraction']:.1%}")
+                    f"data wait {scalars['perf/data_wait_fraction']:.1%}  skipped {progress['skipped_samples']}")
                 train_tally = Tally(net.config.tasks, session_ids, device=device)
             if step >= total_steps or step == cfg.stop_at_step or interrupt.requested(step):
                 break
@@ -225,13 +230,14 @@ def train_loop_per_worker(config: dict) -> None:
         tb.scalars(tally.scalars("test", sessions=True), step)
         tb.confusion(tally.confusion_matrices(), step, prefix="test")
         say("test split (best weights): " + format_accuracies(test))
+    progress["skipped_samples"] = skipped["before"] + sum(gather(skipped["mine"]))  # (every rank calls gather)
     if rank == 0:
         save_model_file(os.path.join(cfg.out, "model_last.pt"), net, built.meta, step=step)
         write_json(os.path.join(cfg.out, "metrics.json"), {
             "status": status, "step": step, "total_steps": total_steps, "epochs": loader.state.epoch,
             "train": {"first_loss": progress["first_loss"], "last_loss": timer.last_loss},
             "final": last_val, "best": json.loads(progress["best_metrics"]), "test": test,
-            "tensorboard": os.path.join(cfg.out, "tb")})
+            "skipped_samples": progress["skipped_samples"], "tensorboard": os.path.join(cfg.out, "tb")})
     tb.close()
     record.close()
 
