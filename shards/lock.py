@@ -40,6 +40,15 @@ LOCK = "_ingest/lock.json"
 GUARD = "_ingest/lock.guard"
 
 
+
+def _parse(data: bytes) -> dict:
+    """A lock body as a dict; unreadable bodies read as {} (a lock whose holder cannot be told: stale by age)."""
+    try:
+        info = json.loads(data)
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
 class LockHeld(StoreError):
     """Another live writer holds the store's lock."""
 
@@ -246,11 +255,7 @@ class StoreLock:
                 data = fh.read()
         except FileNotFoundError:
             return None
-        try:
-            info = json.loads(data)
-        except ValueError:
-            info = {}
-        return (info if isinstance(info, dict) else {}), None
+        return _parse(data), None
 
     def _local_write(self) -> None:
         tmp = f"{self._lock_path()}.{self.token}.tmp"
@@ -342,11 +347,7 @@ class StoreLock:
             if err is None:
                 raise
             raise err from exc
-        try:
-            info = json.loads(data)
-        except ValueError:
-            info = {}
-        return (info if isinstance(info, dict) else {}), etag
+        return _parse(data), etag
 
     def _s3_delete(self) -> None:
         try:

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from shards.stream import MixtureStream, StreamLoader
 from trainer.checkpoint import CHECKSUM_FILE, STATE_FILE, check_checkpoint, checkpoint_step, list_checkpoints
-from trainer.loop import fingerprint
 from trainer.train import main, run
 from trainer.train_config import TrainConfig
 
 from .storegen import make_store, uneven_records
+from .test_train import uninterrupted
 
 pytestmark = pytest.mark.slow
 
@@ -60,19 +59,6 @@ def recorded(out) -> dict[int, dict]:
             r = json.loads(line)
             res[r["step"]] = r
     return res
-
-
-def uninterrupted(cfg: TrainConfig, steps: int) -> dict[int, int]:
-    """{step: fingerprint} of the batches an uninterrupted run trains on: the stream itself."""
-    loader = StreamLoader(MixtureStream(cfg.stream_config("train"), rank=0, world_size=1), num_workers=0)
-    fps, step = {}, 0
-    while step < steps:
-        for batch in loader:
-            step += 1
-            fps[step] = fingerprint(batch)
-            if step == steps:
-                break
-    return fps
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +118,7 @@ def test_resume_after_ctrl_c_continues_on_exactly_the_next_batch(interrupted, re
     assert sorted(rec) == list(range(1, STEPS + 1))
     assert rec[n + 1]["start_step"] == n and rec[n]["start_step"] == 0  # nothing redone, nothing skipped
     assert rec[n + 1]["position"] == (n % 20) * 8  # the epoch's next global window
-    assert {s: r["fingerprint"] for s, r in rec.items()} == uninterrupted(config(store, out), STEPS)
+    assert {s: r["fingerprint"] for s, r in rec.items()} == uninterrupted(config(store, out), STEPS)[0]
     assert f"resumed from the checkpoint at step {n} " in open(out / "train.log").read()
     assert [checkpoint_step(d) for d in list_checkpoints(str(out))] == [STEPS, STEPS - 4]  # keep_checkpoints
 
@@ -165,7 +151,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_with_a_warning(r
     assert f"resumed from the checkpoint at step {k} " in log and bad in log
     rec = recorded(out)
     assert rec[k + 1]["start_step"] == k  # the steps after the valid checkpoint, trained again...
-    assert {s: r["fingerprint"] for s, r in rec.items()} == uninterrupted(config(store, out), STEPS)  # ...the same
+    assert {s: r["fingerprint"] for s, r in rec.items()} == uninterrupted(config(store, out), STEPS)[0]  # ...the same
     assert check_checkpoint(newest) is None  # rewritten whole
 
 
