@@ -304,14 +304,7 @@ class StoreLock:
             raise err from exc
 
     def _s3_create(self) -> bool:
-        try:
-            resp = self._s3_call("put_object", Body=self._body(), IfNoneMatch="*", ContentType="application/json")
-        except Exception as exc:
-            if _condition_failed(exc):
-                return False
-            raise
-        self._version = resp.get("ETag")
-        return True
+        return self._s3_put(IfNoneMatch="*")
 
     def _s3_put(self, **cond) -> bool:
         try:
