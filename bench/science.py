@@ -209,7 +209,10 @@ def main() -> None:
     nwb, store = build_corpus(work, cfg)
     held = held_out_sessions(store, cfg.held_out, cfg.corpus_seed)
     held_all = [s for mod in MODALITIES for s in held[mod]]
-    ideal_acc, ideal_upper = ideal(store, nwb, held_all)
+    try:  # bad input (no truth files, another generator's, sessions missing from them): one line, before training
+        ideal_acc, ideal_upper = ideal(store, nwb, held_all)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from None
     from trainer.logreg import logreg_baseline
 
     logreg = logreg_baseline(str(store), held_all, {t: n for t, n in zip(TASKS, (6, 8, 119))})
