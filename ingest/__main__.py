@@ -59,4 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["run"]:  # the local Ray cluster dies with this command, even on kill -9
+        from cluster.lifeline import supervise
+
+        supervise()
     sys.exit(main())

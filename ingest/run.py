@@ -15,12 +15,19 @@ never in the tables twice.
 
 A marker is data read back from the store: every path in it must stay inside the store
 (``Store.resolve``), or the run stops with an error naming the marker before anything is deleted.
+
+A task publishes (a shard, a marker) or deletes only while its run holds the store's lock and the
+lock's holder is alive (``RunStore``): a task orphaned by a killed driver, or by a run whose lock was
+taken over, writes nothing more.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import socket
 import tempfile
 import time
 import traceback
@@ -31,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from shards import manifest
-from shards.lock import StoreLock, describe_holder
+from shards.lock import LOCK, StoreLock, describe_holder
 from shards.store import Store, StoreError, is_remote, s3_filesystem
 from shards.writer import RecordShardWriter, sha256_file
 
@@ -130,6 +137,66 @@ def discover(src: str, problems: list[dict] | None = None) -> list[Source]:
 
 
 # ---- one file (runs inside a Ray task) -----------------------------------------------------------
+class NotPublishing(StoreError):
+    """This task's run no longer holds the store's lock: it publishes and deletes nothing."""
+
+
+def _dying(pid: int) -> bool:
+    """Whether a local process has been killed but not yet torn down: a SIGKILL pending (the kernel
+    queues it on every thread as ``kill`` returns) or its main thread exiting (PF_EXITING). A big
+    driver takes tens of ms from ``kill -9`` to zombie (measured 18-70 ms), long enough for a worker
+    to publish a few shards if only the pid were checked."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            pending = [int(line.split()[1], 16) for line in fh if line.startswith(("SigPnd:", "ShdPnd:"))]
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            flags = int(fh.read().rsplit(b")", 1)[1].split()[6])
+    except (OSError, ValueError, IndexError):
+        return False  # gone (pid_alive says so), or no /proc: the pid check alone
+    return any(p & (1 << (signal.SIGKILL - 1)) for p in pending) or bool(flags & 0x4)  # PF_EXITING
+
+
+class RunStore(Store):
+    """The store as one run's task sees it: each publish (``put_file``, ``write_bytes``) and delete
+    first checks that the lock (``shards/lock.py``) still carries this run's token and that its holder
+    is alive (its pid, on its host, and not being killed; its heartbeat, anywhere), else raises
+    NotPublishing. So a task that outlives its driver (``kill -9``) or whose run lost the lock
+    publishes nothing more. One read of a small object per shard."""
+
+    def __init__(self, uri: str, token: str):
+        super().__init__(uri)
+        self.token = token
+        self._judge = StoreLock(self)  # only its stale_reason: never acquired
+
+    def check_run(self) -> None:
+        try:
+            info = json.loads(self.read_bytes(LOCK))
+        except FileNotFoundError:
+            info = None
+        except ValueError:
+            info = {}
+        if not isinstance(info, dict) or info.get("token") != self.token:
+            raise NotPublishing(f"{self.url(LOCK)}: this run's lock was released or taken over; publishing nothing")
+        why = self._judge.stale_reason(info)
+        pid = info.get("pid")
+        if why is None and info.get("host") == socket.gethostname() and isinstance(pid, int) and _dying(pid):
+            why = f"its pid {pid} was killed"
+        if why:
+            raise NotPublishing(f"{self.url(LOCK)}: this run's driver is gone ({why}); publishing nothing")
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        self.check_run()
+        super().write_bytes(rel, data)
+
+    def put_file(self, local_path: str, rel: str) -> None:
+        self.check_run()
+        super().put_file(local_path, rel)
+
+    def remove(self, rel: str, source: str | None = None) -> None:
+        self.check_run()
+        super().remove(rel, source)
+
+
 def _record_rows(rec: SessionRecord, sha: str, splits: dict) -> tuple[dict, list[dict]]:
     session = {
         "session_id": rec.session_id,
@@ -222,15 +289,16 @@ def _already_done(store: Store, uri: str, sha: str, fp: dict) -> bool:
 
 
 def ingest_file(source: Source, store_uri: str, config: IngestConfig, previous: dict | None = None,
-                rehash: bool = False) -> dict:
+                rehash: bool = False, lock_token: str | None = None) -> dict:
     """Ingest one NWB file; never raises for bad input (returns status 'failed' and a reason).
 
     ``previous``: what the store's marker for this source URI says (its sha256 and fingerprint),
-    if any."""
+    if any. ``lock_token``: the run's store lock; when given, nothing is written unless the run
+    still holds it (``RunStore``)."""
     from .readers import open_records  # imported here: heavy (pynwb), and only workers need it
 
     t0 = time.perf_counter()
-    store = Store(store_uri)
+    store = RunStore(store_uri, lock_token) if lock_token else Store(store_uri)
     local, tmp_download = source.uri, None
     writers: list[RecordShardWriter] = []
     try:
@@ -283,8 +351,11 @@ def ingest_file(source: Source, store_uri: str, config: IngestConfig, previous: 
     except Exception as exc:  # one bad file must not stop the others
         for w in writers:
             w.abort()
-            for row in w.shard_rows:
-                store.remove(row["path"])
+        if not isinstance(exc, NotPublishing):  # (not our lock any more: what is there may be another run's)
+            with contextlib.suppress(NotPublishing):
+                for w in writers:
+                    for row in w.shard_rows:
+                        store.remove(row["path"])
         reason = str(exc) if isinstance(exc, IngestError) else f"{type(exc).__name__}: {exc}"
         result = {"status": "failed", "source": source.uri, "reason": reason.splitlines()[0] if reason else type(exc).__name__,
                   "seconds": time.perf_counter() - t0}
@@ -385,7 +456,7 @@ def _run_locked(store: Store, out: str, sources: list[Source], not_files: list[d
 
     def submit() -> None:
         for s in it:
-            pending[task.remote(s, out, config, previous.get(s.uri), rehash)] = s
+            pending[task.remote(s, out, config, previous.get(s.uri), rehash, lock.token)] = s
             if len(pending) >= 2 * workers:
                 return
 

@@ -21,6 +21,11 @@ Ray: a local cluster unless ``RAY_ADDRESS`` names one (``RAY_ADDRESS=auto`` on a
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, while one thread runs: the local Ray cluster dies with this command
+    from cluster.lifeline import supervise  # even on kill -9 (a supervising parent; see cluster/lifeline.py)
+
+    supervise()
+
 import contextlib
 import dataclasses
 import json
