@@ -173,3 +173,25 @@ def test_no_attempt_starts_after_give_up_s(local_store, s3_server, s3_bucket, mo
             with pytest.raises(StoreUnavailable, match=r"unreachable after 1 attempt over") as info:
                 f.get(rows.path.iloc[0], int(rows.offset.iloc[0]), int(rows.length.iloc[0]))
     assert info.value.attempts == 1 and info.value.endpoint == proxy.url
+
+
+def test_the_training_cli_finds_the_stream_error_inside_what_ray_wraps_it_in():
+    from shards.fetch import StoreUnavailable
+    from trainer.train import data_error
+
+    outage = StoreUnavailable("S3 endpoint http://127.0.0.1:1 unreachable after 8 attempts over 2.2 s reading s3://b/x.tar")
+
+    class TrainingFailed(RuntimeError):  # the shape of Ray Train's failure: per-worker errors in a dict
+        def __init__(self, failures):
+            super().__init__("Training failed")
+            self.worker_failures = failures
+
+    try:
+        try:
+            raise outage
+        except StoreUnavailable as exc:
+            raise RuntimeError("worker 1 died") from exc
+    except RuntimeError as worker_error:
+        wrapped = TrainingFailed({1: worker_error})
+    assert data_error(wrapped) is outage
+    assert data_error(TrainingFailed({0: ValueError("a bug")})) is None

@@ -55,8 +55,35 @@ def main(argv: list[str] | None = None) -> dict:
     except KeyboardInterrupt:  # Ctrl-C before training started (run() handles it from there on)
         print("interrupted before training started", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
+    except Exception as exc:  # an unreachable store or corrupt data during training: its one line, not Ray's trace
+        cause = data_error(exc)
+        if cause is None:
+            raise
+        raise SystemExit(f"error: {cause}") from None
     print_summary(metrics, cfg.absolute().out)
     return metrics
+
+
+def data_error(exc: BaseException) -> BaseException | None:
+    """The stream's own error (store unreachable, corrupt samples over budget) inside whatever Ray wrapped
+    it in (exception chains, RayTaskError.cause, a training failure's per-worker errors), or None."""
+    from shards.fetch import FetchError
+    from shards.stream import CorruptSampleError
+
+    stack, seen = [exc], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (FetchError, CorruptSampleError)):
+            return e
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        for name in ("worker_failures", "worker_exceptions"):
+            failures = getattr(e, name, None)
+            if isinstance(failures, dict):
+                stack += list(failures.values())
+    return None
 
 
 class Interrupted(SystemExit):
