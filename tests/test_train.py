@@ -110,7 +110,8 @@ def test_two_workers_loss_falls_and_tensorboard_has_both_modalities(resumed_run)
     wait = [e.value for e in tb.Scalars("perf/data_wait_fraction")]
     assert all(0 <= w <= 1 for w in wait)
     lr = [e.value for e in tb.Scalars("train/lr")]
-    assert lr[0] == pytest.approx(3.125e-5 * 16) and lr[-1] < lr[0] / 10  # held, then cosine decay
+    # small preset: AdamW, square-root batch rule from 1e-3 at batch 32 (global batch 16 here)
+    assert lr[0] == pytest.approx(3.125e-5 * 32 * (16 / 32) ** 0.5) and lr[-1] < lr[0] / 10  # held, then cosine decay
     assert "val/confusion/static_gratings" in tb.Tags()["images"]
     # validation per task per modality (and per session) in metrics.json, config.yaml resolved
     final = metrics["final"]
@@ -121,7 +122,7 @@ def test_two_workers_loss_falls_and_tensorboard_has_both_modalities(resumed_run)
     assert final["score"] == pytest.approx((final["modality"]["ephys"]["score"]
                                             + final["modality"]["ophys"]["score"]) / 2)
     doc = yaml.safe_load(open(out / "config.yaml"))
-    assert doc["resolved"]["lr"] == pytest.approx(5e-4) and doc["resolved"]["total_steps"] == 24
+    assert doc["resolved"]["lr"] == pytest.approx(lr[0]) and doc["resolved"]["total_steps"] == 24
     assert os.path.exists(out / "model_best.pt") and metrics["best"]["step"] in (10, 20, 24)
 
 
@@ -190,7 +191,10 @@ def test_yaml_then_flags_override_defaults(tmp_path, capsys):
     assert (cfg.batch_size, cfg.mix, cfg.bf16, cfg.sessions_exclude) == (16, "ophys=1", False, ["a", "b"])
     assert cfg.model_overrides == {"dim": 64, "depth": 3}
     assert cfg.model_config().dim == 64 and cfg.weight_decay == 1e-4
-    assert TrainConfig(workers=4).peak_lr == pytest.approx(3.125e-5 * 32 * 4)
+    assert TrainConfig(workers=4).peak_lr == pytest.approx(3.125e-5 * 32 * 4)  # LAMB (paper preset): linear rule
+    small = TrainConfig(workers=4, preset="small")
+    assert small.optimizer_name == "adamw" and small.peak_lr == pytest.approx(1e-3 * 2)  # AdamW: sqrt(128 / 32)
+    assert TrainConfig(workers=4, preset="small", optimizer="lamb").peak_lr == pytest.approx(3.125e-5 * 32 * 4)
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     help_text = capsys.readouterr().out
