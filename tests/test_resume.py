@@ -69,11 +69,10 @@ def interrupted(store, tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, "-m", "trainer.train", *cli(store, out)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log, deadline = out / "train.log", time.time() + 180
-    try:
+    log = out / "train.log"
+    try:  # no clock: a run that never logs the step ends by itself (STEPS steps), and that fails here
         while f"step {SIGNAL_AT}/{STEPS} " not in (log.read_text() if log.exists() else ""):
             assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline, "the run never reached the step"
             time.sleep(0.02)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=120)
