@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .fastread import iter_samples
 from .store import Store, StoreError, safe_key
 
 MANIFEST = "manifest.parquet"
@@ -159,3 +160,11 @@ def load(store: Store) -> StoreTables:
 
     with ThreadPoolExecutor(4) as ex:
         return StoreTables(*ex.map(lambda n: read_table(store, n), (MANIFEST, SESSIONS, UNITS, CHUNKS)))
+
+
+def record_samples(store: Store, chunks, session: str, region: str, split: str):
+    """The samples of one record's split in time order, each read by its byte range.
+    ``chunks``: the chunk table as a pandas DataFrame (convert it once, not per record)."""
+    c = chunks[(chunks.session_id == session) & (chunks.region == region) & (chunks.split == split)]
+    for path, offset, length in zip(*(c.sort_values("t_start")[k] for k in ("path", "offset", "length"))):
+        yield from iter_samples(store.read_range(path, int(offset), int(offset + length)))

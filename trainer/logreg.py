@@ -19,37 +19,17 @@ averaged over records.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from shards import manifest
-from shards.fastread import iter_samples
 from shards.store import Store
 
 LATENCIES_S = (0.0, 0.05, 0.1)
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 OPHYS_MIN_SPAN_S = 0.75
 TASKS = ("static_gratings", "drifting_gratings", "natural_scenes")
-
-
-@dataclass
-class Presentations:
-    """Labelled presentations of one (session, task, split) with their raw activity."""
-
-    label: np.ndarray  # (P,) int64
-    start: np.ndarray  # (P,) float64
-    end: np.ndarray
-    chunks: list  # (chunk sample, index of the presentation rows in it)
-
-
-def _split_samples(store: Store, tables: manifest.StoreTables, session: str, region: str, split: str):
-    c = tables.chunks.to_pandas()
-    c = c[(c.session_id == session) & (c.region == region) & (c.split == split)].sort_values("t_start")
-    for path, offset, length in zip(c.path, c.offset, c.length):
-        yield from iter_samples(store.read_range(path, int(offset), int(offset + length)))
 
 
 def _features_of_chunk(sample, task: str, columns: dict[str, int], latency: float) -> tuple[np.ndarray, np.ndarray]:
@@ -119,14 +99,10 @@ def predict(model: tuple[torch.Tensor, ...], x: np.ndarray) -> np.ndarray:
     return ((torch.tensor((xz - mean.numpy()) / std.numpy()) @ w + b).argmax(1)).numpy()
 
 
-def logreg_record(store: Store, tables: manifest.StoreTables, session: str, region: str, task: str, n_classes: int,
+def logreg_record(samples: dict[str, list], columns: dict[str, int], task: str, n_classes: int,
                   modality: str) -> dict:
-    """Test accuracy of the validation-picked (latency, L2) model, refit on train. {acc, n, latency, l2}."""
-    units = tables.units.to_pandas()
-    units = units[(units.session_id == session) & (units.region == region)]
-    # a chunk names its units by the part of unit_id after "session/" (unique within the session)
-    columns = {k: i for i, k in enumerate(units.unit_id.str.split("/", n=1).str[1])}
-    samples = {sp: list(_split_samples(store, tables, session, region, sp)) for sp in ("train", "valid", "test")}
+    """Test accuracy of the validation-picked (latency, L2) model, refit on train. {acc, n, latency, l2}.
+    ``samples``: the record's decoded chunks per split; ``columns``: its units' feature columns."""
     # the latency with a middle L2 first, then the L2 at that latency: 3 + 4 fits instead of 12
     feats, scores = {}, {}
     for latency in (LATENCIES_S if modality == "ephys" else (0.0,)):
@@ -156,13 +132,18 @@ def logreg_baseline(store_uri: str, sessions: list[str], n_classes: dict[str, in
     tables = manifest.load(store)
     st = tables.sessions.to_pandas()
     st = st[st.session_id.isin(sessions)]
+    chunks, units = tables.chunks.to_pandas(), tables.units.to_pandas()  # once, not per record and task
     per: dict = {}
     rows = {}
     for sid, region, mod in zip(st.session_id, st.region, st.modality):
         key = f"{sid}/{region}"
         rows[key] = {}
-        for task in TASKS:
-            r = logreg_record(store, tables, sid, region, task, n_classes[task], mod)
+        mine = units[(units.session_id == sid) & (units.region == region)]
+        # a chunk names its units by the part of unit_id after "session/" (unique within the session)
+        columns = {k: i for i, k in enumerate(mine.unit_id.str.split("/", n=1).str[1])}
+        samples = {sp: list(manifest.record_samples(store, chunks, sid, region, sp)) for sp in ("train", "valid", "test")}
+        for task in TASKS:  # the record's chunks are read once for its three tasks
+            r = logreg_record(samples, columns, task, n_classes[task], mod)
             rows[key][task] = r
             if r["n"]:
                 per.setdefault(mod, {}).setdefault(task, []).append(r["acc"])

@@ -51,7 +51,6 @@ from typing import Iterator
 import numpy as np
 
 from shards import manifest
-from shards.fastread import iter_samples
 from shards.store import Store
 
 from ..tasks import TASKS
@@ -138,14 +137,6 @@ def _records(tables: manifest.StoreTables, truth_dir: Path, sessions: list[str] 
     return out
 
 
-def _chunks(store: Store, chunks, rec: _Record, split: str) -> Iterator:
-    """The record's samples of ``split`` in time order, each read by its byte range (``chunks``: the table)."""
-    c = chunks
-    c = c[(c.session_id == rec.session) & (c.region == rec.region) & (c.split == split)].sort_values("t_start")
-    for path, offset, length in zip(c.path, c.offset, c.length):
-        yield from iter_samples(store.read_range(path, int(offset), int(offset + length)))
-
-
 def _queries(meta: dict, scored_only: bool = True) -> dict[str, tuple]:
     """task -> (start, end, label, scored) of the chunk's labelled presentations; scored = midpoint in the chunk.
     ``scored_only``: only those (the others are kept for decoders that model neighbours)."""
@@ -227,7 +218,7 @@ def ideal_predictions(store: str, truth_dir: str, split: str = "test",
         truth = SessionTruth.load(stem)
         sess = OphysSession(truth) if truth.modality == "ophys" else None
         for rec in recs:
-            samples = _chunks(st, chunks, rec, split)
+            samples = manifest.record_samples(st, chunks, rec.session, rec.region, split)
             out += _ophys_record(sess, rec, samples) if sess is not None else _ephys_record(truth, rec, samples)
         del sess
     return out
