@@ -27,6 +27,7 @@ from shards.lock import LOCK, StoreLock
 
 REPO = Path(__file__).resolve().parents[1]
 GONE_WITHIN_S = 60.0  # a bound, not a speed: the measured time is ~0.2 s
+WORKERS = 2  # Ray task workers of each ingest run: at most this many publishes can be in flight at a kill
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +109,7 @@ def kill_and_check(proc: subprocess.Popen, victim: int, driver: int, procs: dict
                    out: Path | None = None) -> None:
     """SIGKILL ``victim``; every process in ``procs`` must go, and (``out``) nothing may be published
     after the kill of the driver, or once the driver is dead when the victim is its supervisor (which
-    takes the driver along in a moment). (A rename in flight at that very instant may still land.)"""
+    takes the driver along in a moment)."""
     os.kill(victim, signal.SIGKILL)
     if out is not None:
         if victim != driver:
@@ -123,36 +124,57 @@ def kill_and_check(proc: subprocess.Popen, victim: int, driver: int, procs: dict
     assert not left, f"still running {GONE_WITHIN_S:.0f} s after the kill: {left}\n{tail(log)}"
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, tail(log))
     if out is not None:
-        assert published(out) == after_death
+        assert_nothing_published_after(out, after_death)
+
+
+def assert_nothing_published_after(out: Path, before: dict[str, tuple[int, int]]) -> None:
+    """Nothing published after the kill but what was in flight at that instant: a task checks the lock
+    (and that its holder is not dying) just before each rename, so a task that passed its check a moment
+    before the kill may still land that one rename (seen on a loaded 2-core CI host), one per worker at
+    most; nothing already published changes."""
+    now = published(out)
+    assert {k: v for k, v in now.items() if k in before} == before, "a published file changed after the kill"
+    late = sorted(set(now) - set(before))
+    assert len(late) <= WORKERS, f"published after the kill: {late}"
 
 
 # ---- ingest run -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     src = tmp_path_factory.mktemp("death") / "src"
-    subprocess.run([sys.executable, "-m", "ingest", "synth", "--out", str(src), "--sessions", "4",
+    subprocess.run([sys.executable, "-m", "ingest", "synth", "--out", str(src), "--sessions", "6",
                     "--duration", "120", "--quiet"], cwd=REPO, check=True, capture_output=True,
                    env={**os.environ, "PYTHONPATH": str(REPO)})
     return src
 
 
-def worker_writing(out: Path) -> bool:
-    """A Ray worker is building a shard: a temp file in the store once the driver has written its
-    config (which passes through .tmp/ too, before Ray starts)."""
-    tmp = out / ".tmp"
-    return (out / "_ingest" / "config.json").exists() and tmp.is_dir() and any(tmp.iterdir())
+def shard_published(out: Path) -> bool:
+    """Ray workers are at work: one session's shard is in the store (temp files live for milliseconds,
+    too short to be seen by a poll on a loaded host); the corpus has more sessions than workers, so
+    the run still has shards to write."""
+    return any(out.glob("*ph*/*/*/*.tar"))
+
+
+def wait_busy(proc: subprocess.Popen, out: Path, log: Path) -> int:
+    """Poll until a worker has published a shard while the run still holds the store's lock; the lock holder's
+    pid (the driver). Read in the same poll: a run that has already finished (its lock released, the
+    process still exiting) must not pass for a busy one."""
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if shard_published(out):
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                return json.loads((out / LOCK).read_text())["pid"]
+        time.sleep(0.02)
+    raise AssertionError(f"no shard was seen published while the run held its lock\n{tail(log)}")
 
 
 def busy_ingest(corpus: Path, out: Path):
-    """`ingest run` started and stopped the moment a worker builds a shard; (proc, driver pid, processes)."""
+    """`ingest run` started and stopped once a worker has published a shard; (proc, driver pid, processes)."""
     log = out.parent / "ingest.log"
-    proc = cli(log, "ingest", "run", "--src", str(corpus), "--out", str(out), "--workers", "2", "--quiet")
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline and not worker_writing(out):
-        time.sleep(0.02)
+    proc = cli(log, "ingest", "run", "--src", str(corpus), "--out", str(out), "--workers", str(WORKERS), "--quiet")
+    driver = wait_busy(proc, out, log)  # the process holding the store's lock
     procs = descendants(proc.pid)
     assert proc.poll() is None, tail(log)
-    driver = json.loads((out / LOCK).read_text())["pid"]  # the process holding the store's lock
     assert driver in procs
     return proc, driver, procs, log
 
@@ -302,22 +324,19 @@ def test_a_driver_that_joined_a_cluster_takes_only_its_own_work_along(corpus, tm
     address, daemons, (sid, since) = running_cluster
     out = tmp_path / "store"
     log = tmp_path / "ingest.log"
-    proc = cli(log, "ingest", "run", "--src", str(corpus), "--out", str(out), "--workers", "2", "--quiet",
+    proc = cli(log, "ingest", "run", "--src", str(corpus), "--out", str(out), "--workers", str(WORKERS), "--quiet",
                env={"RAY_ADDRESS": address})
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline and not worker_writing(out):
-        time.sleep(0.02)
+    driver = wait_busy(proc, out, log)
     mine = descendants(proc.pid)
     assert proc.poll() is None, tail(log)
     job = {p: v for p, v in session_members(sid, since).items() if p not in daemons}  # started for this run
     assert job, "no cluster process was started for the run"
-    driver = json.loads((out / LOCK).read_text())["pid"]
     assert driver in mine and not set(mine) & set(daemons)
     assert manifest.MANIFEST not in published(out), "the run finished before it could be killed"
     os.kill(driver, signal.SIGKILL)
     after_kill = published(out)
     assert not wait_gone(mine), tail(log)
     assert not wait_gone(job), "the dead driver's tasks still run on the cluster"
-    assert published(out) == after_kill
+    assert_nothing_published_after(out, after_kill)
     assert not [p for p in daemons if p not in alive(daemons)], "a process of the cluster was killed"
     proc.wait(timeout=5)
