@@ -6,7 +6,7 @@ DEMO   := demo
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup demo test bench allen-env clean
+.PHONY: setup demo test lint bench allen-env clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,13 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# the code checks: ruff (lint and format, settings in pyproject.toml), then the layer contracts
+# (import-linter, [tool.importlinter] in pyproject.toml): a new back-edge or import cycle fails here
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) bench/ingest.py

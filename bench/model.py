@@ -76,8 +76,8 @@ def worker(args) -> None:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from trainer.config import ModelConfig
-    from trainer.model import MultiModalPOYO, n_parameters, synthetic_batch
+    from trainer.model.config import ModelConfig
+    from trainer.model.network import MultiModalPOYO, n_parameters, synthetic_batch
 
     kind, rotate_values, ephys_tokens = args.worker.split(":")
     torch.set_num_threads(args.threads)

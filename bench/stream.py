@@ -13,7 +13,7 @@
    ``.venv-tb`` (skipped, and said so, when that environment is missing), on its synthetic
    spikes of similar size (100-300 units at 5-10 Hz, 1-s windows);
 5. peak RSS of a process streaming from the store at 1x and at 4x the data;
-6. the cost of the per-sample xxh3 check (shards/integrity.py): every chunk decoded the way the
+6. the cost of the per-sample xxh3 check (shards/stream/integrity.py): every chunk decoded the way the
    stream decodes it (``MixtureStream._decode``: read, checksum, tar/.npy, DecodedChunk), with and
    without the check, alternating in one run, plus in-process training windows/s both ways.
 Results: bench/results/stream.json. ``--only checksum`` runs 6 alone (bench/results/stream_checksum.json),
@@ -115,7 +115,7 @@ def checksum_cost(store_uri: str, batches: int, repeats: int = 7) -> dict:
     on a shared host). ``overhead`` = 1 - checked rate / unchecked rate."""
     from collections import OrderedDict
 
-    from shards.stream import MixtureStream, StreamConfig
+    from shards.stream.dataset import MixtureStream, StreamConfig
 
     streams = {name: MixtureStream(StreamConfig(store=store_uri, mix="ephys=1,ophys=1", check_checksums=on))
                for name, on in (("checked", True), ("unchecked", False))}
@@ -148,7 +148,7 @@ def checksum_cost(store_uri: str, batches: int, repeats: int = 7) -> dict:
     # why xxh3 and not zlib's crc32
     import zlib
 
-    from shards.integrity import checksum
+    from shards.stream.integrity import checksum
 
     st = streams["checked"].store
     blobs = [st.read_range(p, o, o + n) for p, o, n in zip(streams["checked"].chunks.path,
@@ -170,7 +170,7 @@ def checksum_cost(store_uri: str, batches: int, repeats: int = 7) -> dict:
 
 def stream_rate(store_uri: str, batches: int, workers: int, batch_size: int = 32, resume_at: int = 0,
                 check_checksums: bool = True) -> dict:
-    from shards.stream import MixtureStream, StreamConfig, StreamLoader
+    from shards.stream.dataset import MixtureStream, StreamConfig, StreamLoader
 
     cfg = StreamConfig(store=store_uri, mix="ephys=0.5,ophys=0.5", batch_size=batch_size,
                        epoch_windows=(batches + resume_at + 1) * batch_size, check_checksums=check_checksums)
@@ -282,7 +282,7 @@ def torch_brain_anchor(batches: int) -> dict | None:
 _RSS_CHILD = """
 import json, resource, sys
 sys.path.insert(0, {repo!r})
-from shards.stream import MixtureStream, StreamConfig, StreamLoader
+from shards.stream.dataset import MixtureStream, StreamConfig, StreamLoader
 loader = StreamLoader(MixtureStream(StreamConfig(store={store!r}, mix="ephys=1,ophys=1", batch_size=32)), num_workers=0)
 for i, b in enumerate(loader):
     if i >= {batches}:

@@ -67,7 +67,7 @@ def perf(run_dir: str) -> dict:
 
 def train_row(store: str, work: Path, name: str, steps: int, **kw) -> dict:
     from trainer.train import run
-    from trainer.train_config import TrainConfig
+    from trainer.config import TrainConfig
 
     cfg = TrainConfig(shards=store, out=str(work / name), mix="ephys=1,ophys=1", max_steps=steps, log_every=5,
                       report_every=10_000, early_stop_patience=0, val_batches=1, **kw)
@@ -81,7 +81,7 @@ def train_row(store: str, work: Path, name: str, steps: int, **kw) -> dict:
 
 def loader_only(store: str, workers: int, batches: int = 60) -> dict:
     """Batches/s of one rank's StreamLoader with no model: the step rate the input pipeline sustains."""
-    from shards.stream import MixtureStream, StreamConfig, StreamLoader
+    from shards.stream.dataset import MixtureStream, StreamConfig, StreamLoader
 
     loader = StreamLoader(MixtureStream(StreamConfig(store=store, mix="ephys=1,ophys=1", batch_size=32)),
                           num_workers=workers)

@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ingest.synth.ideal import ideal_observer  # noqa: E402
-from ingest.tasks import TASKS  # noqa: E402
+from shards.schema import TASKS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

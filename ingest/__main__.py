@@ -7,7 +7,7 @@ import sys
 
 
 def _run(argv: list[str]) -> int:
-    from .run import IngestConfig, SplitConfig, format_summary, run_ingest
+    from ingest.run import IngestConfig, SplitConfig, format_summary, run_ingest
 
     p = argparse.ArgumentParser(prog="python -m ingest run", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="NWB files -> WebDataset shards + Parquet tables, one Ray task per file. "
@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "run":
         return _run(rest)
     if cmd == "synth":
-        from .synth.corpus import main as synth_main
+        from ingest.synth.corpus import main as synth_main
 
         return synth_main(rest)
-    from .allen import main as allen_main
+    from ingest.allen import main as allen_main
 
     return allen_main(rest)
 

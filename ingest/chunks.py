@@ -18,7 +18,7 @@ import numpy as np
 
 from shards.format import FORMAT_VERSION, Sample
 
-from .records import SessionRecord
+from ingest.records import SessionRecord
 
 
 @dataclass(frozen=True)

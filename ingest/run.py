@@ -42,10 +42,10 @@ from shards.lock import LOCK, StoreLock, describe_holder
 from shards.store import Store, StoreError, is_remote, s3_filesystem
 from shards.writer import RecordShardWriter, sha256_file
 
-from .chunks import ChunkConfig, record_samples
-from .records import IngestError, SessionRecord
-from .regions import safe_component
-from .splits import SplitConfig, assign_splits
+from ingest.chunks import ChunkConfig, record_samples
+from ingest.records import IngestError, SessionRecord
+from ingest.regions import safe_component
+from ingest.splits import SplitConfig, assign_splits
 
 DONE_DIR = "_ingest/done"
 FAILURES = "_ingest/failures.json"
@@ -295,7 +295,7 @@ def ingest_file(source: Source, store_uri: str, config: IngestConfig, previous: 
     ``previous``: what the store's marker for this source URI says (its sha256 and fingerprint),
     if any. ``lock_token``: the run's store lock; when given, nothing is written unless the run
     still holds it (``RunStore``)."""
-    from .readers import open_records  # imported here: heavy (pynwb), and only workers need it
+    from ingest.readers import open_records  # imported here: heavy (pynwb), and only workers need it
 
     t0 = time.perf_counter()
     store = RunStore(store_uri, lock_token) if lock_token else Store(store_uri)

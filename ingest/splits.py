@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .records import Intervals
+from ingest.records import Intervals
 
 SPLITS = ("train", "valid", "test")
 

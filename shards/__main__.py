@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import manifest
-from .store import Store
+from shards import manifest
+from shards.store import Store
 
 
 def cmd_ls(store: Store) -> int:
@@ -36,7 +36,7 @@ def cmd_ls(store: Store) -> int:
 
 
 def cmd_verify(store: Store, a: argparse.Namespace) -> int:
-    from .verify import verify_store
+    from shards.verify import verify_store
 
     n, problems = verify_store(store, progress=sys.stderr.isatty(), deep=a.deep)
     for p in problems:
@@ -49,8 +49,8 @@ def cmd_verify(store: Store, a: argparse.Namespace) -> int:
 def cmd_mix(store: Store, a: argparse.Namespace) -> int:
     import json
 
-    from .report import mix_report
-    from .stream import StreamConfig
+    from shards.stream.report import mix_report
+    from shards.stream.dataset import StreamConfig
 
     config = StreamConfig(store=store.uri, mix=a.mix, batch_size=a.batch_size, seed=a.seed, window_s=a.window_s,
                           error_budget=a.error_budget, strict=a.strict)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     mp.add_argument("--strict", action="store_true", help="stop at the first corrupt sample, naming it")
     mp.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
-    from .fetch import FetchError
+    from shards.stream.fetch import FetchError
 
     store = Store(a.store)
     try:
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_verify(store, a)
         return cmd_ls(store)
     except Exception as exc:
-        stream = sys.modules.get("shards.stream")  # (imported by mix only: ls and verify stay torch-free)
+        stream = sys.modules.get("shards.stream.dataset")  # (imported by mix only: ls and verify stay torch-free)
         if isinstance(exc, (ValueError, FileNotFoundError, FetchError)) or (
                 stream is not None and isinstance(exc, stream.CorruptSampleError)):
             print(f"error: {exc}", file=sys.stderr)

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .format import Sample
+from shards.format import Sample
 
 BLOCK = 512
 _NPY_MAGIC = b"\x93NUMPY"

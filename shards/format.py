@@ -84,7 +84,7 @@ class TarSampleWriter:
     The sha256 of everything written is kept as it goes (the manifest needs it, and reading
     the shard back to hash it would cost another pass over its bytes), and so is each sample's
     XXH3-64 (``checksums``, parallel to ``offsets``: the ``xxh3`` column of chunks.parquet,
-    ``shards/integrity.py``)."""
+    ``shards/stream/integrity.py``)."""
 
     def __init__(self, fileobj):
         self._f = fileobj

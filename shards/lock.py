@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 
-from .store import Store, StoreError, describe_s3_error
+from shards.store import Store, StoreError, describe_s3_error
 
 LOCK = "_ingest/lock.json"
 GUARD = "_ingest/lock.guard"

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .fastread import iter_samples
-from .store import Store, StoreError, safe_key
+from shards.fastread import iter_samples
+from shards.store import Store, StoreError, safe_key
 
 MANIFEST = "manifest.parquet"
 SESSIONS = "sessions.parquet"
@@ -133,7 +133,10 @@ def read_table(store: Store, name: str, check_paths: bool = True) -> pa.Table:
         raise FileNotFoundError(f"{store.url(name)}: missing (is {store.uri} a shard store? run `python -m ingest run`)")
     data = store.read_bytes(name)
     try:
-        table = pq.read_table(io.BytesIO(data))
+        # ParquetFile, not pq.read_table: the dataset reader's threads over an in-memory buffer make
+        # pyarrow 26 abort at interpreter exit ("terminate called without an active exception") in
+        # about half of short-lived processes here (measured 10/20); ParquetFile.read: 0/40
+        table = pq.ParquetFile(pa.BufferReader(data)).read()
     except (pa.ArrowException, OSError) as exc:
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         why = why.split("'<Buffer>': ", 1)[-1]  # pyarrow names the buffer, not the file

@@ -3,7 +3,7 @@
 A manifest or chunk-table path that would leave the store is a problem, and is never opened.
 
 ``deep=True`` (``shards verify --deep``) also decodes every sample of chunks.parquet the way the
-stream does (``shards.integrity.decode_chunk``: the sample's xxh3, the lean tar/.npy reader, one
+stream does (``shards.stream.integrity.decode_chunk``: the sample's xxh3, the lean tar/.npy reader, one
 sample with its key, units and record known to the tables), and names each bad sample; it does so
 even in a shard whose sha256 differs, so the report says which samples of it are bad."""
 
@@ -14,9 +14,9 @@ import io
 import logging
 from dataclasses import dataclass
 
-from . import manifest
-from .format import iter_tar_samples
-from .store import Store, UnsafeKeyError
+from shards import manifest
+from shards.format import iter_tar_samples
+from shards.store import Store, UnsafeKeyError
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,8 @@ class Problem:
 
 def _deep_context(store: Store, chunks, problems: list[Problem]):
     """(rows of chunks.parquet by shard path, vocab) for the deep check."""
-    from .integrity import COLUMN
-    from .tokens import Vocab
+    from shards.stream.integrity import COLUMN
+    from shards.stream.tokens import Vocab
 
     if chunks is None:
         problems.append(Problem(manifest.CHUNKS, "missing: samples cannot be decoded one by one"))
@@ -48,7 +48,7 @@ def _deep_context(store: Store, chunks, problems: list[Problem]):
 
 
 def _deep_check(rel: str, data: bytes, rows: list[dict], vocab) -> list[Problem]:
-    from .integrity import COLUMN, decode_chunk
+    from shards.stream.integrity import COLUMN, decode_chunk
 
     out = []
     mv = memoryview(data)

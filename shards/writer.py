@@ -11,8 +11,8 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 
-from .format import Sample, TarSampleWriter
-from .store import Store
+from shards.format import Sample, TarSampleWriter
+from shards.store import Store
 
 
 def shard_dir(modality: str, region: str, session_id: str) -> str:
@@ -75,7 +75,7 @@ class RecordShardWriter:
                 "n_units": len(m["units"]),
                 "n_events": n_events,
                 "n_queries": n_queries,
-                "xxh3": cur.tar.checksums[-1],  # of bytes [offset, offset + length): shards/integrity.py
+                "xxh3": cur.tar.checksums[-1],  # of bytes [offset, offset + length): shards/stream/integrity.py
             }
         )
         cur.rows.append(row)

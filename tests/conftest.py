@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-REAL_FIXTURES = REPO / "tests" / "fixtures" / "real"
 
 
 def _free_port() -> int:

@@ -1,22 +1,5 @@
-"""The multi-modal shared-trunk model (EPhys + OPhys -> latents -> shared trunk -> multi-task decoder).
-
-One module per part: ``config`` (ModelConfig, TaskSpec), ``rotary`` (rotary time embedding),
-``attention`` (varlen attention over packed batches), ``embeddings`` (unit/session/task tables,
-calcium value projection), ``model`` (the model, loss, accuracy, checkpoints), ``ablations``
-(the paper's architecture variants, ``build_model``). ``from trainer import build_model,
-ModelConfig`` works without importing torch until used.
+"""Training on Ray Train: ``config`` (TrainConfig and the CLI), ``loop`` (the per-worker loop),
+``evaluate``, ``checkpoint``, ``tblog``, ``train`` (the driver), ``finetune`` (new sessions,
+gradual unfreezing), ``baselines`` and ``logreg`` (the per-session decoders it is judged against).
+The network itself lives in ``trainer.model`` and never imports these.
 """
-
-__all__ = ["ModelConfig", "TaskSpec", "build_model"]
-
-
-def __getattr__(name: str):
-    if name in ("ModelConfig", "TaskSpec"):
-        from trainer import config
-
-        return getattr(config, name)
-    if name == "build_model":
-        from trainer.ablations import build_model
-
-        return build_model
-    raise AttributeError(f"module 'trainer' has no attribute {name!r}")

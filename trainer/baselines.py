@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shards.stream import MixtureStream, StreamLoader
-from trainer.config import ModelConfig
+from shards.stream.dataset import MixtureStream, StreamLoader
+from trainer.model.config import ModelConfig
 from trainer.evaluate import Tally, sample_of_query
-from trainer.train_config import TrainConfig
+from trainer.config import TrainConfig
 
 
 class SessionMLP(nn.Module):

@@ -19,7 +19,7 @@ invalid ones newer than it, so a resume falls back past a truncated or half-writ
 
 Only plain types and tensors: configs travel as JSON strings, numpy states as tensors, so
 ``torch.load(..., weights_only=True)`` never unpickles an object. Model-only files (``model_best.pt``,
-``model_last.pt``) use ``trainer.model.save_checkpoint`` plus the same ``meta``.
+``model_last.pt``) use ``trainer.model.network.save_checkpoint`` plus the same ``meta``.
 """
 
 from __future__ import annotations
@@ -248,8 +248,8 @@ def load_train_state(directory: str, map_location: str | torch.device = "cpu") -
 
 
 def save_model_file(path: str, model: torch.nn.Module, meta: str, **extra: Any) -> None:
-    """``trainer.model.save_checkpoint`` (config, vocabulary sizes, state_dict) plus our meta, atomically."""
-    from trainer.model import save_checkpoint
+    """``trainer.model.network.save_checkpoint`` (config, vocabulary sizes, state_dict) plus our meta, atomically."""
+    from trainer.model.network import save_checkpoint
 
     save_checkpoint(model, path + ".tmp", meta=meta, **extra)
     os.replace(path + ".tmp", path)

@@ -1,138 +1,487 @@
-"""Model configuration: one frozen dataclass, the papers' defaults, and a small preset for CPU.
+"""The training run's configuration: one dataclass, a YAML file, and command-line overrides.
 
-Defaults follow POYO+ (Azabou et al., App. C.2) and the multi-modal paper (Knight et al., which
-reuses POYO+'s settings): dim 128, 6 self-attention layers, 128 latents (8 latent time steps x 16
-latents per step over a 1 s window), cross-attention with 2 heads, self-attention with 8 heads,
-dropout 0.2 in attention and feed-forward nets. Head width 64 and the residual ("lin") dropout 0.4
-come from torch_brain's POYO+ configs, which the multi-modal paper says it follows.
+Resolution order: the dataclass defaults (the papers' recipe, App. B), then ``--config FILE.yaml``,
+then flags given on the command line. ``--help`` lists every field with its default. The resolved
+config is written to ``RUN/config.yaml`` and travels to the workers as a plain dict.
 
-The architecture variants of the multi-modal paper's ablation (App. D) are the knobs
-``shared_encoder``, ``encoder_ca_depth``, ``modality_depth`` and ``depth``; ``trainer.ablations``
-sets them by name.
+Batch size is per worker (the stream's convention); the learning rate scales linearly with the
+global batch: ``lr = base_lr * batch_size * workers`` (3.125e-5 x 32 = 1e-3 for the paper's batch
+on one GPU), unless ``lr`` is given.
+
+Every value is checked against its field's annotation (``check_value``): bools are only
+true/false (the YAML is read with YAML 1.2's booleans, so ``no`` and ``"no"`` are refused, and
+``1e-4`` is a number), ints are not bools, ``int | None`` accepts null. A wrong value, an unknown
+key or an ``out`` that is a file is one ``ConfigError`` line naming the field, the value and
+where it came from (the YAML file or the command line).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import difflib
+import functools
+import inspect
+import os
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-#: batch["modality"] codes (docs/batch.md): 0 = EPhys spike tokens, 1 = OPhys calcium tokens.
-MODALITIES: tuple[str, ...] = ("ephys", "ophys")
+import yaml
+
+from shards.store import is_remote
 
 
-@dataclass(frozen=True)
-class TaskSpec:
-    """One decoding task: its name, output width (classes, or regression dimension), loss kind
-    and loss weight (POYO+ Table A2 weights; 1.0 by default)."""
-
-    name: str
-    out_dim: int
-    kind: str = "classification"  # "classification" (cross-entropy) | "regression" (MSE)
-    weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("classification", "regression"):
-            raise ValueError(f"task {self.name!r}: kind must be classification or regression, got {self.kind!r}")
-        if self.out_dim < 1:
-            raise ValueError(f"task {self.name!r}: out_dim must be >= 1")
-
-
-def default_tasks() -> tuple[TaskSpec, ...]:
-    """The three Allen stimulus tasks in ``ingest/tasks.py`` order, so ``output_task_index`` i is
-    ``tasks[i]`` (static_gratings 6, drifting_gratings 8, natural_scenes 119 classes)."""
-    from ingest.tasks import TASKS
-
-    return tuple(TaskSpec(name=t.name, out_dim=t.n_classes) for t in TASKS.values())
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything that shapes the model. Build it with keywords; derive variants with ``replace``."""
-
-    # widths and depths
-    dim: int = 128  # token / latent width D
-    depth: int = 6  # self-attention blocks in the shared trunk
-    dim_head: int = 64  # width of one attention head (rotary acts on all of it)
-    cross_heads: int = 2  # heads of the encoder and decoder cross-attention
-    self_heads: int = 8  # heads of the self-attention blocks
-    ffn_mult: int = 4  # GEGLU hidden width = ffn_mult * dim
-    # latents: latents_per_step learned vectors repeated at window_s / latent_step evenly spaced times
+@dataclass
+class TrainConfig:
+    # ---- data (shards.stream.dataset) ----
+    shards: str = ""  # the shard store: a folder or s3://bucket/prefix
+    mix: str = "ephys=1,ophys=1"  # modality[/region[/session]]=weight, comma separated
+    sessions_include: list[str] = field(default_factory=list)  # train/validate on these sessions only
+    sessions_exclude: list[str] = field(default_factory=list)  # held-out sessions (transfer)
     window_s: float = 1.0
-    latent_step: float = 0.125
-    latents_per_step: int = 16
-    # regularisation
-    ffn_dropout: float = 0.2
-    attn_dropout: float = 0.2
-    residual_dropout: float = 0.4  # on the trunk's residual branches (torch_brain's lin_dropout)
-    emb_init_scale: float = 0.02
-    # rotary time embedding: periods log-spaced from t_min to t_max seconds (POYO+ App. C.1)
-    t_min: float = 1e-4
-    t_max: float = 4.0
-    rotate_frac: float = 1.0  # share of each head's pairs that rotate (torch_brain: 0.5); the rest match by content
-    rotate_values: bool = False  # papers' eq. (1)-(3) rotate queries and keys only; torch_brain also rotates values
-    time_prior: float = 0.0  # > 0: learned q/k offsets start as a time-local kernel, this many logits per pair
-    zero_init_residual: bool = False  # residual branches' output projections start at 0 (blocks start as identity)
-    # architecture variant (trainer.ablations)
-    shared_encoder: bool = False  # True: one cross-attention encoder for both modalities ("common-ca")
-    encoder_ca_depth: int = 1  # cross-attention layers per encoder
-    modality_depth: int = 0  # modality-specific self-attention blocks after each encoder
-    # outputs
-    tasks: tuple[TaskSpec, ...] = field(default_factory=default_tasks)
-    # execution
-    attn_backend: str = "auto"  # auto | loop | nested | flex | flash (trainer.attention)
-    amp: bool = True  # bf16 autocast when the model runs on CUDA (CPU stays fp32)
-    amp_on_cpu: bool = False  # bf16 autocast on CPU too (CPUs with AVX512-BF16/AMX; tests the bf16 path without a GPU)
-    compile: bool = False  # torch.compile the dense blocks (trunk, feed-forward nets)
+    epoch_windows: int | None = None  # windows per epoch (None: the natural size of the train split)
+    shuffle_window: int = 256
+    loader_workers: int = 2  # DataLoader processes per Ray worker
+    seed: int = 0
+    # ---- model (trainer.model.config, trainer.model.variants) ----
+    model: str = "main"  # architecture variant: main | common-ca | unique-sa | separate
+    preset: str = "paper"  # paper (ModelConfig defaults) | small (ModelConfig.small, for CPU)
+    model_overrides: dict = field(default_factory=dict)  # ModelConfig fields, e.g. {dim: 64}
+    # ---- optimisation (papers' App. B) ----
+    batch_size: int = 32  # windows per worker per step
+    base_lr: float = 3.125e-5  # scaled linearly by the global batch
+    lr: float | None = None  # absolute peak learning rate (overrides base_lr scaling)
+    weight_decay: float = 1e-4
+    optimizer: str | None = None  # lamb | adamw; None: LAMB for the paper preset, AdamW for small (docs/model.md)
+    epochs: int = 300
+    max_steps: int | None = None  # global optimizer steps; overrides epochs when set
+    pct_start: float = 0.5  # OneCycle: hold the initial rate until half-way...
+    div_factor: float = 1.0  # ...starting at the peak rate (no warm-up)...
+    final_div_factor: float = 1e4  # ...then cosine-decay to lr / (div_factor * final_div_factor)
+    grad_clip: float = 1.0  # max global gradient norm (0: off)
+    bf16: bool = True  # bf16 autocast on CUDA (CPU always runs fp32)
+    # ---- validation ----
+    early_stop_patience: int = 30  # validations without improvement before stopping (0: off)
+    val_batches: int | None = None  # cap on validation batches per rank (None: the whole split)
+    eval_stride_s: float | None = None  # valid/test windows start this far apart (None: half a window)
+    test_at_end: bool = False  # evaluate the best weights on the test split at the end
+    # ---- finetuning (trainer.finetune) ----
+    init_from: str | None = None  # a pretrained model file (RUN/model_best.pt)
+    unfreeze_epoch: int = 0  # before this epoch only unit and session embeddings train
+    save_epoch_models: bool = False  # RUN/model_epoch{e}.pt after each epoch
+    # ---- run ----
+    out: str = ""  # the run folder: config.yaml, metrics.json, tb/, checkpoints in ray/
+    workers: int = 2  # Ray Train workers (0: local mode, the loop runs in this process)
+    cpus_per_worker: float | None = None  # None: min(1, cluster CPUs / workers)
+    use_gpu: bool | None = None  # None: when the Ray cluster has GPUs
+    resume: bool = False  # continue the run in --out from its latest checkpoint
+    log_every: int = 10  # TensorBoard/console every N steps
+    report_every: int = 100  # checkpoint through ray.train.report every N steps (and at epoch ends)
+    keep_checkpoints: int = 2
+    max_failures: int = 1  # worker crashes survived per run (FailureConfig)
+    record_batches: bool = False  # RUN/batches/rank{r}.jsonl: step, position and fingerprint of every batch
+    # ---- fault-injection knobs (tests) ----
+    fail_at_step: int | None = None  # rank 1 (or 0 when alone) exits at this step, first attempt only
+    stop_at_step: int | None = None  # checkpoint and stop at this step, as if preempted (--resume continues)
 
-    def __post_init__(self) -> None:
-        steps = self.window_s / self.latent_step
-        if abs(steps - round(steps)) > 1e-6 or round(steps) < 1:
-            raise ValueError(f"window_s ({self.window_s}) must be a whole number of latent_step ({self.latent_step})")
-        if self.dim_head % 2:
-            raise ValueError("dim_head must be even (rotary pairs)")
-        if self.encoder_ca_depth < 1 or self.depth < 0 or self.modality_depth < 0:
-            raise ValueError("encoder_ca_depth >= 1, depth >= 0, modality_depth >= 0")
-        if not self.tasks:
-            raise ValueError("at least one task")
+    # ---- derived values -------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return max(1, self.workers)
 
     @property
-    def n_latent_steps(self) -> int:
-        return int(round(self.window_s / self.latent_step))
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
 
     @property
-    def n_latents(self) -> int:
-        """Latent tokens per sample (M x N in the papers' notation)."""
-        return self.n_latent_steps * self.latents_per_step
+    def peak_lr(self) -> float:
+        """``lr`` if given; else LAMB: base_lr x global batch (the papers' linear rule); AdamW: base_lr x 32 x
+        sqrt(global batch / 32), the square-root rule for Adam-type updates, anchored where it was measured
+        (1e-3 at batch 32 learned; the linear rule's 2e-3 at batch 64 made the demo's loss rise)."""
+        if self.lr is not None:
+            return self.lr
+        if self.optimizer_name == "adamw":
+            return self.base_lr * 32 * (self.global_batch / 32) ** 0.5
+        return self.base_lr * self.global_batch
 
-    def replace(self, **changes: Any) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
+    @property
+    def optimizer_name(self) -> str:
+        """LAMB is the papers' (global batch 4,800); at CPU batch sizes it learned slower than AdamW at the
+        same peak rate (demo corpus, small preset, 1,000 steps: static gratings 0.32 vs 0.41, drifting
+        gratings 0.21 vs 0.36), so the small preset defaults to AdamW."""
+        if self.optimizer is not None:
+            return self.optimizer
+        return "adamw" if self.preset == "small" else "lamb"
 
-    @classmethod
-    def small(cls, **changes: Any) -> "ModelConfig":
-        """A tiny model for CPU tests and the demo: dim 32, 2 trunk layers, 32 latents, no dropout.
+    def total_steps(self, steps_per_epoch: int) -> int:
+        return self.max_steps if self.max_steps is not None else self.epochs * steps_per_epoch
 
-        Heads of 32 (2 per block) with half of each rotated over periods 10 ms .. 4 s and started as a
-        time-local kernel (``time_prior``), latents every 0.125 s, residual branches that start at zero.
-        The earlier preset (heads of 8 fully rotated from 0.1 ms, latents every 0.25 s, default init)
-        stayed at chance on the demo corpus's static gratings (docs/model.md has the measurements)."""
-        base = dict(
-            dim=32, depth=2, dim_head=32, cross_heads=2, self_heads=2, ffn_mult=2,
-            latent_step=0.125, latents_per_step=4,
-            ffn_dropout=0.0, attn_dropout=0.0, residual_dropout=0.0,
-            t_min=1e-2, rotate_frac=0.5, time_prior=1.0, zero_init_residual=True,
-        )
-        base.update(changes)
-        return cls(**base)
+    def model_config(self):
+        """The ModelConfig this run builds (before the variant's layer matching)."""
+        from trainer.model.config import ModelConfig
 
+        base = ModelConfig.small if self.preset == "small" else ModelConfig
+        return base(window_s=self.window_s, amp=self.bf16, **self.model_overrides)
+
+    def stream_config(self, split: str):
+        """The StreamConfig of one split (what every rank streams; tests rebuild it to compare batches)."""
+        from shards.stream.dataset import StreamConfig
+
+        return StreamConfig(store=self.shards, mix=self.mix, split=split, batch_size=self.batch_size,
+                            window_s=self.window_s, seed=self.seed, epoch_windows=self.epoch_windows,
+                            shuffle_window=self.shuffle_window, sessions_include=tuple(self.sessions_include),
+                            sessions_exclude=tuple(self.sessions_exclude), check_shards=False,
+                            eval_stride_s=self.eval_stride_s)
+
+    # ---- plain dicts ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Plain types only (loads with ``torch.load(weights_only=True)``)."""
-        d = dataclasses.asdict(self)
-        d["tasks"] = [dataclasses.asdict(t) for t in self.tasks]
-        return d
+        return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        d = dict(d)
-        d["tasks"] = tuple(TaskSpec(**t) for t in d["tasks"])
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], origins: dict[str, str] | str = "config") -> "TrainConfig":
+        """A config from plain values, each checked against its field's annotation; ``origins`` says
+        where each value came from (a file name, "command line"), for the one-line ConfigError."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{origins if isinstance(origins, str) else 'config'}: expected a mapping of "
+                              f"TrainConfig fields, not {type(d).__name__}")
+        where = (lambda k: origins) if isinstance(origins, str) else (lambda k: origins.get(k, "config"))
+        hints, known = _hints(), [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in hints:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                raise ConfigError(f"{where(key)}: unknown config key {key!r}"
+                                  + (f" (did you mean {close[0]!r}?)" if close else "") + "; --help lists the fields")
+        cfg = cls(**{k: check_value(k, v, where(k)) for k, v in d.items()})
+        cfg._set_origins({k: where(k) for k in d})
+        return cfg
+
+    def _set_origins(self, origins: dict[str, str]) -> None:
+        object.__setattr__(self, "_origins", dict(origins))  # not a field: asdict/to_dict never see it
+
+    def _where(self, name: str) -> str:
+        return getattr(self, "_origins", {}).get(name, "config")
+
+    def _bad(self, name: str, problem: str) -> "ConfigError":
+        return ConfigError(f"{self._where(name)}: {name} = {_show(getattr(self, name))}: {problem}")
+
+    def absolute(self) -> "TrainConfig":
+        """Paths made absolute (Ray workers run in another directory)."""
+        def fix(p):
+            return p if (not p or is_remote(p)) else os.path.abspath(p)
+        out = dataclasses.replace(self, shards=fix(self.shards), out=fix(self.out),
+                                  init_from=fix(self.init_from) if self.init_from else None)
+        out._set_origins(getattr(self, "_origins", {}))
+        return out
+
+    def validate(self) -> None:
+        """Types (in case fields were set in code), then ranges and choices; ConfigError (one line,
+        naming the field, its value and where it came from) on the first problem."""
+        from trainer.model.variants import VARIANTS
+
+        for f in dataclasses.fields(self):
+            check_value(f.name, getattr(self, f.name), self._where(f.name))
+        if not self.shards:
+            raise ConfigError("--shards is required (a shard store from `python -m ingest run`)")
+        if not self.out:
+            raise ConfigError("--out is required (the run folder)")
+        if not is_remote(self.out):
+            probe = os.path.abspath(self.out)
+            while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+                probe = os.path.dirname(probe)
+            if not os.path.isdir(probe):
+                raise self._bad("out", f"{probe} is a file, not a folder; choose another --out for the run")
+        if self.model not in VARIANTS:
+            raise self._bad("model", f"one of {', '.join(VARIANTS)}")
+        if self.preset not in ("paper", "small"):
+            raise self._bad("preset", "paper or small")
+        if self.optimizer not in (None, "lamb", "adamw"):
+            raise self._bad("optimizer", "lamb or adamw")
+        for name in ("batch_size", "log_every", "report_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise self._bad(name, "must be >= 1")
+        for name in ("workers", "loader_workers"):
+            if getattr(self, name) < 0:
+                raise self._bad(name, "must be >= 0")
+        if self.max_steps is None and self.epochs < 1:
+            raise self._bad("epochs", "must be >= 1 (or give --max-steps)")
+        try:
+            self.model_config()  # raises on bad overrides
+        except (TypeError, ValueError) as exc:
+            raise self._bad("model_overrides", (str(exc).strip().splitlines() or ["invalid"])[0]) from None
+
+
+# ---- checking values against the annotations ---------------------------------------------------------
+
+class ConfigError(ValueError):
+    """A bad config value, key or file: one line naming the field, the value and where it came from."""
+
+
+@functools.lru_cache(maxsize=1)
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def describe_type(t: Any) -> str:
+    """How a type annotation reads in an error: 'an integer or null', 'a list of strings'."""
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (typing.Union, types.UnionType):
+        parts = [describe_type(a) for a in args if a is not type(None)]
+        return " or ".join(parts) + (" or null" if type(None) in args else "")
+    if t is bool:
+        return "true or false"
+    if t is int:
+        return "an integer"
+    if t is float:
+        return "a number"
+    if t is str:
+        return "a string"
+    if t is type(None):
+        return "null"
+    if origin in (list, tuple) or t in (list, tuple):
+        if args and (origin is list or args[-1] is Ellipsis):
+            return f"a list of {describe_type(args[0]).removeprefix('an ').removeprefix('a ')}s"
+        if args:
+            return f"a list of {len(args)} values ({', '.join(describe_type(a) for a in args)})"
+        return "a list"
+    if origin is dict or t is dict:
+        return "a mapping"
+    return f"a {getattr(t, '__name__', t)}"
+
+
+def _coerce(value: Any, t: Any) -> Any:
+    """value as type t (int -> float widening, list -> tuple), or _Mismatch."""
+    if t is Any:
+        return value
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is not type(None):
+                try:
+                    return _coerce(value, a)
+                except _Mismatch:
+                    pass
+        raise _Mismatch
+    if t is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _Mismatch
+    if t is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if origin in (list, tuple) or t in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        if not args:
+            items = list(value)
+        elif origin is list or args[-1] is Ellipsis:
+            items = [_coerce(v, args[0]) for v in value]
+        else:
+            if len(value) != len(args):
+                raise _Mismatch
+            items = [_coerce(v, a) for v, a in zip(value, args)]
+        return tuple(items) if (origin is tuple or t is tuple) else items
+    if origin is dict or t is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        if len(args) == 2:
+            return {_coerce(k, args[0]): _coerce(v, args[1]) for k, v in value.items()}
+        return dict(value)
+    if isinstance(t, type) and isinstance(value, t):
+        return value
+    raise _Mismatch
+
+
+def check_value(name: str, value: Any, where: str = "config") -> Any:
+    """``value`` checked against the annotation of TrainConfig field ``name`` (ints widen to float,
+    a comma-separated string fills a list of strings); ConfigError naming the field, the value and
+    ``where`` it came from otherwise."""
+    t = _hints()[name]
+    if isinstance(value, str) and typing.get_origin(t) is list and typing.get_args(t) == (str,):
+        value = [s.strip() for s in value.split(",") if s.strip()]  # "a,b" from the command line or YAML
+    try:
+        return _coerce(value, t)
+    except _Mismatch:
+        raise ConfigError(f"{where}: {name} = {_show(value)}: expected {describe_type(t)}") from None
+
+
+class StrictLoader(yaml.SafeLoader):
+    """YAML 1.2's scalars: only true/false are booleans (not yes/no/on/off), and 1e-4 is a float."""
+
+
+StrictLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+StrictLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+class StrictDumper(yaml.SafeDumper):
+    """Quotes every string that either YAML 1.1 or StrictLoader would read as a bool or a number."""
+
+
+for _first, _resolvers in StrictLoader.yaml_implicit_resolvers.items():
+    for _tag, _rx in _resolvers:
+        if _tag in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"):
+            StrictDumper.add_implicit_resolver(_tag, _rx, [_first])
+
+
+def read_yaml(path: str) -> dict:
+    """A YAML mapping, read strictly (StrictLoader); ConfigError naming the file otherwise."""
+    try:
+        with open(path) as fh:
+            doc = yaml.load(fh, Loader=StrictLoader)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
+    doc = {} if doc is None else doc
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping of TrainConfig fields, not {type(doc).__name__}")
+    return doc
+
+
+# ---- YAML + command line ----------------------------------------------------------------------------
+
+_UNSET = object()
+
+
+def _field_type(f: dataclasses.Field) -> Any:
+    """int for ``int | None``, list for ``list[str]``, etc."""
+    t = typing.get_type_hints(TrainConfig)[f.name]
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        t = next(a for a in typing.get_args(t) if a is not type(None))
+    return typing.get_origin(t) or t
+
+
+def _field_help() -> dict[str, str]:
+    """Each field's trailing comment in the class body above: the --help text (one source of truth)."""
+    src = inspect.getsource(TrainConfig)
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^    (\w+): [^#\n]*#(.*)$", src, re.M)}
+
+
+def _parse_value(kind: Any, text: str) -> Any:
+    if text.lower() in ("none", "null"):
+        return None
+    if kind is int:
+        return int(text)
+    if kind is float:
+        return float(text)
+    return text
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"command line (--model-override): {item!r}: use KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.load(value, Loader=StrictLoader)
+        except yaml.YAMLError:
+            raise ConfigError(f"command line (--model-override): {item!r}: the value is not valid YAML") from None
+    return out
+
+
+def build_parser(prog: str | None = None, description: str | None = None,
+                 skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """One flag per TrainConfig field (``--max-steps`` for ``max_steps``), defaults shown in --help."""
+    p = argparse.ArgumentParser(prog=prog, description=description or __doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML file of TrainConfig fields (command-line flags override it)", default=None)
+    defaults, helps = TrainConfig(), _field_help()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        kind = _field_type(f)
+        text = helps.get(f.name, "").replace("%", "%%")
+        if f.name == "model_overrides":
+            p.add_argument("--model-override", dest=f.name, action="append", metavar="KEY=VALUE", default=None,
+                           help="a ModelConfig field, repeatable (e.g. --model-override dim=64) (default: none)")
+        elif kind is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=_UNSET,
+                           help=f"{text} (default: {default})")
+        elif kind is list:
+            p.add_argument(flag, dest=f.name, default=_UNSET, metavar="A,B,...",
+                           help=f"{text}; comma separated (default: {','.join(default) or 'none'})")
+        else:
+            p.add_argument(flag, dest=f.name, default=_UNSET, type=lambda s, k=kind: _parse_value(k, s),
+                           help=f"{text} (default: {default})")
+    return p
+
+
+def resolve(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+    """defaults (or ``base``) < YAML < flags given on the command line."""
+    d = (base or TrainConfig()).to_dict()
+    origins = dict(getattr(base, "_origins", {})) if base is not None else {}
+    if getattr(args, "config", None):
+        loaded = read_yaml(args.config)
+        loaded.pop("resolved", None)  # a RUN/config.yaml works as --config
+        d.update(loaded)
+        origins.update({k: args.config for k in loaded})
+    for name, value in vars(args).items():
+        if value is _UNSET or (name == "model_overrides" and value is None) or name == "config" or name not in d:
+            continue
+        if name == "model_overrides":
+            value = {**(d.get("model_overrides") if isinstance(d.get("model_overrides"), dict) else {}),
+                     **_parse_overrides(value)}
+        d[name] = value
+        origins[name] = f"command line (--{name.replace('_', '-')})"
+    return TrainConfig.from_dict(d, origins)
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    return resolve(build_parser(prog="python -m trainer.train").parse_args(argv))
+
+
+def dump_yaml(cfg: TrainConfig, path: str, resolved: dict | None = None) -> None:
+    doc = cfg.to_dict()
+    if resolved:
+        doc["resolved"] = resolved
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        yaml.dump(doc, fh, Dumper=StrictDumper, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def load_yaml(path: str) -> tuple[TrainConfig, dict]:
+    doc = read_yaml(path)
+    resolved = doc.pop("resolved", {})
+    return TrainConfig.from_dict(doc, path), resolved

@@ -7,7 +7,7 @@ per brain region; an OPhys session one): the splits are drawn per record (``inge
 one presentation may be test in one region's record and train in another's (the ideal observer,
 ``ingest/synth/ideal.py``, scores per record too). The summary's ``record`` section is keyed
 ``"session_id/region"``; the pooled figures stay per session.
-1. Evaluation windows overlap (``shards.plan.plan_eval``: half a window apart), so one
+1. Evaluation windows overlap (``shards.stream.plan.plan_eval``: half a window apart), so one
    presentation is queried by one or more windows; every query carries the presentation's id
    (``output_presentation``, docs/batch.md).
 2. For each (modality, record, task, presentation) the logits of every window that queries it
@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainer.config import MODALITIES
+from shards.schema import MODALITIES
 
 # fields of a tally row (regression: sums over target elements, for a pooled R² over the task's dimensions)
 N, CORRECT, LOSS, SSE, SUM_Y, SUM_Y2, N_Y = range(7)

@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from trainer.train_config import TrainConfig, build_parser, load_yaml, resolve
+from trainer.config import TrainConfig, build_parser, load_yaml, resolve
 
 FINETUNE_DEFAULTS = dict(epochs=50, unfreeze_epoch=25, test_at_end=True, early_stop_patience=0, max_steps=None,
                          epoch_windows=None, sessions_exclude=[], resume=False, fail_at_step=None, stop_at_step=None,
@@ -80,8 +80,8 @@ def load_pretrained(cfg: TrainConfig, vocab, sessions_here: list[str]):
     trained on; returns (model, meta, unit_map, session_map), the maps taking the store's indices
     to model rows."""
     from trainer.checkpoint import load_model_file, make_meta
-    from trainer.config import ModelConfig
-    from trainer.model import MultiModalPOYO
+    from trainer.model.config import ModelConfig
+    from trainer.model.network import MultiModalPOYO
 
     ck = load_model_file(cfg.init_from)
     meta = ck["meta"]

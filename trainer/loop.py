@@ -1,6 +1,6 @@
 """The training loop every Ray Train worker runs, top to bottom (``train_loop_per_worker``).
 
-    data       this rank's share of the mixture (shards.stream, not Ray Data) + the validation split
+    data       this rank's share of the mixture (shards.stream.dataset, not Ray Data) + the validation split
     model      the variant by name (or a pretrained model with grown vocabularies), wrapped in DDP
     optimizer  LAMB (paper preset) or AdamW (small), peak lr = base_lr x global batch, OneCycle, per batch
     resume     the newest valid checkpoint in RUN/ray (--resume, or a restart after a worker failure),
@@ -40,12 +40,12 @@ import torch.distributed as dist
 import torch_optimizer
 from torch.optim.lr_scheduler import OneCycleLR
 
-from shards.stream import MixtureStream, StreamLoader
+from shards.stream.dataset import MixtureStream, StreamLoader
 from trainer.checkpoint import (find_checkpoint, load_train_state, make_meta, rng_state, save_model_file,
                                 seed_everything, set_rng_state, write_checkpoint)
 from trainer.evaluate import Tally, evaluate, unwrap
 from trainer.tblog import NullLog, TBLog
-from trainer.train_config import TrainConfig
+from trainer.config import TrainConfig
 
 INTERRUPT_FILE = ".interrupt"  # RUN/.interrupt: the driver's Ctrl-C; the loop checkpoints and stops
 
@@ -269,7 +269,7 @@ class Built:
 def build_model(cfg: TrainConfig, stream: MixtureStream) -> Built:
     """A fresh model of the store's vocabulary, or (``init_from``) a pretrained one whose unit and session
     vocabularies grow to cover this run's sessions (trainer.finetune)."""
-    from trainer.ablations import build_model as build_variant
+    from trainer.model.variants import build_model as build_variant
 
     vocab = stream.vocab
     trained = sorted(set(stream.chunks.session_id.to_numpy()[stream.plan(0).chunk]))

@@ -43,12 +43,12 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from trainer.train_config import TrainConfig, dump_yaml, parse_args
+from trainer.config import TrainConfig, dump_yaml, parse_args
 
 
 def main(argv: list[str] | None = None) -> dict:
     try:
-        cfg = parse_args(argv)  # a bad --config value is one ConfigError line (trainer.train_config)
+        cfg = parse_args(argv)  # a bad --config value is one ConfigError line (trainer.config)
         metrics = run(cfg)
     except (ValueError, FileNotFoundError) as exc:  # pre-flight: nothing has started
         raise SystemExit(f"error: {exc}") from None
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
 def data_error(exc: BaseException) -> BaseException | None:
     """The stream's own error (store unreachable, corrupt samples over budget) inside whatever Ray wrapped
     it in (exception chains, RayTaskError.cause, a training failure's per-worker errors), or None."""
-    from shards.fetch import FetchError
-    from shards.stream import CorruptSampleError
+    from shards.stream.fetch import FetchError
+    from shards.stream.dataset import CorruptSampleError
 
     stack, seen = [exc], set()
     while stack:
@@ -229,10 +229,10 @@ def retire_ray_snapshot(out: str) -> None:
 def preflight(cfg: TrainConfig) -> dict[str, Any]:
     """Build the streams once (store, mixture, sessions, shards), check resume/init checkpoints against
     the model this run builds; return the resolved numbers for config.yaml."""
-    from shards.stream import MixtureStream
-    from trainer.ablations import variant_config
+    from shards.stream.dataset import MixtureStream
+    from trainer.model.variants import variant_config
     from trainer.checkpoint import check_same_model, find_checkpoint, load_model_file, read_meta
-    from trainer.model import MultiModalPOYO, n_parameters
+    from trainer.model.network import MultiModalPOYO, n_parameters
 
     ray_dir = os.path.join(cfg.out, "ray")
     earlier = earlier_run(cfg.out)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..records import ArrayTrace, Intervals, IngestError, SessionRecord
-from ..regions import UNKNOWN, region_name
+from ingest.records import ArrayTrace, Intervals, IngestError, SessionRecord
+from ingest.regions import UNKNOWN, region_name
 
 
 def clean_spike_train(times: np.ndarray) -> tuple[np.ndarray, int, bool]:

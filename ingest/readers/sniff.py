@@ -13,8 +13,8 @@ from typing import Literal
 
 import h5py
 
-from ..records import IngestError
-from ..regions import decode
+from ingest.records import IngestError
+from ingest.regions import decode
 
 Layout = Literal["nwb2", "nwb1_allen"]
 ALLEN_NWB1_MODULE = "processing/brain_observatory_pipeline"

@@ -12,7 +12,7 @@ Where each layout keeps its presentations (see the NWB layout notes):
 - Allen NWB 1 2P files: ``stimulus/presentation/<task>_stimulus`` with ``data`` (columns named
   by ``features``) and ``frame_duration`` = [start, end] indices into the dF/F frame times.
 
-Labels come from :func:`ingest.tasks.labels_for` only. Presentations whose label is
+Labels come from :func:`shards.schema.labels_for` only. Presentations whose label is
 UNLABELLED are dropped (grating blanks, values outside the class list); natural-scene blanks
 have their own class and stay. Files with none of the three tasks get their ``trials`` and
 other ``/intervals`` tables as task ``GENERIC_TASK`` with label -1, except ``epochs``,
@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..records import Intervals
-from ..regions import decode
-from ..tasks import DRIFTING_GRATINGS, GENERIC_TASK, NATURAL_SCENES, STATIC_GRATINGS, UNLABELLED, Task, labels_for
-from .checks import fill_stop_times
+from ingest.records import Intervals
+from ingest.regions import decode
+from shards.schema import DRIFTING_GRATINGS, GENERIC_TASK, NATURAL_SCENES, STATIC_GRATINGS, UNLABELLED, Task, labels_for
+from ingest.readers.checks import fill_stop_times
 
 #: Presentation length when a file gives only onsets (the Allen stimulus design).
 NOMINAL_DURATION_S = {STATIC_GRATINGS.name: 0.25, DRIFTING_GRATINGS.name: 2.0, NATURAL_SCENES.name: 0.25}

@@ -9,7 +9,7 @@ Modules: :mod:`.model` (generative model, ground truth files, optimal decoder), 
 (``synthesize`` and the ``python -m ingest synth`` command).
 """
 
-from .corpus import synthesize
-from .model import SessionTruth, SynthConfig, bayes_accuracy
+from ingest.synth.corpus import synthesize
+from ingest.synth.generative import SessionTruth, SynthConfig, bayes_accuracy
 
 __all__ = ["synthesize", "SynthConfig", "SessionTruth", "bayes_accuracy"]

@@ -9,7 +9,7 @@ stream keyed by (seed, purpose, session index), so a session's arrays do not dep
 sessions are made, and the same seed gives the same arrays.
 
 Files per session in ``out_dir``: ``<modality>_<session_id>.nwb`` plus ``<stem>.truth.json`` and
-``<stem>.truth.npz`` (see :class:`ingest.synth.model.SessionTruth`).
+``<stem>.truth.npz`` (see :class:`ingest.synth.generative.SessionTruth`).
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from .model import (STREAM_CORPUS, STREAM_LAYOUT, STREAM_SCHEDULE, STREAM_SPIKES, STREAM_UNITS, UNASSIGNED,
+from ingest.synth.generative import (STREAM_CORPUS, STREAM_LAYOUT, STREAM_SCHEDULE, STREAM_SPIKES, STREAM_UNITS, UNASSIGNED,
                     CorpusModel, SessionTruth, SynthConfig, UnitParams, calcium_kernel, dff_traces, draw_corpus_model,
                     draw_units, expected_counts, frame_times, piecewise_rates, poisson_spikes, presentation_rates,
                     rng_for)
-from .schedule import N_IMAGES, Schedule, build_schedule
-from .write_ephys import probe_layout, write_ephys_nwb
-from .write_ophys_nwb1 import write_ophys_nwb1
-from .write_ophys_nwb2 import OphysData, write_ophys_nwb2
+from ingest.synth.schedule import N_IMAGES, Schedule, build_schedule
+from ingest.synth.write_ephys import probe_layout, write_ephys_nwb
+from ingest.synth.write_ophys_nwb1 import write_ophys_nwb1
+from ingest.synth.write_ophys_nwb2 import OphysData, write_ophys_nwb2
 
 OphysFormat = Literal["nwb2", "nwb1"]
 

@@ -53,10 +53,10 @@ import numpy as np
 from shards import manifest
 from shards.store import Store
 
-from ..tasks import TASKS
-from .ideal_ophys import OphysSession, ophys_sample, subset_units
-from .model import GENERATOR_VERSION, SessionTruth, class_rates
-from .schedule import TASK_NAMES
+from shards.schema import TASKS
+from ingest.synth.ideal_ophys import OphysSession, ophys_sample, subset_units
+from ingest.synth.generative import GENERATOR_VERSION, SessionTruth, class_rates
+from ingest.synth.schedule import TASK_NAMES
 
 
 @dataclass

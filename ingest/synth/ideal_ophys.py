@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .corpus import frame_bins, frame_means, ophys_latent
-from .model import SessionTruth, UnitParams, calcium_kernel, class_rates
-from .schedule import OFF_S, ON_S, TASK_NAMES
+from ingest.synth.corpus import frame_bins, frame_means, ophys_latent
+from ingest.synth.generative import SessionTruth, UnitParams, calcium_kernel, class_rates
+from ingest.synth.schedule import OFF_S, ON_S, TASK_NAMES
 
 #: Frames after a presentation's offset that the lower decoder reads (GCaMP decays over ~0.5 s).
 TAIL_S = 1.0

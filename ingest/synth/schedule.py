@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..tasks import DRIFTING_GRATINGS, NATURAL_SCENES, STATIC_GRATINGS, TASKS, labels_for
+from shards.schema import DRIFTING_GRATINGS, NATURAL_SCENES, STATIC_GRATINGS, TASKS, labels_for
 
 #: Task names in the order used by integer task codes in the arrays below.
 TASK_NAMES: tuple[str, ...] = (STATIC_GRATINGS.name, DRIFTING_GRATINGS.name, NATURAL_SCENES.name)
@@ -47,7 +47,7 @@ STIMULUS_INDEX = {SPONTANEOUS: 0, DRIFTING_GRATINGS.name: 2, STATIC_GRATINGS.nam
 class Schedule:
     """All presentations of a session, sorted by start; parameter arrays are NaN where not applicable.
 
-    ``label`` is the class index from :func:`ingest.tasks.labels_for` (-1 for grating blank sweeps,
+    ``label`` is the class index from :func:`shards.schema.labels_for` (-1 for grating blank sweeps,
     118 for the natural-scenes blank), i.e. exactly what a reader should recover from the file.
     """
 

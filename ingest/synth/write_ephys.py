@@ -22,7 +22,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from .schedule import SPONTANEOUS, STIMULUS_INDEX, TASK_NAMES, Schedule
+from ingest.synth.schedule import SPONTANEOUS, STIMULUS_INDEX, TASK_NAMES, Schedule
 
 #: pynwb refuses an empty location; it is written as this marker and patched to '' with h5py.
 EMPTY_MARKER = "__empty_location__"

@@ -19,8 +19,8 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from .schedule import SPONTANEOUS, Schedule
-from .write_ophys_nwb2 import FOV_PIXELS, OphysData
+from ingest.synth.schedule import SPONTANEOUS, Schedule
+from ingest.synth.write_ophys_nwb2 import FOV_PIXELS, OphysData
 
 PIPELINE = "processing/brain_observatory_pipeline"
 HELP_URL = "http://help.brain-map.org/display/observatory/Allen+Brain+Observatory"

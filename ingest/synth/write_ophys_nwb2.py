@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .schedule import N_IMAGES, Schedule
-from .write_ephys import stable_object_ids
+from ingest.synth.schedule import N_IMAGES, Schedule
+from ingest.synth.write_ephys import stable_object_ids
 
 BLANK_UINT32 = np.uint32(2**32 - 1)
 FOV_PIXELS = 512

@@ -1,0 +1,174 @@
+"""An epoch as data: which window every (rank, worker, batch) gets, as a pure function.
+
+Inputs: the chunk table (``chunks.parquet``), the mixture, the seed and epoch, the
+window length and epoch size, and the world shape. Output: arrays, not iterator
+state, so resuming is "skip the first k windows of the global order" on any world
+size or worker count (MosaicML streaming's idea), and every rank gets the same
+number of batches because the shape says so.
+
+Training epoch (``split="train"``):
+1. Each selector's chunks give slots: one per whole window a chunk holds (at least one).
+2. Chunks are put in a random order (per epoch and seed) and each chunk's slots are
+   spread by a jitter sort of span ``shuffle_window`` (a sample buffer as a pure
+   function). Chunks are read by byte range, so there is no need to walk shards in
+   order: the shard order is shuffled at chunk granularity (docs/stream.md).
+3. A selector needing more windows than it has slots repeats re-shuffled passes;
+   one needing fewer takes the first ones (subsample). Quotas are exact.
+4. Selectors are interleaved by largest deficit (``mixture.interleave``).
+5. Each window's start is uniform in its chunk (a pure function of seed, epoch, position).
+6. Global order -> steps of ``world_size * batch_size`` windows; rank r takes the r-th
+   ``batch_size`` of each step; the tail that does not fill a step is dropped.
+
+Evaluation (``valid``/``test``): overlapping windows slide over each chunk from its start
+every ``eval_stride_s`` (default half a window, as torch_brain's stitching evaluation
+sampler), plus one window ending at the chunk's end when the slide stops short of it, so
+every presentation of the chunk is queried by at least one window and none crosses a chunk
+edge; chunks in order, no mixture weighting. The last step is padded with repeats flagged
+``pad=True`` so ranks stay equal and no window is counted twice. Evaluation merges the
+windows that query one presentation (``trainer.evaluate``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from shards.stream.mixture import Selector, assign, interleave
+
+
+def _rng(*key: object) -> np.random.Generator:
+    digest = hashlib.sha256("/".join(map(str, key)).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    window_s: float = 1.0
+    epoch_windows: int | None = None  # None: the natural size (one window per whole window of train data)
+    shuffle_window: int = 256  # span of the local shuffle, in slots
+    seed: int = 0
+    sessions_include: tuple[str, ...] = ()
+    sessions_exclude: tuple[str, ...] = ()  # e.g. held-out sessions for transfer
+    eval_stride_s: float | None = None  # evaluation windows start this far apart (None: window_s / 2)
+
+
+@dataclass
+class Plan:
+    """Global order of one epoch. ``chunk`` indexes the chunk table the plan was made from."""
+
+    chunk: np.ndarray  # int64 (N,)
+    t0: np.ndarray  # float64 (N,) window start, seconds in the file clock
+    selector: np.ndarray  # int64 (N,) -1 for evaluation windows
+    pad: np.ndarray  # bool (N,) padding windows (evaluation only): do not score
+    selectors: list[Selector] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.chunk)
+
+    def steps(self, world_size: int, batch_size: int) -> int:
+        return len(self) // (world_size * batch_size)
+
+    def batch_indices(self, step: int, rank: int, world_size: int, batch_size: int) -> np.ndarray:
+        """Positions (into the global order) of rank's batch at this step."""
+        base = step * world_size * batch_size + rank * batch_size
+        return np.arange(base, base + batch_size)
+
+    def rank_positions(self, rank: int, world_size: int, batch_size: int, start_window: int = 0) -> np.ndarray:
+        """(batches, batch_size) positions for one rank, starting at a global window offset that is a
+        multiple of the step size (what a resume passes)."""
+        step = world_size * batch_size
+        if start_window % step:
+            raise ValueError(f"resume offset {start_window} is not a multiple of world_size*batch_size={step}")
+        n_steps = self.steps(world_size, batch_size) - start_window // step
+        if n_steps <= 0:
+            return np.zeros((0, batch_size), dtype=np.int64)
+        steps = np.arange(n_steps)[:, None] * step + start_window
+        return steps + rank * batch_size + np.arange(batch_size)[None, :]
+
+
+def filter_sessions(chunks: pd.DataFrame, config: PlanConfig) -> np.ndarray:
+    keep = np.ones(len(chunks), dtype=bool)
+    if config.sessions_include:
+        keep &= chunks.session_id.isin(config.sessions_include).to_numpy()
+    if config.sessions_exclude:
+        keep &= ~chunks.session_id.isin(config.sessions_exclude).to_numpy()
+    return keep
+
+
+def _slots(rows: np.ndarray, chunks: pd.DataFrame, window_s: float, shuffle_window: int,
+           rng: np.random.Generator) -> np.ndarray:
+    """Chunk row per slot: chunks in a random order, each repeated once per whole window it holds,
+    then a jitter sort of span ``shuffle_window`` spreads a chunk's windows over that many positions
+    (so a decoded chunk is reused while it is in the worker's cache, yet neighbours are unrelated)."""
+    sub = chunks.iloc[rows]
+    n_slots = np.maximum(1, np.floor((sub.t_end - sub.t_start).to_numpy() / window_s + 1e-9).astype(np.int64))
+    order = rng.permutation(len(rows))
+    slot_rows = np.repeat(rows[order], n_slots[order])
+    jitter = np.arange(len(slot_rows)) + rng.random(len(slot_rows)) * shuffle_window
+    return slot_rows[np.argsort(jitter, kind="stable")]
+
+
+def plan_train_epoch(chunks: pd.DataFrame, selectors: list[Selector], epoch: int, config: PlanConfig) -> Plan:
+    train = (chunks.split == "train").to_numpy() & filter_sessions(chunks, config)
+    fits = ((chunks.t_end - chunks.t_start).to_numpy() >= config.window_s - 1e-9)
+    usable = train & fits
+    owner = np.full(len(chunks), -1, dtype=np.int64)
+    owner[usable] = assign(selectors, chunks.modality.to_numpy()[usable], chunks.region.to_numpy()[usable],
+                           chunks.session_id.to_numpy()[usable])
+    weights = np.array([s.weight for s in selectors])
+    per_sel_slots = [_slots(np.nonzero(owner == i)[0], chunks, config.window_s, config.shuffle_window,
+                            _rng(config.seed, epoch, "slots", s.name)) for i, s in enumerate(selectors)]
+    n = config.epoch_windows or int(sum(len(s) for s in per_sel_slots))
+    seq = interleave(weights, n, seed=config.seed * 1_000_003 + epoch)
+    chunk_idx = np.empty(n, dtype=np.int64)
+    for i, s in enumerate(selectors):
+        slots = per_sel_slots[i]
+        need = int((seq == i).sum())
+        passes = [slots]
+        p = 1
+        while sum(len(x) for x in passes) < need:  # small stream: re-shuffled repeats
+            passes.append(_slots(np.unique(slots), chunks, config.window_s, config.shuffle_window,
+                                 _rng(config.seed, epoch, "repeat", p, s.name)))
+            p += 1
+        chunk_idx[seq == i] = np.concatenate(passes)[:need]  # large stream: subsample
+    span = (chunks.t_end - chunks.t_start).to_numpy()[chunk_idx] - config.window_s
+    u = _rng(config.seed, epoch, "offsets").random(n)
+    t0 = chunks.t_start.to_numpy()[chunk_idx] + np.clip(span, 0, None) * u
+    return Plan(chunk_idx, t0, seq, np.zeros(n, dtype=bool), selectors)
+
+
+def eval_stride(config: PlanConfig) -> float:
+    stride = config.window_s / 2 if config.eval_stride_s is None else float(config.eval_stride_s)
+    if not 0 < stride <= config.window_s + 1e-12:
+        raise ValueError(f"eval_stride_s must be in (0, window_s={config.window_s}], got {stride}")
+    return stride
+
+
+def plan_eval(chunks: pd.DataFrame, split: str, config: PlanConfig, world_size: int = 1,
+              batch_size: int = 1) -> Plan:
+    """Overlapping windows of a split (``eval_stride_s`` apart, the last one flush with the chunk's
+    end), padded to whole steps. Chunks shorter than a window give none."""
+    w, stride = config.window_s, eval_stride(config)
+    rows = np.nonzero((chunks.split == split).to_numpy() & filter_sessions(chunks, config))[0]
+    a = chunks.t_start.to_numpy()[rows]
+    b = chunks.t_end.to_numpy()[rows]
+    fits = b - a >= w - 1e-9
+    rows, a, b = rows[fits], a[fits], b[fits]
+    n_slide = np.floor((b - a - w) / stride + 1e-9).astype(np.int64) + 1
+    tail = b - (a + (n_slide - 1) * stride + w) > 1e-9  # the slide stops short of the end: one flush window
+    n_win = n_slide + tail
+    chunk_idx = np.repeat(rows, n_win)
+    k = np.arange(len(chunk_idx)) - np.repeat(np.cumsum(n_win) - n_win, n_win)
+    t0 = np.minimum(np.repeat(a, n_win) + k * stride, np.repeat(b, n_win) - w)  # the flush one: k = n_slide
+    step = world_size * batch_size
+    n_pad = (-len(chunk_idx)) % step
+    pad = np.zeros(len(chunk_idx) + n_pad, dtype=bool)
+    pad[len(chunk_idx):] = True
+    if n_pad:
+        reps = np.arange(n_pad) % max(1, len(chunk_idx))
+        chunk_idx = np.concatenate([chunk_idx, chunk_idx[reps]])
+        t0 = np.concatenate([t0, t0[reps]])
+    return Plan(chunk_idx, t0, np.full(len(chunk_idx), -1, dtype=np.int64), pad, [])

@@ -1,0 +1,112 @@
+"""Finetuning on held-out sessions: new unit/session embedding rows, gradual unfreezing (frozen weights
+stay bit for bit until the unfreeze epoch, then train), test-split accuracy per task; the from-scratch
+and per-session MLP baselines; a pretrained run of another variant is refused. Runs in Ray Train's
+local mode (workers=0: the loop in this process), which keeps these tests fast."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from trainer.checkpoint import load_model_file
+from trainer.finetune import main as finetune
+from trainer.loop import frozen_parameters
+from trainer.model.network import MultiModalPOYO
+from trainer.train import run
+from trainer.config import TrainConfig
+
+from tests.support.storegen import make_store, uneven_records
+
+HELD_OUT = ["e2", "o2"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(str(tmp_path_factory.mktemp("ft") / "store"), uneven_records())
+
+
+@pytest.fixture(scope="module")
+def pretrained(store, tmp_path_factory):
+    """A short pretraining run that never sees the held-out sessions."""
+    out = tmp_path_factory.mktemp("pre") / "run"
+    run(TrainConfig(shards=store.uri, out=str(out), preset="small", batch_size=8, epoch_windows=80, max_steps=12,
+                    workers=0, loader_workers=0, sessions_exclude=HELD_OUT, log_every=4, report_every=100))
+    return out
+
+
+def ft_args(store, pretrained, out, *extra):
+    return ["--from", str(pretrained), "--shards", store.uri, "--sessions", ",".join(HELD_OUT), "--out", str(out),
+            "--workers", "0", "--batch-size", "8", "--loader-workers", "0", *extra]
+
+
+def model_of(path) -> tuple[MultiModalPOYO, dict]:
+    ck = load_model_file(str(path))
+    from trainer.model.config import ModelConfig
+
+    m = MultiModalPOYO(config=ModelConfig.from_dict(ck["config"]), n_units=ck["n_units"], n_sessions=ck["n_sessions"])
+    m.load_state_dict(ck["state_dict"])
+    return m, ck["meta"]
+
+
+def frozen_part(model: MultiModalPOYO) -> dict[str, torch.Tensor]:
+    skip = {"unit_emb.weight", "session_emb.weight"}
+    return {k: v for k, v in model.state_dict().items() if k not in skip}
+
+
+def test_finetune_grows_vocab_and_unfreezes_gradually(store, pretrained, tmp_path):
+    out = tmp_path / "ft"
+    metrics = finetune(ft_args(store, pretrained, out, "--epochs", "2", "--unfreeze-epoch", "1",
+                               "--save-epoch-models"))
+    pre, pre_meta = model_of(pretrained / "model_best.pt")
+    ep0, meta = model_of(out / "model_epoch0.pt")
+    ep1, _ = model_of(out / "model_epoch1.pt")
+    # new rows for the held-out sessions' units (e2: 6, o2: 8) and the two sessions; old rows kept in order
+    assert len(ep0.unit_emb) == len(pre.unit_emb) + 14 and len(ep0.session_emb) == len(pre.session_emb) + 2
+    assert meta["unit_ids"][:len(pre_meta["unit_ids"])] == pre_meta["unit_ids"]
+    assert meta["new_sessions"] == HELD_OUT
+    # epoch 0: only unit and session embeddings train; everything else is the pretrained weights, bit for bit
+    for k, v in frozen_part(pre).items():
+        assert torch.equal(v, frozen_part(ep0)[k]), k
+    n_old = len(pre.unit_emb)
+    assert not torch.equal(ep0.unit_emb.weight[n_old:], ep1.unit_emb.weight[n_old:])
+    # epoch 1 (unfrozen): the rest trains too
+    changed = [k for k, v in frozen_part(ep0).items() if not torch.equal(v, frozen_part(ep1)[k])]
+    assert any(k.startswith("encoders.") for k in changed) and any(k.startswith("trunk.") for k in changed)
+    assert any(k.startswith("heads.") for k in changed)
+    # test-split accuracy per task, per modality and session
+    test = metrics["test"]
+    assert set(test["modality"]) == {"ephys", "ophys"}
+    assert {e["session"] for e in test["record"].values()} <= set(HELD_OUT) and test["record"]
+    for e in test["modality"].values():
+        assert all(0 <= v["acc"] <= 1 for v in e["tasks"].values())
+    assert "epoch 1: unfreezing" in open(out / "train.log").read()
+
+
+def test_frozen_parameters_are_all_but_the_embeddings():
+    from trainer.model.config import ModelConfig
+
+    m = MultiModalPOYO(config=ModelConfig.small(), n_units=5, n_sessions=2)
+    frozen = frozen_parameters(m, epoch=0, unfreeze_epoch=1)
+    assert len(frozen) == len(list(m.parameters())) - 2
+    assert all(p is not m.unit_emb.weight and p is not m.session_emb.weight for p in frozen)
+    assert frozen_parameters(m, epoch=1, unfreeze_epoch=1) == []
+
+
+def test_scratch_and_mlp_baselines_report_test_accuracy(store, pretrained, tmp_path, capsys):
+    scratch = finetune(ft_args(store, pretrained, tmp_path / "scratch", "--mode", "scratch", "--epochs", "1"))
+    m, meta = model_of(tmp_path / "scratch" / "model_last.pt")
+    assert "finetuned_from" not in meta and len(m.unit_emb) == 28  # the store's vocabulary, fresh weights
+    mlp = finetune(ft_args(store, pretrained, tmp_path / "mlp", "--mode", "mlp", "--epochs", "2"))
+    for metrics in (scratch, mlp):
+        assert set(metrics["test"]["modality"]) == {"ephys", "ophys"}
+        assert os.path.exists(tmp_path / ("scratch" if metrics is scratch else "mlp") / "metrics.json")
+    assert "test-split accuracy per task" in capsys.readouterr().out
+
+
+def test_pretrained_run_of_another_variant_is_refused(store, pretrained, tmp_path):
+    with pytest.raises(SystemExit, match="holds a 'main' model, but --model asks for 'separate'"):
+        finetune(ft_args(store, pretrained, tmp_path / "x", "--model", "separate"))
+    with pytest.raises(SystemExit, match="not in"):
+        finetune(["--from", str(pretrained), "--shards", store.uri, "--sessions", "nope", "--out", str(tmp_path / "y")])

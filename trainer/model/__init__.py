@@ -1,0 +1,23 @@
+"""The network, torch only (no Ray, no training loop): EPhys + OPhys tokens -> latents -> shared trunk
+-> multi-task decoder.
+
+One module per part: ``config`` (ModelConfig, TaskSpec), ``rotary`` (rotary time embedding),
+``attention`` (varlen attention over packed batches), ``embeddings`` (unit/session/task tables,
+calcium value projection), ``network`` (the model and its loss), ``variants`` (the paper's
+architecture ablations, ``build_model``), ``io`` (checkpoints and vocabulary growth).
+``from trainer.model import build_model, ModelConfig`` imports torch only when used.
+"""
+
+__all__ = ["ModelConfig", "TaskSpec", "build_model"]
+
+
+def __getattr__(name: str):
+    if name in ("ModelConfig", "TaskSpec"):
+        from trainer.model import config
+
+        return getattr(config, name)
+    if name == "build_model":
+        from trainer.model.variants import build_model
+
+        return build_model
+    raise AttributeError(f"module 'trainer.model' has no attribute {name!r}")

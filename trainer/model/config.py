@@ -1,0 +1,136 @@
+"""Model configuration: one frozen dataclass, the papers' defaults, and a small preset for CPU.
+
+Defaults follow POYO+ (Azabou et al., App. C.2) and the multi-modal paper (Knight et al., which
+reuses POYO+'s settings): dim 128, 6 self-attention layers, 128 latents (8 latent time steps x 16
+latents per step over a 1 s window), cross-attention with 2 heads, self-attention with 8 heads,
+dropout 0.2 in attention and feed-forward nets. Head width 64 and the residual ("lin") dropout 0.4
+come from torch_brain's POYO+ configs, which the multi-modal paper says it follows.
+
+The architecture variants of the multi-modal paper's ablation (App. D) are the knobs
+``shared_encoder``, ``encoder_ca_depth``, ``modality_depth`` and ``depth``; ``trainer.model.variants``
+sets them by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One decoding task: its name, output width (classes, or regression dimension), loss kind
+    and loss weight (POYO+ Table A2 weights; 1.0 by default)."""
+
+    name: str
+    out_dim: int
+    kind: str = "classification"  # "classification" (cross-entropy) | "regression" (MSE)
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("classification", "regression"):
+            raise ValueError(f"task {self.name!r}: kind must be classification or regression, got {self.kind!r}")
+        if self.out_dim < 1:
+            raise ValueError(f"task {self.name!r}: out_dim must be >= 1")
+
+
+def default_tasks() -> tuple[TaskSpec, ...]:
+    """The three Allen stimulus tasks in ``ingest/tasks.py`` order, so ``output_task_index`` i is
+    ``tasks[i]`` (static_gratings 6, drifting_gratings 8, natural_scenes 119 classes)."""
+    from shards.schema import TASKS
+
+    return tuple(TaskSpec(name=t.name, out_dim=t.n_classes) for t in TASKS.values())
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that shapes the model. Build it with keywords; derive variants with ``replace``."""
+
+    # widths and depths
+    dim: int = 128  # token / latent width D
+    depth: int = 6  # self-attention blocks in the shared trunk
+    dim_head: int = 64  # width of one attention head (rotary acts on all of it)
+    cross_heads: int = 2  # heads of the encoder and decoder cross-attention
+    self_heads: int = 8  # heads of the self-attention blocks
+    ffn_mult: int = 4  # GEGLU hidden width = ffn_mult * dim
+    # latents: latents_per_step learned vectors repeated at window_s / latent_step evenly spaced times
+    window_s: float = 1.0
+    latent_step: float = 0.125
+    latents_per_step: int = 16
+    # regularisation
+    ffn_dropout: float = 0.2
+    attn_dropout: float = 0.2
+    residual_dropout: float = 0.4  # on the trunk's residual branches (torch_brain's lin_dropout)
+    emb_init_scale: float = 0.02
+    # rotary time embedding: periods log-spaced from t_min to t_max seconds (POYO+ App. C.1)
+    t_min: float = 1e-4
+    t_max: float = 4.0
+    rotate_frac: float = 1.0  # share of each head's pairs that rotate (torch_brain: 0.5); the rest match by content
+    rotate_values: bool = False  # papers' eq. (1)-(3) rotate queries and keys only; torch_brain also rotates values
+    time_prior: float = 0.0  # > 0: learned q/k offsets start as a time-local kernel, this many logits per pair
+    zero_init_residual: bool = False  # residual branches' output projections start at 0 (blocks start as identity)
+    # architecture variant (trainer.model.variants)
+    shared_encoder: bool = False  # True: one cross-attention encoder for both modalities ("common-ca")
+    encoder_ca_depth: int = 1  # cross-attention layers per encoder
+    modality_depth: int = 0  # modality-specific self-attention blocks after each encoder
+    # outputs
+    tasks: tuple[TaskSpec, ...] = field(default_factory=default_tasks)
+    # execution
+    attn_backend: str = "auto"  # auto | loop | nested | flex | flash (trainer.model.attention)
+    amp: bool = True  # bf16 autocast when the model runs on CUDA (CPU stays fp32)
+    amp_on_cpu: bool = False  # bf16 autocast on CPU too (CPUs with AVX512-BF16/AMX; tests the bf16 path without a GPU)
+    compile: bool = False  # torch.compile the dense blocks (trunk, feed-forward nets)
+
+    def __post_init__(self) -> None:
+        steps = self.window_s / self.latent_step
+        if abs(steps - round(steps)) > 1e-6 or round(steps) < 1:
+            raise ValueError(f"window_s ({self.window_s}) must be a whole number of latent_step ({self.latent_step})")
+        if self.dim_head % 2:
+            raise ValueError("dim_head must be even (rotary pairs)")
+        if self.encoder_ca_depth < 1 or self.depth < 0 or self.modality_depth < 0:
+            raise ValueError("encoder_ca_depth >= 1, depth >= 0, modality_depth >= 0")
+        if not self.tasks:
+            raise ValueError("at least one task")
+
+    @property
+    def n_latent_steps(self) -> int:
+        return int(round(self.window_s / self.latent_step))
+
+    @property
+    def n_latents(self) -> int:
+        """Latent tokens per sample (M x N in the papers' notation)."""
+        return self.n_latent_steps * self.latents_per_step
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def small(cls, **changes: Any) -> "ModelConfig":
+        """A tiny model for CPU tests and the demo: dim 32, 2 trunk layers, 32 latents, no dropout.
+
+        Heads of 32 (2 per block) with half of each rotated over periods 10 ms .. 4 s and started as a
+        time-local kernel (``time_prior``), latents every 0.125 s, residual branches that start at zero.
+        The earlier preset (heads of 8 fully rotated from 0.1 ms, latents every 0.25 s, default init)
+        stayed at chance on the demo corpus's static gratings (docs/model.md has the measurements)."""
+        base = dict(
+            dim=32, depth=2, dim_head=32, cross_heads=2, self_heads=2, ffn_mult=2,
+            latent_step=0.125, latents_per_step=4,
+            ffn_dropout=0.0, attn_dropout=0.0, residual_dropout=0.0,
+            t_min=1e-2, rotate_frac=0.5, time_prior=1.0, zero_init_residual=True,
+        )
+        base.update(changes)
+        return cls(**base)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (loads with ``torch.load(weights_only=True)``)."""
+        d = dataclasses.asdict(self)
+        d["tasks"] = [dataclasses.asdict(t) for t in self.tasks]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        d["tasks"] = tuple(TaskSpec(**t) for t in d["tasks"])
+        return cls(**d)

@@ -1,0 +1,440 @@
+"""The multi-modal POYO model (Knight et al. 2025, on POYO+ by Azabou et al. 2025), whole, in one file.
+
+    packed batch (docs/batch.md)
+      -> per modality: cross-attention encoder, its own latent queries (same number and shape)
+         EPhys: spike token x = u (unit embedding)        OPhys: calcium token x = u + W_f f
+      -> latents of all samples, one dense (B, M, D) block, in batch order
+      -> shared trunk: `depth` x [rotary self-attention, GEGLU feed-forward], pre-norm
+      -> decoder: queries (task embedding + session embedding) at the output times cross-attend
+         to their sample's latents
+      -> task heads: one linear layer per task (classes, or regression dimension)
+      -> loss: per-task mean (cross-entropy / MSE), times the share of samples asking for the task
+
+Every attention block rotates queries and keys by their timestamps (trainer.model.rotary). Token
+sequences stay packed (``cu_seqlens``) end to end: the encoders use varlen attention
+(trainer.model.attention), the latents are dense because every sample has exactly M of them.
+
+The variants of the paper's ablation are the same class with other config knobs
+(``trainer.model.variants``): one shared encoder (``shared_encoder``), modality-specific self-attention
+after the encoders (``modality_depth``), stacked cross-attention (``encoder_ca_depth``).
+
+``forward(batch)`` returns ``{"logits": {task: (Q_k, out_dim)}, "query_index": {task: (Q_k,)},
+"loss": (), "task_loss": {task: ()}}`` (loss terms when the batch carries labels); ``accuracy(out,
+batch, config)`` gives ``{task: (correct, labelled)}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainer.model.attention import Rope, RotaryCrossAttention, RotarySelfAttention
+from trainer.model.config import ModelConfig
+from trainer.model.embeddings import CalciumValueProjection, GrowableEmbedding
+from trainer.model.rotary import RotaryTimeEmbedding
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def _keep_mask(x: Tensor, p: float) -> tuple[Tensor, float]:
+    """Dropout keep mask shaped like x, and the 1/keep-rate scale. The mask comes from 64-bit random
+    words split into four 16-bit lanes: a quarter of the random numbers ``bernoulli_`` draws, and
+    the drop rate exact to 1/65536."""
+    dropped = int(round(p * 65536))
+    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
+    keep = (words.view(torch.int16)[:x.numel()] >= dropped - 32768).view(x.shape)
+    return keep, 65536.0 / (65536 - dropped)
+
+
+class _Dropout(torch.autograd.Function):
+    """Inverted dropout keeping a 1-byte mask for the backward (CPU: ~4x faster than F.dropout)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:
+        keep, ctx.scale = _keep_mask(x, p)
+        ctx.save_for_backward(keep)
+        return torch.mul(x, keep).mul_(ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (keep,) = ctx.saved_tensors
+        return torch.mul(grad, keep).mul_(ctx.scale), None
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Inverted dropout: ``_Dropout`` on CPU, ``F.dropout`` (fused) elsewhere."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)
+    return _Dropout.apply(x, p)
+
+
+class FeedForward(nn.Module):
+    """Pre-norm GEGLU feed-forward net; returns the residual branch. (..., D) -> (..., D).
+
+    Args (keyword-only): dim (D), mult (hidden = mult * D), dropout (after the gate).
+    """
+
+    def __init__(self, *, dim: int, mult: int, dropout: float) -> None:
+        super().__init__()
+        self.p = dropout
+        self.norm = nn.LayerNorm(dim)
+        self.up = nn.Linear(dim, 2 * mult * dim)
+        self.down = nn.Linear(mult * dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, gate = self.up(self.norm(x)).chunk(2, dim=-1)
+        return self.down(dropout(h * F.gelu(gate), self.p, self.training))
+
+
+class LatentBlock(nn.Module):
+    """Transformer block on latents: x + drop(SA(x)), then + drop(FFN(x)). (S, M, D) -> (S, M, D).
+
+    Args (keyword-only): config.
+    """
+
+    def __init__(self, *, config: ModelConfig, omega: Tensor | None = None) -> None:
+        super().__init__()
+        c = config
+        self.p = c.residual_dropout
+        self.attn = RotarySelfAttention(dim=c.dim, heads=c.self_heads, dim_head=c.dim_head,
+                                        dropout=c.attn_dropout, rotate_values=c.rotate_values,
+                                        time_prior=c.time_prior, omega=omega)
+        self.ffn = FeedForward(dim=c.dim, mult=c.ffn_mult, dropout=c.ffn_dropout)
+
+    def forward(self, x: Tensor, rope: Rope) -> Tensor:
+        x = x + dropout(self.attn(x, rope), self.p, self.training)
+        return x + dropout(self.ffn(x), self.p, self.training)
+
+
+class Encoder(nn.Module):
+    """Compresses the tokens of S samples into M latents each (PerceiverIO-style, papers' eq. 1).
+
+    Learned latent queries (``latents_per_step`` vectors repeated at every latent time step)
+    cross-attend to the sample's tokens, then a feed-forward net; ``encoder_ca_depth`` such
+    cross-attention layers, then ``modality_depth`` self-attention blocks.
+
+    Args (keyword-only): config; calcium (True: tokens carry a dF/F value, embedded with W_f).
+    """
+
+    def __init__(self, *, config: ModelConfig, calcium: bool, omega: Tensor | None = None) -> None:
+        super().__init__()
+        c = config
+        self.n_steps, self.n_latents = c.n_latent_steps, c.n_latents
+        self.latents = nn.Parameter(torch.randn(c.latents_per_step, c.dim) * c.emb_init_scale)
+        self.value_proj = CalciumValueProjection(dim=c.dim, init_scale=c.emb_init_scale) if calcium else None
+        self.cross = nn.ModuleList(
+            RotaryCrossAttention(dim=c.dim, heads=c.cross_heads, dim_head=c.dim_head, dropout=c.attn_dropout,
+                                 rotate_values=c.rotate_values, backend=c.attn_backend,
+                                 time_prior=c.time_prior, omega=omega)
+            for _ in range(c.encoder_ca_depth))
+        self.cross_ffn = nn.ModuleList(FeedForward(dim=c.dim, mult=c.ffn_mult, dropout=c.ffn_dropout)
+                                       for _ in range(c.encoder_ca_depth))
+        self.blocks = nn.ModuleList(LatentBlock(config=c, omega=omega) for _ in range(c.modality_depth))
+
+    def forward(self, *, unit_rows: Tensor, unit_of_token: Tensor, values: Tensor, token_rope: Rope,
+                cu: Tensor, max_len: int, latent_rope: Rope) -> Tensor:
+        """Shapes:
+            unit_rows: (U, D) embeddings of the units present; unit_of_token: (N,) row of each token
+            values: (N,) dF/F (ignored by a spike encoder); token_rope: (N, 1, d/2) rotations
+            cu: (S+1,) token offsets; max_len: longest sample; latent_rope: (M, 1, d/2) rotations
+            returns (S, M, D)
+        """
+        n_samples, m = cu.numel() - 1, self.n_latents
+        coef, direction = (values, self.value_proj.weight) if self.value_proj is not None else (None, None)
+        z0 = self.latents.repeat(self.n_steps, 1)  # (M, D): latent j sits at every latent time step
+        z = None
+        for layer, (attn, ffn) in enumerate(zip(self.cross, self.cross_ffn)):
+            # keys/values: LayerNorm + projection once per unit, then per-token gather (exact)
+            k, v = attn.context_factored(unit_rows, unit_of_token, token_rope, coef, direction)  # (N, H, d)
+            if layer == 0:  # the queries are the same in every sample: computed once
+                z = z0 + attn(z0, latent_rope, k, v, cu_q=None, cu_k=cu, max_q=m, max_k=max_len,
+                              shared_q=True).view(n_samples, m, -1)
+            else:
+                cu_q = torch.arange(n_samples + 1, device=cu.device, dtype=cu.dtype) * m
+                z = z + attn(z, latent_rope, k, v, cu_q=cu_q, cu_k=cu, max_q=m,
+                             max_k=max_len).view(n_samples, m, -1)
+            z = z + ffn(z)
+        for block in self.blocks:
+            z = block(z, latent_rope)
+        return z
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class MultiModalPOYO(nn.Module):
+    """EPhys + OPhys encoders, shared self-attention trunk, multi-task decoder.
+
+    Args (keyword-only):
+        config: ModelConfig (its variant knobs pick the architecture)
+        n_units: rows of the global unit vocabulary; n_sessions: rows of the session vocabulary
+    """
+
+    latent_times: Tensor
+
+    def __init__(self, *, config: ModelConfig, n_units: int, n_sessions: int) -> None:
+        super().__init__()
+        c = self.config = config
+        self.unit_emb = GrowableEmbedding(num=n_units, dim=c.dim, init_scale=c.emb_init_scale)
+        self.session_emb = GrowableEmbedding(num=n_sessions, dim=c.dim, init_scale=c.emb_init_scale)
+        self.task_emb = GrowableEmbedding(num=len(c.tasks), dim=c.dim, init_scale=c.emb_init_scale)
+        self.rotary = RotaryTimeEmbedding(dim_head=c.dim_head, t_min=c.t_min, t_max=c.t_max,
+                                          rotate_frac=c.rotate_frac)
+        # latent time steps spread evenly over the window: (i + 1/2) * latent_step, each with all latents
+        steps = (torch.arange(c.n_latent_steps, dtype=torch.float32) + 0.5) * c.latent_step
+        self.register_buffer("latent_times", steps.repeat_interleave(c.latents_per_step), persistent=False)
+        # encoders[modality code]: 0 EPhys, 1 OPhys (docs/batch.md); one encoder when shared
+        kinds = [True] if c.shared_encoder else [False, True]
+        omega = self.rotary.omega.float()
+        self.encoders = nn.ModuleList(Encoder(config=c, calcium=calcium, omega=omega) for calcium in kinds)
+        self.trunk = nn.ModuleList(LatentBlock(config=c, omega=omega) for _ in range(c.depth))
+        self.dec_attn = RotaryCrossAttention(dim=c.dim, heads=c.cross_heads, dim_head=c.dim_head,
+                                             dropout=c.attn_dropout, rotate_values=False, backend=c.attn_backend,
+                                             time_prior=c.time_prior, omega=omega)
+        self.dec_ffn = FeedForward(dim=c.dim, mult=c.ffn_mult, dropout=c.ffn_dropout)
+        self.heads = nn.ModuleDict({t.name: nn.Linear(c.dim, t.out_dim) for t in c.tasks})
+        if c.zero_init_residual:
+            self._zero_residual_outputs()
+        if c.compile:  # dense, fixed-shape parts; in place, so state_dict keys do not change
+            for m in [*self.trunk, *(b for e in self.encoders for b in e.blocks), self.dec_ffn]:
+                m.compile(dynamic=True)
+
+    @torch.no_grad()
+    def _zero_residual_outputs(self) -> None:
+        """Start every residual branch of the latent blocks (trunk, modality blocks) at zero, so each
+        block is the identity at initialisation and the encoders' output reaches the decoder unchanged
+        (GPT-2 / Fixup-style; measured in docs/model.md)."""
+        blocks = [*self.trunk, *(b for e in self.encoders for b in e.blocks)]
+        for blk in blocks:
+            for linear in (blk.attn.to_out, blk.ffn.down):
+                linear.weight.zero_()
+                linear.bias.zero_()
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Any]:
+        """batch: the packed dict of docs/batch.md (on the model's device).
+        Returns logits and query indices per task, plus loss terms if the batch has labels."""
+        device = self.latent_times.device
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                            enabled=self.config.amp and (device.type == "cuda" or self.config.amp_on_cpu)):
+            latent_rope = self.rotary(self.latent_times)  # computed once, used by every block
+            latents = self.encode(batch, latent_rope)  # (B, M, D)
+            for block in self.trunk:
+                latents = block(latents, latent_rope)
+            outputs = self.decode(latents, batch, latent_rope)  # (Q, D)
+            out = self.readout(outputs, batch["output_task_index"])
+        if "output_labels" in batch or "output_values" in batch:
+            out.update(self.loss(out, batch))
+        return out
+
+    def encode(self, batch: dict[str, Tensor], latent_rope: Rope) -> Tensor:
+        """Packed tokens of B samples -> latents (B, M, D) in batch order. Each modality's samples go
+        through that modality's encoder only (an EPhys-only batch never touches the OPhys encoder)."""
+        if "window_s" in batch and abs(float(batch["window_s"]) - self.config.window_s) > 1e-6:
+            raise ValueError(f"batch windows are {float(batch['window_s'])} s; the model's latents span "
+                             f"config.window_s = {self.config.window_s} s")
+        cu = batch["input_cu_seqlens"].long()
+        lens = torch.diff(cu)
+        n_tokens = int(cu[-1])
+        token_rope = self.rotary(batch["input_timestamps"])
+        if len(self.encoders) == 1:
+            return self._encode_with(self.encoders[0], batch, None, lens, token_rope, latent_rope)
+        modality = batch["modality"]
+        parts, order = [], []
+        for code, encoder in enumerate(self.encoders):
+            is_code = modality == code
+            samples = is_code.nonzero().squeeze(1)
+            if samples.numel() == 0:
+                continue
+            tokens = None if samples.numel() == len(lens) else \
+                is_code.repeat_interleave(lens, output_size=n_tokens).nonzero().squeeze(1)
+            parts.append(self._encode_with(encoder, batch, tokens, lens[samples], token_rope, latent_rope))
+            order.append(samples)
+        latents = torch.cat(parts)
+        return latents if len(parts) == 1 else latents[torch.argsort(torch.cat(order))]
+
+    def _encode_with(self, encoder: Encoder, batch: dict[str, Tensor], tokens: Tensor | None, lens: Tensor,
+                     token_rope: Rope, latent_rope: Rope) -> Tensor:
+        """Run one encoder on the samples whose token rows are ``tokens`` (None: all) -> (S, M, D)."""
+        units, values = batch["input_unit_index"], batch["input_values"]
+        if tokens is not None:
+            units, values, token_rope = units[tokens], values[tokens], token_rope[tokens]
+        present, unit_of_token = torch.unique(units, return_inverse=True)
+        cu = F.pad(lens.cumsum(0), (1, 0))
+        return encoder(unit_rows=self.unit_emb(present), unit_of_token=unit_of_token, values=values,
+                       token_rope=token_rope, cu=cu, max_len=int(lens.max()), latent_rope=latent_rope)
+
+    def decode(self, latents: Tensor, batch: dict[str, Tensor], latent_rope: Rope) -> Tensor:
+        """Output queries o = task embedding + session embedding, at the output times, attend to their
+        sample's latents (papers' eq. 3). latents (B, M, D) -> (Q, D)."""
+        n_samples, m, _ = latents.shape
+        cu_q = batch["output_cu_seqlens"].long()
+        n_queries = int(cu_q[-1])
+        if n_queries == 0:
+            return latents.new_zeros(0, latents.shape[-1])
+        per_sample = torch.diff(cu_q)
+        sample_of_query = torch.repeat_interleave(torch.arange(n_samples, device=latents.device), per_sample,
+                                                  output_size=n_queries)
+        queries = self.task_emb(batch["output_task_index"]) + \
+            self.session_emb(batch["session_index"][sample_of_query])
+        k, v = self.dec_attn.context(latents, latent_rope)  # (B*M, H, d)
+        cu_k = torch.arange(n_samples + 1, device=latents.device) * m
+        y = queries + self.dec_attn(queries, self.rotary(batch["output_timestamps"]), k, v,
+                                    cu_q=cu_q, cu_k=cu_k, max_q=int(per_sample.max()), max_k=m)
+        return y + self.dec_ffn(y)
+
+    def readout(self, outputs: Tensor, task_index: Tensor) -> dict[str, Any]:
+        """Route each output token to its task's linear head. outputs (Q, D), task_index (Q,)."""
+        logits, index = {}, {}
+        for k, task in enumerate(self.config.tasks):
+            rows = (task_index == k).nonzero().squeeze(1)
+            logits[task.name] = self.heads[task.name](outputs[rows]).float()
+            index[task.name] = rows
+        return {"logits": logits, "query_index": index}
+
+    def loss(self, out: dict[str, Any], batch: dict[str, Tensor]) -> dict[str, Any]:
+        """POYO+ weighting: each task's loss is its weighted mean over its queries, multiplied by the
+        number of samples that ask for the task, summed, divided by the batch size (so a query's weight
+        falls as its task asks for more predictions), times the task's configured weight.
+        Classification: cross-entropy on ``output_labels`` (label < 0 = unlabelled, ignored).
+        Regression: MSE on ``output_values`` (Q, out_dim) float."""
+        n_samples = batch["modality"].numel()
+        cu_q = batch["output_cu_seqlens"].long()
+        sample_of_query = torch.repeat_interleave(torch.arange(n_samples, device=cu_q.device), torch.diff(cu_q),
+                                                  output_size=int(cu_q[-1]))
+        weights = batch.get("output_weights")
+        total = sum(x.sum() for x in out["logits"].values()) * 0.0  # a graph-connected zero (no labels at all)
+        task_loss = {}
+        for task in self.config.tasks:
+            rows, logits = out["query_index"][task.name], out["logits"][task.name]
+            if rows.numel() == 0:
+                continue
+            w = weights[rows].float() if weights is not None else torch.ones(len(rows), device=logits.device)
+            if task.kind == "classification":
+                labels = batch["output_labels"][rows]
+                w = w * (labels >= 0)
+                per_query = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
+            else:
+                target = batch["output_values"][rows].float().reshape(logits.shape)
+                per_query = F.mse_loss(logits, target, reduction="none").mean(-1)
+            mean = (per_query * w).sum() / w.sum().clamp_min(1e-12)
+            asking = torch.zeros(n_samples, device=logits.device).index_fill_(0, sample_of_query[rows][w > 0], 1.0)
+            total = total + task.weight * mean * asking.sum() / n_samples
+            task_loss[task.name] = mean.detach()
+        return {"loss": total, "task_loss": task_loss}
+
+    # -- finetuning ----------------------------------------------------------------------------
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by part, in the papers' unfreezing order for finetuning (App. C): unit and
+        session embeddings, then the decoder (task embedding, cross-attention, heads), then the
+        encoders and the trunk."""
+        decoder = [self.task_emb.weight, *self.dec_attn.parameters(), *self.dec_ffn.parameters(),
+                   *self.heads.parameters()]
+        return {"embeddings": [self.unit_emb.weight, self.session_emb.weight], "decoder": decoder,
+                "encoder": [*self.encoders.parameters(), *self.trunk.parameters()]}
+
+    def grow_vocab(self, *, n_units: int = 0, n_sessions: int = 0) -> tuple[Tensor, Tensor]:
+        """Add rows for new units / sessions, keeping the old ones; returns the new indices.
+        Rebuild the optimizer afterwards (the embedding Parameters are replaced)."""
+        return self.unit_emb.grow(n_units), self.session_emb.grow(n_sessions)
+
+
+# ----------------------------------------------------------------------------- metrics, checkpoints
+
+
+@torch.no_grad()
+def accuracy(out: dict[str, Any], batch: dict[str, Tensor], config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """{classification task: (correct, labelled queries)} for one forward output."""
+    res = {}
+    for task in config.tasks:
+        if task.kind != "classification":
+            continue
+        rows = out["query_index"][task.name]
+        labels = batch["output_labels"][rows]
+        labelled = labels >= 0
+        hit = (out["logits"][task.name].argmax(-1) == labels) & labelled
+        res[task.name] = (int(hit.sum()), int(labelled.sum()))
+    return res
+
+
+def n_parameters(model: nn.Module, *, embeddings: bool = True) -> int:
+    """Parameter count; ``embeddings=False`` leaves out the unit/session vocabularies (which grow with
+    the data, and are the same in every architecture variant)."""
+    skip = set()
+    if not embeddings and isinstance(model, MultiModalPOYO):
+        skip = {id(model.unit_emb.weight), id(model.session_emb.weight)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+def save_checkpoint(model: MultiModalPOYO, path: str, **extra: Any) -> None:
+    """``torch.save`` of plain types and tensors only: config dict, vocabulary sizes, state_dict."""
+    torch.save({"config": model.config.to_dict(), "n_units": len(model.unit_emb),
+                "n_sessions": len(model.session_emb), "state_dict": model.state_dict(), **extra}, path)
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> MultiModalPOYO:
+    """Rebuild the model from ``save_checkpoint`` output with ``torch.load(weights_only=True)``."""
+    ck = torch.load(path, map_location=map_location, weights_only=True)
+    model = MultiModalPOYO(config=ModelConfig.from_dict(ck["config"]), n_units=ck["n_units"],
+                           n_sessions=ck["n_sessions"])
+    model.load_state_dict(ck["state_dict"])
+    return model
+
+
+# ----------------------------------------------------------------------------- synthetic batches
+
+
+def synthetic_batch(*, modalities: Sequence[int], n_units: int, n_sessions: int, config: ModelConfig | None = None,
+                    units_per_sample: int = 8, spike_rate_hz: float = 20.0, rois_per_sample: int = 6,
+                    frame_hz: float = 30.0, queries_per_sample: int = 2, window_s: float = 1.0,
+                    seed: int = 0) -> dict[str, Tensor]:
+    """A packed batch in the docs/batch.md layout (for tests, benchmarks and demos).
+
+    Sample i is EPhys (Poisson spikes of ``units_per_sample`` units) or OPhys (``rois_per_sample`` x
+    frames calcium tokens) per ``modalities[i]``; its units are distinct rows of the vocabulary, its
+    session a random one; it asks ``queries_per_sample`` random (task, label) queries.
+    """
+    tasks = (config or ModelConfig.small()).tasks
+    rng = np.random.default_rng(seed)
+    unit_idx, times, values, lens = [], [], [], []
+    for mod in modalities:
+        units = rng.choice(n_units, size=min(n_units, units_per_sample if mod == 0 else rois_per_sample), replace=False)
+        if mod == 0:
+            counts = rng.poisson(spike_rate_hz * window_s, size=len(units))
+            u = np.repeat(units, counts)
+            t = rng.uniform(0, window_s, size=len(u))
+            v = np.zeros(len(u))
+        else:
+            frames = np.arange(0, window_s, 1 / frame_hz)
+            u = np.tile(units, len(frames))
+            t = np.repeat(frames, len(units))
+            v = rng.gamma(1.0, 0.3, size=len(u))
+        order = np.argsort(t, kind="stable")
+        unit_idx.append(u[order]), times.append(t[order]), values.append(v[order]), lens.append(len(u))
+    n = len(modalities)
+    q = np.full(n, queries_per_sample)
+    task = rng.integers(len(tasks), size=q.sum())
+    classes = np.array([t.out_dim for t in tasks])
+    cu = lambda x: torch.from_numpy(np.concatenate([[0], np.cumsum(x)]).astype(np.int32))  # noqa: E731
+    return {
+        "input_unit_index": torch.from_numpy(np.concatenate(unit_idx).astype(np.int64)),
+        "input_timestamps": torch.from_numpy(np.concatenate(times).astype(np.float32)),
+        "input_values": torch.from_numpy(np.concatenate(values).astype(np.float32)),
+        "input_cu_seqlens": cu(lens),
+        "modality": torch.tensor(list(modalities), dtype=torch.int64),
+        "session_index": torch.from_numpy(rng.integers(n_sessions, size=n).astype(np.int64)),
+        "output_timestamps": torch.from_numpy(rng.uniform(0, window_s, size=q.sum()).astype(np.float32)),
+        "output_task_index": torch.from_numpy(task.astype(np.int64)),
+        "output_labels": torch.from_numpy((rng.random(q.sum()) * classes[task]).astype(np.int64)),
+        "output_weights": torch.ones(int(q.sum()), dtype=torch.float32),
+        "output_cu_seqlens": cu(q),
+        "window_s": torch.tensor(window_s, dtype=torch.float32),
+    }
