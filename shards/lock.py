@@ -34,6 +34,7 @@ import threading
 import time
 import uuid
 
+from shards.atomic import atomic_path
 from shards.store import Store, StoreError, describe_s3_error
 
 LOCK = "_ingest/lock.json"
@@ -258,12 +259,8 @@ class StoreLock:
         return _parse(data), None
 
     def _local_write(self) -> None:
-        tmp = f"{self._lock_path()}.{self.token}.tmp"
-        with open(tmp, "wb") as fh:
+        with atomic_path(self._lock_path(), tag=self.token) as tmp, open(tmp, "wb") as fh:
             fh.write(self._body())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._lock_path())
 
     def _local_create(self) -> bool:
         if os.path.exists(self._lock_path()):
