@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from trainer.model.variants import VARIANTS, build_model, param_table
 from trainer.model.attention import BACKENDS, RotaryCrossAttention, varlen_attention
 from trainer.model.config import ModelConfig, TaskSpec
-from trainer.model.network import (MultiModalPOYO, accuracy, load_checkpoint, n_parameters, save_checkpoint,
-                           synthetic_batch)
+from trainer.model.io import grow_vocab, load_checkpoint, load_checkpoint_with_extra, save_checkpoint
+from trainer.model.network import MultiModalPOYO, accuracy, n_parameters, synthetic_batch
 from trainer.model.rotary import RotaryTimeEmbedding, rotate
 
 N_UNITS, N_SESSIONS = 120, 12
@@ -256,10 +256,19 @@ def test_save_load_round_trip_with_weights_only_gives_identical_outputs(tmp_path
     assert torch.equal(logits_by_query(model, batch).nan_to_num(), logits_by_query(fresh, batch).nan_to_num())
 
 
+def test_checkpoint_extra_entries_and_execution_changes_come_back(tmp_path):
+    model = model_for(small())
+    save_checkpoint(model, str(tmp_path / "ck.pt"), meta='{"variant": "main"}', step=3)
+    loaded, extra = load_checkpoint_with_extra(str(tmp_path / "ck.pt"), amp=False)
+    assert extra == {"meta": '{"variant": "main"}', "step": 3}
+    assert loaded.config == model.config.replace(amp=False)
+    assert torch.equal(logits_by_query(model, batch_for()).nan_to_num(), logits_by_query(loaded.eval(), batch_for()).nan_to_num())
+
+
 def test_growing_the_vocabularies_keeps_old_embeddings():
     model = model_for(small())
     units, sessions = model.unit_emb.weight.detach().clone(), model.session_emb.weight.detach().clone()
-    new_units, new_sessions = model.grow_vocab(n_units=30, n_sessions=2)
+    new_units, new_sessions = grow_vocab(model, n_units=30, n_sessions=2)
     assert new_units.tolist() == list(range(N_UNITS, N_UNITS + 30))
     assert new_sessions.tolist() == [N_SESSIONS, N_SESSIONS + 1]
     assert torch.equal(model.unit_emb.weight[:N_UNITS], units)
