@@ -77,7 +77,8 @@ def worker(args) -> None:
 
     sys.path.insert(0, str(REPO))
     from trainer.model.config import ModelConfig
-    from trainer.model.network import MultiModalPOYO, n_parameters, synthetic_batch
+    from trainer.model.network import MultiModalPOYO, n_parameters
+    from trainer.model.synthetic import synthetic_batch
 
     kind, rotate_values, ephys_tokens = args.worker.split(":")
     torch.set_num_threads(args.threads)

@@ -2,9 +2,11 @@
 -> multi-task decoder.
 
 One module per part: ``config`` (ModelConfig, TaskSpec), ``rotary`` (rotary time embedding),
-``attention`` (varlen attention over packed batches), ``embeddings`` (unit/session/task tables,
-calcium value projection), ``network`` (the model and its loss), ``variants`` (the paper's
-architecture ablations, ``build_model``), ``io`` (checkpoints and vocabulary growth).
+``packing`` (index arithmetic of packed batches), ``attention`` (varlen attention over packed batches),
+``embeddings`` (unit/session/task tables, calcium value projection), ``layers`` (dropout, feed-forward
+net, latent block, cross-attention encoder), ``network`` (the model and its loss), ``variants`` (the
+paper's architecture ablations, ``build_model``), ``io`` (checkpoints and vocabulary growth),
+``synthetic`` (fake packed batches for tests and benchmarks).
 ``from trainer.model import build_model, ModelConfig`` imports torch only when used.
 """
 

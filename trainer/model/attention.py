@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainer.model.packing import segment_ids
 from trainer.model.rotary import rotate, rotate_back, rotate_into
 
 BACKENDS = ("loop", "nested", "flex", "flash")
@@ -133,9 +134,8 @@ def _flex(q, k, v, cu_q, cu_k, dropout_p):
     if dropout_p > 0:
         raise NotImplementedError("flex backend has no attention dropout; set attn_dropout=0 or another backend")
     flex_attention, create_block_mask = _flex_fns(q.device.type)
-    n = cu_k.numel() - 1
-    doc_q = torch.repeat_interleave(torch.arange(n, device=q.device), torch.diff(cu_q), output_size=q.shape[0])
-    doc_k = torch.repeat_interleave(torch.arange(n, device=q.device), torch.diff(cu_k), output_size=k.shape[0])
+    doc_q = segment_ids(cu_q, total=q.shape[0])
+    doc_k = segment_ids(cu_k, total=k.shape[0])
 
     def same_sample(b, h, qi, ki):
         return doc_q[qi] == doc_k[ki]

@@ -1,4 +1,4 @@
-"""The multi-modal POYO model (Knight et al. 2025, on POYO+ by Azabou et al. 2025), whole, in one file.
+"""The multi-modal POYO model (Knight et al. 2025, on POYO+ by Azabou et al. 2025): its data flow and loss.
 
     packed batch (docs/batch.md)
       -> per modality: cross-attention encoder, its own latent queries (same number and shape)
@@ -12,158 +12,33 @@
 
 Every attention block rotates queries and keys by their timestamps (trainer.model.rotary). Token
 sequences stay packed (``cu_seqlens``) end to end: the encoders use varlen attention
-(trainer.model.attention), the latents are dense because every sample has exactly M of them.
+(trainer.model.attention), the latents are dense because every sample has exactly M of them. The
+blocks (encoder, latent block, feed-forward net, dropout) are in trainer.model.layers; checkpoints
+and vocabulary growth in trainer.model.io; fake batches in trainer.model.synthetic.
 
 The variants of the paper's ablation are the same class with other config knobs
 (``trainer.model.variants``): one shared encoder (``shared_encoder``), modality-specific self-attention
 after the encoders (``modality_depth``), stacked cross-attention (``encoder_ca_depth``).
 
 ``forward(batch)`` returns ``{"logits": {task: (Q_k, out_dim)}, "query_index": {task: (Q_k,)},
-"loss": (), "task_loss": {task: ()}}`` (loss terms when the batch carries labels); ``accuracy(out,
-batch, config)`` gives ``{task: (correct, labelled)}``.
+"loss": (), "task_loss": {task: ()}}`` (loss terms when the batch carries labels). Accuracy is the
+trainer's business (``trainer.evaluate``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.model.attention import Rope, RotaryCrossAttention, RotarySelfAttention
+from trainer.model.attention import Rope, RotaryCrossAttention
 from trainer.model.config import ModelConfig
-from trainer.model.embeddings import CalciumValueProjection, GrowableEmbedding
+from trainer.model.embeddings import GrowableEmbedding
+from trainer.model.layers import Encoder, FeedForward, LatentBlock
+from trainer.model.packing import segment_ids
 from trainer.model.rotary import RotaryTimeEmbedding
-
-# ----------------------------------------------------------------------------- building blocks
-
-
-def _keep_mask(x: Tensor, p: float) -> tuple[Tensor, float]:
-    """Dropout keep mask shaped like x, and the 1/keep-rate scale. The mask comes from 64-bit random
-    words split into four 16-bit lanes: a quarter of the random numbers ``bernoulli_`` draws, and
-    the drop rate exact to 1/65536."""
-    dropped = int(round(p * 65536))
-    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-    keep = (words.view(torch.int16)[:x.numel()] >= dropped - 32768).view(x.shape)
-    return keep, 65536.0 / (65536 - dropped)
-
-
-class _Dropout(torch.autograd.Function):
-    """Inverted dropout keeping a 1-byte mask for the backward (CPU: ~4x faster than F.dropout)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, p: float) -> Tensor:
-        keep, ctx.scale = _keep_mask(x, p)
-        ctx.save_for_backward(keep)
-        return torch.mul(x, keep).mul_(ctx.scale)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (keep,) = ctx.saved_tensors
-        return torch.mul(grad, keep).mul_(ctx.scale), None
-
-
-def dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """Inverted dropout: ``_Dropout`` on CPU, ``F.dropout`` (fused) elsewhere."""
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, True)
-    return _Dropout.apply(x, p)
-
-
-class FeedForward(nn.Module):
-    """Pre-norm GEGLU feed-forward net; returns the residual branch. (..., D) -> (..., D).
-
-    Args (keyword-only): dim (D), mult (hidden = mult * D), dropout (after the gate).
-    """
-
-    def __init__(self, *, dim: int, mult: int, dropout: float) -> None:
-        super().__init__()
-        self.p = dropout
-        self.norm = nn.LayerNorm(dim)
-        self.up = nn.Linear(dim, 2 * mult * dim)
-        self.down = nn.Linear(mult * dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h, gate = self.up(self.norm(x)).chunk(2, dim=-1)
-        return self.down(dropout(h * F.gelu(gate), self.p, self.training))
-
-
-class LatentBlock(nn.Module):
-    """Transformer block on latents: x + drop(SA(x)), then + drop(FFN(x)). (S, M, D) -> (S, M, D).
-
-    Args (keyword-only): config.
-    """
-
-    def __init__(self, *, config: ModelConfig, omega: Tensor | None = None) -> None:
-        super().__init__()
-        c = config
-        self.p = c.residual_dropout
-        self.attn = RotarySelfAttention(dim=c.dim, heads=c.self_heads, dim_head=c.dim_head,
-                                        dropout=c.attn_dropout, rotate_values=c.rotate_values,
-                                        time_prior=c.time_prior, omega=omega)
-        self.ffn = FeedForward(dim=c.dim, mult=c.ffn_mult, dropout=c.ffn_dropout)
-
-    def forward(self, x: Tensor, rope: Rope) -> Tensor:
-        x = x + dropout(self.attn(x, rope), self.p, self.training)
-        return x + dropout(self.ffn(x), self.p, self.training)
-
-
-class Encoder(nn.Module):
-    """Compresses the tokens of S samples into M latents each (PerceiverIO-style, papers' eq. 1).
-
-    Learned latent queries (``latents_per_step`` vectors repeated at every latent time step)
-    cross-attend to the sample's tokens, then a feed-forward net; ``encoder_ca_depth`` such
-    cross-attention layers, then ``modality_depth`` self-attention blocks.
-
-    Args (keyword-only): config; calcium (True: tokens carry a dF/F value, embedded with W_f).
-    """
-
-    def __init__(self, *, config: ModelConfig, calcium: bool, omega: Tensor | None = None) -> None:
-        super().__init__()
-        c = config
-        self.n_steps, self.n_latents = c.n_latent_steps, c.n_latents
-        self.latents = nn.Parameter(torch.randn(c.latents_per_step, c.dim) * c.emb_init_scale)
-        self.value_proj = CalciumValueProjection(dim=c.dim, init_scale=c.emb_init_scale) if calcium else None
-        self.cross = nn.ModuleList(
-            RotaryCrossAttention(dim=c.dim, heads=c.cross_heads, dim_head=c.dim_head, dropout=c.attn_dropout,
-                                 rotate_values=c.rotate_values, backend=c.attn_backend,
-                                 time_prior=c.time_prior, omega=omega)
-            for _ in range(c.encoder_ca_depth))
-        self.cross_ffn = nn.ModuleList(FeedForward(dim=c.dim, mult=c.ffn_mult, dropout=c.ffn_dropout)
-                                       for _ in range(c.encoder_ca_depth))
-        self.blocks = nn.ModuleList(LatentBlock(config=c, omega=omega) for _ in range(c.modality_depth))
-
-    def forward(self, *, unit_rows: Tensor, unit_of_token: Tensor, values: Tensor, token_rope: Rope,
-                cu: Tensor, max_len: int, latent_rope: Rope) -> Tensor:
-        """Shapes:
-            unit_rows: (U, D) embeddings of the units present; unit_of_token: (N,) row of each token
-            values: (N,) dF/F (ignored by a spike encoder); token_rope: (N, 1, d/2) rotations
-            cu: (S+1,) token offsets; max_len: longest sample; latent_rope: (M, 1, d/2) rotations
-            returns (S, M, D)
-        """
-        n_samples, m = cu.numel() - 1, self.n_latents
-        coef, direction = (values, self.value_proj.weight) if self.value_proj is not None else (None, None)
-        z0 = self.latents.repeat(self.n_steps, 1)  # (M, D): latent j sits at every latent time step
-        z = None
-        for layer, (attn, ffn) in enumerate(zip(self.cross, self.cross_ffn)):
-            # keys/values: LayerNorm + projection once per unit, then per-token gather (exact)
-            k, v = attn.context_factored(unit_rows, unit_of_token, token_rope, coef, direction)  # (N, H, d)
-            if layer == 0:  # the queries are the same in every sample: computed once
-                z = z0 + attn(z0, latent_rope, k, v, cu_q=None, cu_k=cu, max_q=m, max_k=max_len,
-                              shared_q=True).view(n_samples, m, -1)
-            else:
-                cu_q = torch.arange(n_samples + 1, device=cu.device, dtype=cu.dtype) * m
-                z = z + attn(z, latent_rope, k, v, cu_q=cu_q, cu_k=cu, max_q=m,
-                             max_k=max_len).view(n_samples, m, -1)
-            z = z + ffn(z)
-        for block in self.blocks:
-            z = block(z, latent_rope)
-        return z
-
 
 # ----------------------------------------------------------------------------- the model
 
@@ -280,8 +155,7 @@ class MultiModalPOYO(nn.Module):
         if n_queries == 0:
             return latents.new_zeros(0, latents.shape[-1])
         per_sample = torch.diff(cu_q)
-        sample_of_query = torch.repeat_interleave(torch.arange(n_samples, device=latents.device), per_sample,
-                                                  output_size=n_queries)
+        sample_of_query = segment_ids(cu_q, total=n_queries)
         queries = self.task_emb(batch["output_task_index"]) + \
             self.session_emb(batch["session_index"][sample_of_query])
         k, v = self.dec_attn.context(latents, latent_rope)  # (B*M, H, d)
@@ -307,8 +181,7 @@ class MultiModalPOYO(nn.Module):
         Regression: MSE on ``output_values`` (Q, out_dim) float."""
         n_samples = batch["modality"].numel()
         cu_q = batch["output_cu_seqlens"].long()
-        sample_of_query = torch.repeat_interleave(torch.arange(n_samples, device=cu_q.device), torch.diff(cu_q),
-                                                  output_size=int(cu_q[-1]))
+        sample_of_query = segment_ids(cu_q)
         weights = batch.get("output_weights")
         total = sum(x.sum() for x in out["logits"].values()) * 0.0  # a graph-connected zero (no labels at all)
         task_loss = {}
@@ -348,22 +221,7 @@ class MultiModalPOYO(nn.Module):
         return self.unit_emb.grow(n_units), self.session_emb.grow(n_sessions)
 
 
-# ----------------------------------------------------------------------------- metrics, checkpoints
-
-
-@torch.no_grad()
-def accuracy(out: dict[str, Any], batch: dict[str, Tensor], config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """{classification task: (correct, labelled queries)} for one forward output."""
-    res = {}
-    for task in config.tasks:
-        if task.kind != "classification":
-            continue
-        rows = out["query_index"][task.name]
-        labels = batch["output_labels"][rows]
-        labelled = labels >= 0
-        hit = (out["logits"][task.name].argmax(-1) == labels) & labelled
-        res[task.name] = (int(hit.sum()), int(labelled.sum()))
-    return res
+# ----------------------------------------------------------------------------- parameter counts
 
 
 def n_parameters(model: nn.Module, *, embeddings: bool = True) -> int:
@@ -381,54 +239,3 @@ def save_checkpoint(model: MultiModalPOYO, path: str, **extra: Any) -> None:
     """``torch.save`` of plain types and tensors only: config dict, vocabulary sizes, state_dict."""
     torch.save({"config": model.config.to_dict(), "n_units": len(model.unit_emb),
                 "n_sessions": len(model.session_emb), "state_dict": model.state_dict(), **extra}, path)
-
-
-# ----------------------------------------------------------------------------- synthetic batches
-
-
-def synthetic_batch(*, modalities: Sequence[int], n_units: int, n_sessions: int, config: ModelConfig | None = None,
-                    units_per_sample: int = 8, spike_rate_hz: float = 20.0, rois_per_sample: int = 6,
-                    frame_hz: float = 30.0, queries_per_sample: int = 2, window_s: float = 1.0,
-                    seed: int = 0) -> dict[str, Tensor]:
-    """A packed batch in the docs/batch.md layout (for tests, benchmarks and demos).
-
-    Sample i is EPhys (Poisson spikes of ``units_per_sample`` units) or OPhys (``rois_per_sample`` x
-    frames calcium tokens) per ``modalities[i]``; its units are distinct rows of the vocabulary, its
-    session a random one; it asks ``queries_per_sample`` random (task, label) queries.
-    """
-    tasks = (config or ModelConfig.small()).tasks
-    rng = np.random.default_rng(seed)
-    unit_idx, times, values, lens = [], [], [], []
-    for mod in modalities:
-        units = rng.choice(n_units, size=min(n_units, units_per_sample if mod == 0 else rois_per_sample), replace=False)
-        if mod == 0:
-            counts = rng.poisson(spike_rate_hz * window_s, size=len(units))
-            u = np.repeat(units, counts)
-            t = rng.uniform(0, window_s, size=len(u))
-            v = np.zeros(len(u))
-        else:
-            frames = np.arange(0, window_s, 1 / frame_hz)
-            u = np.tile(units, len(frames))
-            t = np.repeat(frames, len(units))
-            v = rng.gamma(1.0, 0.3, size=len(u))
-        order = np.argsort(t, kind="stable")
-        unit_idx.append(u[order]), times.append(t[order]), values.append(v[order]), lens.append(len(u))
-    n = len(modalities)
-    q = np.full(n, queries_per_sample)
-    task = rng.integers(len(tasks), size=q.sum())
-    classes = np.array([t.out_dim for t in tasks])
-    cu = lambda x: torch.from_numpy(np.concatenate([[0], np.cumsum(x)]).astype(np.int32))  # noqa: E731
-    return {
-        "input_unit_index": torch.from_numpy(np.concatenate(unit_idx).astype(np.int64)),
-        "input_timestamps": torch.from_numpy(np.concatenate(times).astype(np.float32)),
-        "input_values": torch.from_numpy(np.concatenate(values).astype(np.float32)),
-        "input_cu_seqlens": cu(lens),
-        "modality": torch.tensor(list(modalities), dtype=torch.int64),
-        "session_index": torch.from_numpy(rng.integers(n_sessions, size=n).astype(np.int64)),
-        "output_timestamps": torch.from_numpy(rng.uniform(0, window_s, size=q.sum()).astype(np.float32)),
-        "output_task_index": torch.from_numpy(task.astype(np.int64)),
-        "output_labels": torch.from_numpy((rng.random(q.sum()) * classes[task]).astype(np.int64)),
-        "output_weights": torch.ones(int(q.sum()), dtype=torch.float32),
-        "output_cu_seqlens": cu(q),
-        "window_s": torch.tensor(window_s, dtype=torch.float32),
-    }
