@@ -1,14 +1,12 @@
 """The streaming dataset: planned mixture windows -> packed batches, local or s3://.
 
 ``MixtureStream`` is a torch ``IterableDataset`` whose items are whole packed
-batches (docs/batch.md): DataLoader workers hand over one contiguous batch at a
-time, never single samples. What each (rank, worker, batch) reads comes from the
-epoch plan (``shards.stream.plan``); a worker only fetches, decodes, cuts and packs.
+batches (docs/batch.md): DataLoader workers hand over groups of contiguous batches
+(``shards.stream.wire``), never single samples. What each (rank, worker, batch) reads
+comes from the epoch plan (``shards.stream.plan``); a worker only fetches, decodes,
+cuts and packs.
 
-``StreamLoader`` wraps the DataLoader and owns the resumable state: the epoch and
-the number of global windows consumed (by batches the training loop actually
-received), plus the corrupt-sample count. Resuming on another world size or
-worker count continues the same global order.
+``shards.stream.loader.StreamLoader`` wraps the DataLoader and owns the resumable state.
 
 Corrupt samples are bad bytes only: a checksum (``xxh3`` in chunks.parquet, ``shards.stream.integrity``)
 that differs, a sample that does not decode, a shard that ends before the sample. They are
@@ -22,22 +20,23 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from shards import manifest
 from shards.stream import integrity
-from shards.stream.fetch import FetchError, StoreUnavailable, TruncatedShard
-from shards.stream.mixture import Selector, assign, parse_mix
-from shards.stream.plan import Plan, PlanConfig, _rng, eval_stride, plan_eval, plan_train_epoch
 from shards.store import Store
+from shards.stream.fetch import ChunkFetcher, FetchError, TruncatedShard
+from shards.stream.mixture import Selector, assign, parse_mix
+from shards.stream.plan import (Plan, PlanConfig, epoch_rng, eval_stride, n_batches, plan_eval, plan_train_epoch,
+                                rank_positions)
 from shards.stream.tokens import DecodedChunk, TokenConfig, Vocab, pack, window_tokens
+from shards.stream.wire import to_wire, transfer_groups
 
 log = logging.getLogger(__name__)
 
@@ -165,20 +164,20 @@ class MixtureStream(IterableDataset):
         return plan_eval(self.chunks, self.config.split, cfg, self.world_size, self.config.batch_size)
 
     def batches_per_rank(self, epoch: int | None = None, start_window: int = 0) -> int:
-        return max(0, (len(self.plan(epoch)) - start_window) // (self.world_size * self.config.batch_size))
+        return n_batches(len(self.plan(epoch)), self.world_size, self.config.batch_size, start_window)
 
     def positions(self, plan: Plan, start_window: int) -> np.ndarray:
         """(batches, batch_size) global positions of this rank, from a global window offset."""
-        b, w = self.config.batch_size, self.world_size
-        n_steps = max(0, (len(plan) - start_window) // (w * b))
-        steps = start_window + np.arange(n_steps)[:, None] * (w * b)
-        return steps + self.rank * b + np.arange(b)[None, :]
+        return rank_positions(len(plan), self.rank, self.world_size, self.config.batch_size, start_window)
+
+    def budget(self, n_epoch: int) -> int:
+        """Corrupt samples an epoch of ``n_epoch`` windows may skip (``error_budget``, looked up at each
+        call, so a test that lifts the budget lifts it for the loader too)."""
+        return error_budget(self.config, n_epoch)
 
     # ---- reading -----------------------------------------------------------------------------------
-    def _get_fetcher(self):
-        if self._fetcher is None:
-            from shards.stream.fetch import ChunkFetcher
-
+    def _get_fetcher(self) -> ChunkFetcher:
+        if self._fetcher is None:  # created in the process that reads (a DataLoader worker), never forked
             self._fetcher = ChunkFetcher(self.store, cache_bytes=self.config.cache_bytes,
                                          threads=self.config.fetch_threads)
         return self._fetcher
@@ -233,10 +232,10 @@ class MixtureStream(IterableDataset):
                     log.warning("skipping corrupt sample %s in %s: %s", key, where, exc)
                 skipped += 1
                 self.skipped += 1
-                if self.skipped > error_budget(self.config, len(plan)):  # checked per sample, not per batch
+                if self.skipped > self.budget(len(plan)):  # checked per sample, not per batch
                     raise over_budget(self.config, self.skipped, len(plan)) from None
                 continue
-            rng = _rng(self.config.seed, epoch, "dropout", int(p)) if dropout else None
+            rng = epoch_rng(self.config.seed, epoch, "dropout", int(p)) if dropout else None
             windows.append(window_tokens(c, float(plan.t0[p]), tcfg, rng))
             modality.append(c.modality)
             session.append(c.session)
@@ -289,177 +288,13 @@ class MixtureStream(IterableDataset):
         return state
 
 
-def transfer_groups(n: int, k: int, n_workers: int) -> list[range]:
-    """Consecutive batch ranges handed over as one item each; group i goes to worker i % n_workers,
-    and the DataLoader reads workers round-robin, so items arrive in batch order whatever the sizes.
-
-    Sizes ramp up 1, 2, 4, ... to k (one group of each size per worker): a group is delivered only
-    when all its batches are built, so starting with k would make the first batch wait for k
-    batches' worth of reads (256 windows from S3 at k=8, batch 32)."""
-    out, start, size = [], 0, 1
-    while start < n:
-        for _ in range(n_workers):
-            if start >= n:
-                break
-            out.append(range(start, min(start + size, n)))
-            start += size
-        size = min(2 * size, k)
-    return out
+# TEMP re-export for issue-10 move: StreamLoader lives in shards.stream.loader; importers outside
+# shards/stream still name it here. Delete this block once they import it from shards.stream.loader.
+# (A lookup at access time, not a name bound now, so that importing either module first works.)
+import shards.stream.loader as _loader  # noqa: E402  TEMP re-export for issue-10 move
 
 
-def to_wire(batches: list[dict[str, np.ndarray]]) -> dict:
-    """Several batches' arrays in one contiguous uint8 tensor plus a small layout.
-
-    A DataLoader worker hands each tensor over through its own shared-memory file, and each
-    item through a pickled message: one buffer per group of batches pays that once. The layout
-    holds ``(batch, key, dtype, shape, offset in elements of dtype)``, with every array 8-byte
-    aligned, so the receiver cuts each array from one typed view of the buffer."""
-    layout, offset, parts = [], 0, []
-    for i, arrays in enumerate(batches):
-        for key, v in arrays.items():
-            v = np.asarray(v)
-            if not v.flags.c_contiguous:
-                v = v.copy()  # (not ascontiguousarray: it turns 0-d scalars into shape (1,))
-            offset = -(-offset // 8) * 8  # 8-byte aligned, so every dtype views in place
-            layout.append((i, key, v.dtype.str, v.shape, offset // v.dtype.itemsize))
-            parts.append((offset, v))
-            offset += v.nbytes
-    offset = -(-offset // 8) * 8
-    # (a buffer allocated in shared memory up front saves the copy the hand-over makes, yet
-    # measured slower with 2 workers on 2 cores: fresh shared pages fault on every item)
-    wire = torch.empty(offset, dtype=torch.uint8)
-    buf = wire.numpy()
-    for off, v in parts:
-        buf[off:off + v.nbytes] = v.reshape(-1).view(np.uint8)
-    return {"wire": wire, "layout": layout, "n": len(batches)}
-
-
-_TORCH_DTYPES = {np.dtype(t).str: getattr(torch, np.dtype(t).name)
-                 for t in ("int8", "uint8", "int16", "int32", "int64", "float16", "float32", "float64", "bool")}
-
-
-def from_wire(item: dict) -> list[dict[str, torch.Tensor]]:
-    """The batches of a wire item, as views into its one buffer (no copy).
-
-    Runs in the main process for every batch, where each microsecond is taken from the
-    workers' core: one typed view of the whole buffer per dtype, then a slice per array."""
-    if "wire" not in item:
-        return [item]
-    buf = item["wire"]
-    typed: dict[str, torch.Tensor] = {}
-    out: list[dict[str, torch.Tensor]] = [{} for _ in range(item["n"])]
-    for i, key, dtype, shape, start in item["layout"]:
-        view = typed.get(dtype)
-        if view is None:
-            view = typed[dtype] = buf.view(_TORCH_DTYPES[dtype])
-        if len(shape) == 1:
-            out[i][key] = view[start:start + shape[0]]
-        elif not shape:
-            out[i][key] = view[start]
-        else:
-            out[i][key] = view[start:start + math.prod(shape)].view(shape)
-    return out
-
-
-_WORKER_ERRORS = (StoreUnavailable, FetchError, CorruptSampleError)
-
-
-def _clean_worker_errors(it):
-    """The DataLoader re-raises a worker's exception with the worker's whole traceback as its
-    message; the stream's own errors are one line to the user, so give them back their own message."""
-    try:
-        yield from it
-    except _WORKER_ERRORS as exc:
-        text = str(exc)
-        if "Original Traceback" not in text:
-            raise
-        last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
-        m = re.match(r"^[\w.]*?(\w+): (.*)$", last)
-        msg = m.group(2) if m and m.group(1) == type(exc).__name__ else last
-        raise type(exc)(msg) from None
-
-
-@dataclass
-class StreamState:
-    epoch: int = 0
-    consumed_windows: int = 0  # global windows of this epoch already delivered to training
-    skipped: int = 0
-    seed: int = 0
-    mix: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class StreamLoader:
-    """DataLoader over a MixtureStream that knows how far training got (for checkpoints).
-
-    Each epoch is its own DataLoader (the epoch's plan is forked into its workers), and
-    starting workers costs a few tenths of a second before the first batch: at the end of
-    a short epoch the trainer would wait for it every time (10% of the steps of the demo's
-    4-s epochs). So the next epoch's workers are started before this epoch ends
-    (``prestart``), when at most ``max(4 * batches_per_transfer * num_workers, n // 4)``
-    of the epoch's n batches remain; they fill their prefetch queue and wait. The next
-    ``iter()`` takes them over if the state still points at the start of that epoch."""
-
-    def __init__(self, stream: MixtureStream, num_workers: int = 2, pin_memory: bool | None = None,
-                 prestart: bool = True):
-        self.stream = stream
-        self.num_workers = num_workers
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.prestart = prestart and num_workers > 0
-        self.state = StreamState(seed=stream.config.seed, mix=stream.config.mix)
-        self._next: tuple[tuple[int, int], object] | None = None  # ((epoch, start window), started iterator)
-        self.prestarted_epochs = 0  # epochs that began on workers started ahead (tests, logs)
-
-    def __len__(self) -> int:
-        return self.stream.batches_per_rank(self.state.epoch, self.state.consumed_windows)
-
-    def _start(self, epoch: int, start_window: int, skipped: int = 0):
-        """An iterator over one epoch from start_window; with workers, they fork (and start) now."""
-        s = self.stream
-        s.epoch, s.start_window, s.start_skipped = epoch, start_window, skipped
-        loader = DataLoader(s, batch_size=None, num_workers=self.num_workers, pin_memory=False,
-                            prefetch_factor=2 if self.num_workers else None,
-                            persistent_workers=False, multiprocessing_context="fork" if self.num_workers else None)
-        return iter(loader)
-
-    def __iter__(self):
-        s = self.stream
-        epoch, start = self.state.epoch, self.state.consumed_windows
-        ahead, self._next = self._next, None
-        if ahead is not None and ahead[0] == (epoch, start):
-            it = ahead[1]
-            self.prestarted_epochs += 1
-        else:
-            del ahead  # a stale head start (the state was loaded since): its workers exit
-            it = self._start(epoch, start, self.state.skipped)
-        s.epoch, s.start_window, s.start_skipped = epoch, start, self.state.skipped
-        n_epoch = len(s.plan())
-        step = s.world_size * s.config.batch_size
-        remaining = max(0, (n_epoch - start) // step)  # batches_per_rank, without planning the epoch again
-        lead = max(4 * s.config.batches_per_transfer * self.num_workers, remaining // 4)
-        budget = error_budget(s.config, n_epoch)
-        for item in _clean_worker_errors(it):
-            for batch in from_wire(item):
-                self.state.consumed_windows += step
-                self.state.skipped += int(batch["n_skipped"])
-                if self.state.skipped > budget:  # the sum over workers (each also checks its own, per sample)
-                    raise over_budget(s.config, self.state.skipped, n_epoch)
-                remaining -= 1
-                if self.prestart and self._next is None and remaining <= lead:
-                    self._next = ((epoch + 1, 0), self._start(epoch + 1, 0))
-                    s.epoch, s.start_window, s.start_skipped = epoch, start, self.state.skipped
-                if self.pin_memory:
-                    batch = {k: v.pin_memory() for k, v in batch.items()}
-                yield batch
-        self.state = replace(self.state, epoch=self.state.epoch + 1, consumed_windows=0, skipped=0)
-
-    def state_dict(self) -> dict:
-        return self.state.to_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("seed", self.state.seed) != self.state.seed or state.get("mix", self.state.mix) != self.state.mix:
-            log.warning("resuming a stream with another seed or mixture: the global order changes")
-        self.state = StreamState(**{k: state[k] for k in StreamState.__dataclass_fields__ if k in state})
-        self._next = None  # workers started for the old position: let them go
+def __getattr__(name: str):  # TEMP re-export for issue-10 move
+    if name == "StreamLoader":
+        return _loader.StreamLoader
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,7 +17,8 @@ Training epoch (``split="train"``):
 4. Selectors are interleaved by largest deficit (``mixture.interleave``).
 5. Each window's start is uniform in its chunk (a pure function of seed, epoch, position).
 6. Global order -> steps of ``world_size * batch_size`` windows; rank r takes the r-th
-   ``batch_size`` of each step; the tail that does not fill a step is dropped.
+   ``batch_size`` of each step; the tail that does not fill a step is dropped (``rank_positions``
+   and ``n_batches``: the one place the stream, its loader and ``shards mix`` get this from).
 
 Evaluation (``valid``/``test``): overlapping windows slide over each chunk from its start
 every ``eval_stride_s`` (default half a window, as torch_brain's stitching evaluation
@@ -39,9 +40,37 @@ import pandas as pd
 from shards.stream.mixture import Selector, assign, interleave
 
 
-def _rng(*key: object) -> np.random.Generator:
-    digest = hashlib.sha256("/".join(map(str, key)).encode()).digest()
+def epoch_rng(seed: int, epoch: int, *key: object) -> np.random.Generator:
+    """The generator of one random choice of one epoch, e.g. ``epoch_rng(seed, epoch, "dropout", position)``.
+
+    Seeded by a hash of its whole key, not drawn from a shared generator, so that any process (a rank,
+    a DataLoader worker, a resumed run) draws the same numbers for the same key in any order, and a
+    new kind of draw (a new key) changes none of the existing ones."""
+    digest = hashlib.sha256("/".join(map(str, (seed, epoch, *key))).encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def n_batches(n_windows: int, world_size: int, batch_size: int, start_window: int = 0) -> int:
+    """Batches every rank gets from an epoch of ``n_windows`` windows, from global window
+    ``start_window`` on: whole steps of ``world_size * batch_size`` windows; the tail that does not
+    fill a step is dropped, so all ranks have the same number."""
+    return max(0, (n_windows - start_window) // (world_size * batch_size))
+
+
+def rank_positions(n_windows: int, rank: int, world_size: int, batch_size: int, start_window: int = 0) -> np.ndarray:
+    """(batches, batch_size) positions in the global order of one rank's batches: step k covers the
+    windows from ``start_window + k * world_size * batch_size`` on, and rank r takes the r-th
+    ``batch_size`` of each step.
+
+    ``start_window`` is the number of global windows already consumed (a resume) and need not be a
+    multiple of the step: a run resumed on another world size or batch size continues the same
+    global order from there (elastic resume)."""
+    if not 0 <= rank < world_size or batch_size < 1 or start_window < 0:
+        raise ValueError(f"rank {rank} of world size {world_size}, batch size {batch_size}, start window "
+                         f"{start_window}: need 0 <= rank < world size, batch size >= 1, start window >= 0")
+    step = world_size * batch_size
+    steps = start_window + np.arange(n_batches(n_windows, world_size, batch_size, start_window))[:, None] * step
+    return steps + rank * batch_size + np.arange(batch_size)[None, :]
 
 
 @dataclass(frozen=True)
@@ -67,26 +96,6 @@ class Plan:
 
     def __len__(self) -> int:
         return len(self.chunk)
-
-    def steps(self, world_size: int, batch_size: int) -> int:
-        return len(self) // (world_size * batch_size)
-
-    def batch_indices(self, step: int, rank: int, world_size: int, batch_size: int) -> np.ndarray:
-        """Positions (into the global order) of rank's batch at this step."""
-        base = step * world_size * batch_size + rank * batch_size
-        return np.arange(base, base + batch_size)
-
-    def rank_positions(self, rank: int, world_size: int, batch_size: int, start_window: int = 0) -> np.ndarray:
-        """(batches, batch_size) positions for one rank, starting at a global window offset that is a
-        multiple of the step size (what a resume passes)."""
-        step = world_size * batch_size
-        if start_window % step:
-            raise ValueError(f"resume offset {start_window} is not a multiple of world_size*batch_size={step}")
-        n_steps = self.steps(world_size, batch_size) - start_window // step
-        if n_steps <= 0:
-            return np.zeros((0, batch_size), dtype=np.int64)
-        steps = np.arange(n_steps)[:, None] * step + start_window
-        return steps + rank * batch_size + np.arange(batch_size)[None, :]
 
 
 def filter_sessions(chunks: pd.DataFrame, config: PlanConfig) -> np.ndarray:
@@ -120,7 +129,7 @@ def plan_train_epoch(chunks: pd.DataFrame, selectors: list[Selector], epoch: int
                            chunks.session_id.to_numpy()[usable])
     weights = np.array([s.weight for s in selectors])
     per_sel_slots = [_slots(np.nonzero(owner == i)[0], chunks, config.window_s, config.shuffle_window,
-                            _rng(config.seed, epoch, "slots", s.name)) for i, s in enumerate(selectors)]
+                            epoch_rng(config.seed, epoch, "slots", s.name)) for i, s in enumerate(selectors)]
     n = config.epoch_windows or int(sum(len(s) for s in per_sel_slots))
     seq = interleave(weights, n, seed=config.seed * 1_000_003 + epoch)
     chunk_idx = np.empty(n, dtype=np.int64)
@@ -131,11 +140,11 @@ def plan_train_epoch(chunks: pd.DataFrame, selectors: list[Selector], epoch: int
         p = 1
         while sum(len(x) for x in passes) < need:  # small stream: re-shuffled repeats
             passes.append(_slots(np.unique(slots), chunks, config.window_s, config.shuffle_window,
-                                 _rng(config.seed, epoch, "repeat", p, s.name)))
+                                 epoch_rng(config.seed, epoch, "repeat", p, s.name)))
             p += 1
         chunk_idx[seq == i] = np.concatenate(passes)[:need]  # large stream: subsample
     span = (chunks.t_end - chunks.t_start).to_numpy()[chunk_idx] - config.window_s
-    u = _rng(config.seed, epoch, "offsets").random(n)
+    u = epoch_rng(config.seed, epoch, "offsets").random(n)
     t0 = chunks.t_start.to_numpy()[chunk_idx] + np.clip(span, 0, None) * u
     return Plan(chunk_idx, t0, seq, np.zeros(n, dtype=bool), selectors)
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from shards.stream.dataset import MixtureStream, StreamConfig, error_budget, over_budget
+from shards.stream.dataset import MixtureStream, StreamConfig, over_budget
 
 
 def mix_report(config: StreamConfig, batches: int, world_size: int = 1, progress: bool = False) -> dict:
@@ -37,7 +37,7 @@ def mix_report(config: StreamConfig, batches: int, world_size: int = 1, progress
                 batch = s.make_batch(plan, pos, 0, cache)
                 tokens.append(len(batch["input_unit_index"]))
                 skipped[r] += int(batch["n_skipped"])
-                if sum(skipped) > error_budget(config, len(plan)):  # every rank's skips count against one budget
+                if sum(skipped) > s.budget(len(plan)):  # every rank's skips count against one budget
                     raise over_budget(config, sum(skipped), len(plan))
                 bar.update(1)
     return {

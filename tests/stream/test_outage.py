@@ -20,7 +20,8 @@ import pytest
 
 from shards.stream.fetch import ChunkFetcher, FetchError, StoreUnavailable
 from shards.store import Store
-from shards.stream.dataset import MixtureStream, StreamConfig, StreamLoader
+from shards.stream.dataset import MixtureStream, StreamConfig
+from shards.stream.loader import StreamLoader
 
 from tests.support.faulty_proxy import FaultyProxy
 from tests.support.storegen import make_store, uneven_records

@@ -11,7 +11,9 @@ import torch
 
 from shards import manifest
 from shards.stream.mixture import interleave
-from shards.stream.dataset import CorruptSampleError, MixtureStream, StreamConfig, StreamLoader, transfer_groups
+from shards.stream.dataset import CorruptSampleError, MixtureStream, StreamConfig
+from shards.stream.loader import StreamLoader
+from shards.stream.wire import transfer_groups
 
 from tests.support.storegen import make_store, uneven_records
 

@@ -8,7 +8,8 @@ import boto3
 import pytest
 import torch
 
-from shards.stream.dataset import MixtureStream, StreamConfig, StreamLoader
+from shards.stream.dataset import MixtureStream, StreamConfig
+from shards.stream.loader import StreamLoader
 
 from tests.support.faulty_proxy import FaultyProxy
 from tests.support.storegen import make_store, uneven_records
