@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-
 @dataclass(frozen=True)
 class TaskSpec:
     """One decoding task: its name, output width (classes, or regression dimension), loss kind
@@ -103,11 +102,11 @@ class ModelConfig:
         """Latent tokens per sample (M x N in the papers' notation)."""
         return self.n_latent_steps * self.latents_per_step
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def small(cls, **changes: Any) -> "ModelConfig":
+    def small(cls, **changes: Any) -> ModelConfig:
         """A tiny model for CPU tests and the demo: dim 32, 2 trunk layers, 32 latents, no dropout.
 
         Heads of 32 (2 per block) with half of each rotated over periods 10 ms .. 4 s and started as a
@@ -130,7 +129,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
         d["tasks"] = tuple(TaskSpec(**t) for t in d["tasks"])
         return cls(**d)

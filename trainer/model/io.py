@@ -12,7 +12,8 @@ paths stay (layers moving between modules does not change them).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor

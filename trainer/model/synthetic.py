@@ -5,7 +5,7 @@ Numpy draws from one seeded generator, so the same arguments give the same batch
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

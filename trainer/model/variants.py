@@ -18,7 +18,7 @@ the data.
 from __future__ import annotations
 
 import argparse
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
