@@ -78,7 +78,9 @@ _AT_SCALE_CHILD = '''
 import json, sys, time, resource, warnings
 warnings.simplefilter("ignore")
 sys.path.insert(0, {repo!r})
-from ingest.run import IngestConfig, Source, ingest_file
+from ingest.config import IngestConfig
+from ingest.discover import Source
+from ingest.task import ingest_file
 t0 = time.perf_counter()
 r = ingest_file(Source({src!r}, "big"), {out!r}, IngestConfig())
 assert r["status"] == "ok", r

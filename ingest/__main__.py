@@ -7,7 +7,10 @@ import sys
 
 
 def _run(argv: list[str]) -> int:
-    from ingest.run import IngestConfig, SplitConfig, format_summary, run_ingest
+    from ingest.config import IngestConfig
+    from ingest.run import run_ingest
+    from ingest.splits import SplitConfig
+    from ingest.summary import format_summary
 
     p = argparse.ArgumentParser(prog="python -m ingest run", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="NWB files -> WebDataset shards + Parquet tables, one Ray task per file. "

@@ -77,6 +77,33 @@ class ArrayTrace:
 
 
 @dataclass
+class RowSubsetTrace(ArrayTrace):
+    """An :class:`ArrayTrace` that shows only some frames (file rows ``rows``, sorted) of the data.
+
+    ``read(i0, i1)`` reads the file rows ``rows[i0]..rows[i1-1]`` in one slice and keeps the wanted ones.
+    """
+
+    rows: np.ndarray | None = None
+
+    def read(self, i0: int, i1: int) -> np.ndarray:
+        if self.rows is None:
+            return super().read(i0, i1)
+        sel = np.asarray(self.rows[i0:i1])
+        if sel.size == 0:
+            return np.zeros((0, self.n_units), dtype=np.float32)
+        r0, r1 = int(sel[0]), int(sel[-1]) + 1
+        block = super().read(r0, r1)
+        return np.ascontiguousarray(block[sel - r0])
+
+
+def make_trace(frame_times: np.ndarray, data: object, units_first: bool, rows: np.ndarray | None) -> ArrayTrace:
+    """The plain ArrayTrace when every frame is kept, the row-subset one otherwise."""
+    if rows is None:
+        return ArrayTrace(frame_times=frame_times, data=data, units_first=units_first)
+    return RowSubsetTrace(frame_times=frame_times, data=data, units_first=units_first, rows=rows)
+
+
+@dataclass
 class SessionRecord:
     """One modality x one region of one recording session.
 

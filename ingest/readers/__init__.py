@@ -19,13 +19,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from ingest.records import IngestError, SessionRecord
-from ingest.regions import decode
 from ingest.readers import nwb1_allen
 from ingest.readers.nwb2_ephys import ephys_records
 from ingest.readers.nwb2_ophys import ophys_record
 from ingest.readers.sniff import Sniffed, open_h5, sniff, sniff_h5
 from ingest.readers.stimuli import nwb2_intervals
+from ingest.records import IngestError, SessionRecord
+from ingest.regions import decode
 
 __all__ = ["open_records", "sniff", "Sniffed"]
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
-from ingest.records import IngestError, SessionRecord
-from ingest.regions import decode
-from ingest.readers.checks import check_length, ophys_record as plane_record, orient_trace, unique_ids
+from ingest.readers.plane import plane_record
 from ingest.readers.sniff import ALLEN_NWB1_MODULE
 from ingest.readers.stimuli import nwb1_intervals
+from ingest.readers.validate import check_length, orient_trace, unique_ids
+from ingest.records import IngestError, SessionRecord
+from ingest.regions import decode
 
 
 def _text(f: h5py.File, path: str) -> str:

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from ingest.readers.validate import clean_spike_train, unique_ids
 from ingest.records import IngestError, SessionRecord
 from ingest.regions import UNKNOWN, decode, parse_region, region_name
-from ingest.readers.checks import clean_spike_train, unique_ids
 
 #: Unit columns never copied into unit_meta (large, ragged or handled separately).
 NON_META_COLUMNS = {

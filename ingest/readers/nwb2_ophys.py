@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from ingest.readers.nwb2_ephys import scalar_columns
+from ingest.readers.plane import plane_record
+from ingest.readers.validate import orient_trace, unique_ids
 from ingest.records import IngestError, SessionRecord
 from ingest.regions import decode
-from ingest.readers.checks import ophys_record as plane_record, orient_trace, unique_ids
-from ingest.readers.nwb2_ephys import scalar_columns
 
 ROI_NON_META_COLUMNS = {"pixel_mask", "image_mask", "voxel_mask"}
 

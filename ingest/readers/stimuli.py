@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ingest.readers.validate import fill_stop_times
 from ingest.records import Intervals
 from ingest.regions import decode
 from shards.schema import DRIFTING_GRATINGS, GENERIC_TASK, NATURAL_SCENES, STATIC_GRATINGS, UNLABELLED, Task, labels_for
-from ingest.readers.checks import fill_stop_times
 
 #: Presentation length when a file gives only onsets (the Allen stimulus design).
 NOMINAL_DURATION_S = {STATIC_GRATINGS.name: 0.25, DRIFTING_GRATINGS.name: 2.0, NATURAL_SCENES.name: 0.25}

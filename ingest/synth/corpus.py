@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
+
+from shards.atomic import atomic_path
 
 from ingest.synth.generative import (STREAM_CORPUS, STREAM_LAYOUT, STREAM_SCHEDULE, STREAM_SPIKES, STREAM_UNITS, UNASSIGNED,
                     CorpusModel, SessionTruth, SynthConfig, UnitParams, calcium_kernel, dff_traces, draw_corpus_model,
@@ -153,11 +154,10 @@ def _ephys_session(out_dir: Path, k: int, seed: int, config: SynthConfig, model:
     trains = _spike_trains(units, presentation_rates(units, model, schedule), schedule, spike_rng)
     unit_ids = 950_000_000 + 10_000 * k + np.arange(len(trains), dtype=np.int64)
     path = out_dir / f"ephys_{session_id}.nwb"
-    part = path.with_name(path.name + ".part")
-    write_ephys_nwb(part, session_id=session_id, session_index=k, subject_id=f"synth-mouse-{k:03d}",
-                    start_time=EPOCH + dt.timedelta(days=k), layout=layout, unit_ids=unit_ids, spike_trains=trains,
-                    schedule=schedule, rng=spike_rng)
-    os.replace(part, path)
+    with atomic_path(path) as part:  # a reader (or an interrupted run) never sees half a file
+        write_ephys_nwb(Path(part), session_id=session_id, session_index=k, subject_id=f"synth-mouse-{k:03d}",
+                        start_time=EPOCH + dt.timedelta(days=k), layout=layout, unit_ids=unit_ids, spike_trains=trains,
+                        schedule=schedule, rng=spike_rng)
     truth = SessionTruth(session_id, "ephys", config, model, unit_ids, locations, units, schedule)
     return SessionSummary(path, session_id, "ephys", regions, len(unit_ids), schedule.duration_s), truth
 
@@ -188,15 +188,15 @@ def _ophys_session(out_dir: Path, k: int, seed: int, config: SynthConfig, model:
         f0=rng.uniform(150.0, 400.0, size=n), roi_centers=rng.integers(10, 502, size=(n, 2)), templates=_templates(seed),
     )
     path = out_dir / f"ophys_{session_id}.nwb"
-    part = path.with_name(path.name + ".part")
     start = EPOCH + dt.timedelta(days=k)
-    if ophys_format == "nwb2":
-        write_ophys_nwb2(part, session_id=session_id, subject_id=f"synth-mouse-{k:03d}", start_time=start, data=data,
-                         schedule=schedule)
-    else:
-        write_ophys_nwb1(part, session_id=session_id, experiment_id=700_000_000 + k, container_id=710_000_000 + k // 2,
-                         subject_id=f"synth-mouse-{k:03d}", start_time=start, data=data, schedule=schedule)
-    os.replace(part, path)
+    with atomic_path(path) as part:
+        if ophys_format == "nwb2":
+            write_ophys_nwb2(Path(part), session_id=session_id, subject_id=f"synth-mouse-{k:03d}", start_time=start,
+                             data=data, schedule=schedule)
+        else:
+            write_ophys_nwb1(Path(part), session_id=session_id, experiment_id=700_000_000 + k,
+                             container_id=710_000_000 + k // 2, subject_id=f"synth-mouse-{k:03d}", start_time=start,
+                             data=data, schedule=schedule)
     truth = SessionTruth(session_id, "ophys", config, model, data.roi_ids, np.asarray([region] * n), units, schedule,
                          frame_times=times, ophys={"tau_decay_s": tau_decay, "amplitude": amplitude, "noise": noise})
     return SessionSummary(path, session_id, "ophys", [region], n, schedule.duration_s), truth

@@ -212,7 +212,7 @@ def write_ephys_nwb(path: Path, *, session_id: str, session_index: int, subject_
     nwb.add_time_intervals(_spontaneous_table(schedule))
 
     stable_object_ids(nwb, session_id)
-    with warnings.catch_warnings():  # the caller writes to '<name>.nwb.part' and renames on success
+    with warnings.catch_warnings():  # the caller writes to a temp name (shards.atomic.atomic_path)
         warnings.filterwarnings("ignore", message=r".*does not end in '\.nwb'.*")
         with NWBHDF5IO(str(path), "w") as io:
             io.write(nwb)

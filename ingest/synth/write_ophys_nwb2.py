@@ -146,7 +146,7 @@ def write_ophys_nwb2(path: Path, *, session_id: str, subject_id: str, start_time
         nwb.add_epoch(start_time=float(a), stop_time=float(b), stimulus_type=str(name))
 
     stable_object_ids(nwb, session_id)
-    with warnings.catch_warnings():  # the caller writes to '<name>.nwb.part' and renames on success
+    with warnings.catch_warnings():  # the caller writes to a temp name (shards.atomic.atomic_path)
         warnings.filterwarnings("ignore", message=r".*does not end in '\.nwb'.*")
         with NWBHDF5IO(str(path), "w") as io:
             io.write(nwb)

@@ -11,7 +11,10 @@ import h5py
 import numpy as np
 import pytest
 
-from ingest.run import IngestConfig, discover, ingest_file, rebuild_tables
+from ingest.config import IngestConfig
+from ingest.discover import discover
+from ingest.tables import rebuild_tables
+from ingest.task import ingest_file
 from ingest.synth import SessionTruth, SynthConfig, synthesize
 from ingest.synth import ideal
 from ingest.synth.corpus import PRESETS, main as synth_main, ophys_latent, preset_config
@@ -25,7 +28,7 @@ TASK_NAMES = ("static_gratings", "drifting_gratings", "natural_scenes")
 TINY = SynthConfig(duration_s=200.0, units_per_region=5, regions_per_ephys=2, unassigned_units=2, rois_per_plane=12)
 
 
-def build_store(src: Path, out: Path) -> Path:
+def ingest_in_process(src: Path, out: Path) -> Path:
     """Ingest every NWB file under src in this process (no Ray), then write the tables."""
     for source in discover(str(src)):
         result = ingest_file(source, str(out), IngestConfig())
@@ -38,7 +41,7 @@ def build_store(src: Path, out: Path) -> Path:
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("ideal_tiny")
     synthesize(root / "src", sessions=2, seed=5, config=TINY)
-    return root / "src", build_store(root / "src", root / "store")
+    return root / "src", ingest_in_process(root / "src", root / "store")
 
 
 def test_ephys_ideal_observer_equals_brute_force_poisson_enumeration(tiny):
@@ -127,7 +130,7 @@ def easy(tmp_path_factory) -> tuple[Path, Path]:
     synthesize(root / "src", sessions=4, seed=2, config=config)
     for p in (root / "src").glob("ephys_*"):
         p.unlink()
-    return root / "src", build_store(root / "src", root / "store")
+    return root / "src", ingest_in_process(root / "src", root / "store")
 
 
 def test_ophys_bounds_are_ordered_and_above_chance_on_an_easy_corpus(easy):
@@ -238,7 +241,7 @@ def test_science_preset_puts_the_ideal_observer_in_its_target_band(tmp_path):
     every split pooled: EPhys exact and both OPhys bounds in the targets of docs/results.md, up to the sampling
     error of the few presentations (1 / sqrt(n), generous: drifting gratings have ~30 here)."""
     synthesize(tmp_path / "src", sessions=2, seed=0, config=preset_config("science", duration_s=360.0))
-    store = build_store(tmp_path / "src", tmp_path / "store")
+    store = ingest_in_process(tmp_path / "src", tmp_path / "store")
     preds = [p for split in ("train", "valid", "test")
              for p in ideal.ideal_predictions(str(store), str(tmp_path / "src"), split=split)]
     assert {p.region for p in preds if p.modality == "ephys"} == {"VISp", "VISl", "VISal"}  # no unassigned units

@@ -16,7 +16,10 @@ import h5py
 import numpy as np
 import pytest
 
-from ingest.run import DONE_DIR, FAILURES, IngestConfig, run_ingest
+from ingest.config import IngestConfig
+from ingest.markers import DONE_DIR
+from ingest.run import run_ingest
+from ingest.summary import FAILURES
 from shards import manifest
 from shards.format import decode_sample, iter_tar_samples
 from shards.store import Store

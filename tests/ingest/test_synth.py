@@ -62,7 +62,7 @@ def test_sessions_alternate_ephys_and_ophys_with_safe_names(corpus):
     for p in corpus:
         assert re.fullmatch(r"(ephys|ophys)_synth-(ephys|ophys)-\d{3}\.nwb", p.name)
         assert Path(f"{p.with_suffix('')}.truth.json").is_file() and Path(f"{p.with_suffix('')}.truth.npz").is_file()
-    assert not list(corpus[0].parent.glob("*.part"))
+    assert not list(corpus[0].parent.glob("*.tmp")) and not list(corpus[0].parent.glob("*.part"))  # temp files gone
 
 
 def test_same_seed_gives_identical_files_and_another_seed_differs(tmp_path):
