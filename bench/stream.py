@@ -38,27 +38,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import build_store  # noqa: E402  (the shared store builder; after the path is set)
+
 ANCHOR = REPO.parent / "shared" / "anchors" / "torch_brain_poyoplus.py"
 TB_PYTHON = REPO / ".venv-tb" / "bin" / "python"
-
-
-def build_store(work: Path, sessions: int, duration: float, seed: int = 0) -> str:
-    import ray
-
-    from ingest.run import run_ingest
-    from ingest.synth import SynthConfig, synthesize
-
-    src = work / f"nwb-{sessions}"
-    synthesize(src, sessions=sessions, seed=seed,
-               config=SynthConfig(duration_s=duration, units_per_region=100, rois_per_plane=150))
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, object_store_memory=256 << 20, include_dashboard=False,
-                 logging_level="ERROR", log_to_driver=False)
-    out = work / f"store-{sessions}"
-    s = run_ingest(str(src), str(out), workers=2, progress=False)
-    assert not s.failed, s.failed
-    shutil.rmtree(src)
-    return str(out)
 
 
 def decoded_chunks(store_uri: str, repeats: int = 5) -> dict:
