@@ -45,6 +45,7 @@ def _tiers(name: str, c: ModelConfig) -> list[Iterable[ModelConfig]]:
 
 
 def _count(config: ModelConfig) -> int:
+    """Parameters of the model ``config`` builds, vocabularies left out (they are the same in every variant)."""
     with torch.device("meta"):  # shapes only, no memory, no init cost
         model = MultiModalPOYO(config=config.replace(compile=False), n_units=1, n_sessions=1)
     return n_parameters(model, embeddings=False)
@@ -93,6 +94,7 @@ def param_table(config: ModelConfig, n_units: int = 0, n_sessions: int = 0,
 
 
 def main() -> None:
+    """``python -m trainer.model.variants``: print ``param_table`` for the papers' or the small preset."""
     p = argparse.ArgumentParser(description="Print the ablation variants' layouts and parameter counts.")
     p.add_argument("--preset", choices=["paper", "small"], default="paper", help="config preset (default: paper)")
     p.add_argument("--n-units", type=int, default=20000, help="unit vocabulary size for the +vocab column (default: 20000)")
