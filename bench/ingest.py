@@ -170,6 +170,86 @@ def timed_ingest(src: Path, workers: int, repeats: int, cold: bool = False) -> f
         return best
 
 
+def measure(a: argparse.Namespace, work: Path) -> dict:
+    """Every figure, unrounded: raw read, copy floor, ingest with 1 and 2 workers, reruns, and (when
+    asked and allowed) the at-scale session and cold-cache runs."""
+    src = work / "nwb"
+    synthesize(src, sessions=a.sessions, seed=0,
+               config=SynthConfig(duration_s=a.duration, units_per_region=a.units, rois_per_plane=a.rois))
+    files = sorted(src.glob("*.nwb"))
+    m: dict = {"file_mb": sum(f.stat().st_size for f in files) / 1e6}
+    raw_read(files)  # warm the page cache
+    m["raw_s"] = min(raw_read(files)[0] for _ in range(a.repeats))
+    m["data_mb"] = raw_read(files)[1] / 1e6
+    m["floor_s"] = min(copy_floor(files, work / "floor") for _ in range(a.repeats))
+    m["t1"] = timed_ingest(src, 1, a.repeats)
+    m["t2"] = timed_ingest(src, 2, a.repeats)
+    from bench.stream import host_scaling  # the host's own ceiling for 2 memory-bound processes
+
+    m["host"] = host_scaling()
+    m["rerun_quick"], m["rerun_rehash"] = timed_rerun(src)
+    m["big"] = at_scale(work) if a.at_scale else None
+    m["cold"] = drop_caches()
+    if m["cold"]:
+        m["raw_cold"] = min((drop_caches(), raw_read(files)[0])[1] for _ in range(a.repeats))
+        m["t1_cold"] = timed_ingest(src, 1, a.repeats, cold=True)
+    return m
+
+
+def summarise(a: argparse.Namespace, m: dict) -> dict:
+    """The results file's figures (rounded) from the measurements."""
+    data_mb, raw_s, floor_s, t1, t2 = m["data_mb"], m["raw_s"], m["floor_s"], m["t1"], m["t2"]
+    raw_rate, per_worker_1 = data_mb / raw_s, data_mb / t1
+    result = {
+        "sessions": a.sessions, "duration_s": a.duration, "files_mb": round(m["file_mb"], 2),
+        "data_mb": round(data_mb, 2), "raw_read_s": round(raw_s, 4), "raw_read_mb_s": round(raw_rate, 1),
+        "ingest_1_worker_s": round(t1, 3), "ingest_2_workers_s": round(t2, 3),
+        "ingest_mb_s_per_worker_1": round(per_worker_1, 1), "ingest_mb_s_per_worker_2": round(data_mb / t2 / 2, 1),
+        "ratio_vs_raw_read": round(per_worker_1 / raw_rate, 4),
+        "speedup_2_workers": round(t1 / t2, 3),
+        "host_memory_scaling_2_procs": round(m["host"], 3),
+        "rerun_all_done_s": round(m["rerun_quick"], 3), "rerun_all_done_rehash_s": round(m["rerun_rehash"], 3),
+        "copy_floor_s": round(floor_s, 4), "copy_floor_mb_s": round(data_mb / floor_s, 1),
+        "floor_ratio_vs_raw_read": round(raw_s / floor_s, 4),
+        "ratio_vs_copy_floor": round(floor_s / t1, 4),
+        "machine": f"{platform.machine()} cores={os.cpu_count()}",
+        "goal": {"ratio_vs_raw_read": ">= 0.5", "speedup_2_workers": ">= 1.7"},
+        "note": "ratio_vs_raw_read compares with a page-cache (warm) read; *_cold figures drop the page cache first",
+    }
+    if m["big"]:
+        result["at_scale_1_session"] = m["big"]
+    if m["cold"]:
+        raw_cold, t1_cold = m["raw_cold"], m["t1_cold"]
+        result.update(raw_read_cold_s=round(raw_cold, 4), raw_read_cold_mb_s=round(data_mb / raw_cold, 1),
+                      ingest_1_worker_cold_s=round(t1_cold, 3),
+                      ratio_vs_raw_read_cold=round((data_mb / t1_cold) / (data_mb / raw_cold), 4))
+    return result
+
+
+def print_table(a: argparse.Namespace, m: dict, result: dict) -> None:
+    data_mb, raw_s, floor_s, t1, t2, big = m["data_mb"], m["raw_s"], m["floor_s"], m["t1"], m["t2"], m["big"]
+    print(f"{'what':34} {'seconds':>9} {'MB/s/worker':>12}")
+    print(f"{'raw h5py read (1 process)':34} {raw_s:9.3f} {data_mb / raw_s:12.1f}")
+    print(f"{'copy floor: read + write as tar':34} {floor_s:9.3f} {data_mb / floor_s:12.1f}")
+    print(f"{'ingest, 1 Ray worker':34} {t1:9.3f} {data_mb / t1:12.1f}")
+    print(f"{'ingest, 2 Ray workers':34} {t2:9.3f} {data_mb / t2 / 2:12.1f}")
+    print(f"host: memory-bound work in 2 processes runs at {m['host']:.2f} per core of 1 process "
+          f"(a speedup of {2 * m['host']:.2f} for such work)")
+    print(f"{'rerun, all done (size+mtime check)':34} {m['rerun_quick']:9.3f}")
+    print(f"{'rerun, all done, --rehash':34} {m['rerun_rehash']:9.3f}")
+    if big:
+        print(f"{'ingest one 2-h Neuropixels-sized':34} {big['seconds']:9.3f} {big['mb_s']:12.1f}   "
+              f"({big['spikes'] / 1e6:.0f} M spikes, {big['spike_mb']:.0f} MB; peak RSS {big['peak_rss_mb']:.0f} MB)")
+    if m["cold"]:
+        print(f"{'raw h5py read, cold page cache':34} {m['raw_cold']:9.3f} {data_mb / m['raw_cold']:12.1f}")
+        print(f"{'ingest, 1 Ray worker, cold cache':34} {m['t1_cold']:9.3f} {data_mb / m['t1_cold']:12.1f}")
+        print(f"ratio_vs_raw_read_cold = {result['ratio_vs_raw_read_cold']}")
+    print(f"ratio_vs_raw_read = {result['ratio_vs_raw_read']}   speedup_2_workers = {result['speedup_2_workers']}"
+          f"   ({a.sessions} sessions x {a.duration:.0f} s, {data_mb:.1f} MB of datasets, {m['file_mb']:.1f} MB files)")
+    print(f"floor_ratio_vs_raw_read = {result['floor_ratio_vs_raw_read']} (the most any ingest could reach)   "
+          f"ratio_vs_copy_floor = {result['ratio_vs_copy_floor']}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sessions", type=int, default=4, help="half EPhys (3 regions each), half OPhys")
@@ -183,73 +263,11 @@ def main() -> int:
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     try:
-        src = work / "nwb"
-        synthesize(src, sessions=a.sessions, seed=0,
-                   config=SynthConfig(duration_s=a.duration, units_per_region=a.units, rois_per_plane=a.rois))
-        files = sorted(src.glob("*.nwb"))
-        file_mb = sum(f.stat().st_size for f in files) / 1e6
-        raw_read(files)  # warm the page cache
-        raw_s = min(raw_read(files)[0] for _ in range(a.repeats))
-        data_mb = raw_read(files)[1] / 1e6
-        floor_s = min(copy_floor(files, work / "floor") for _ in range(a.repeats))
-        t1 = timed_ingest(src, 1, a.repeats)
-        t2 = timed_ingest(src, 2, a.repeats)
-        from bench.stream import host_scaling  # the host's own ceiling for 2 memory-bound processes
-
-        host = host_scaling()
-        rerun_quick, rerun_rehash = timed_rerun(src)
-        big = at_scale(work) if a.at_scale else None
-        cold = drop_caches()
-        if cold:
-            raw_cold = min((drop_caches(), raw_read(files)[0])[1] for _ in range(a.repeats))
-            t1_cold = timed_ingest(src, 1, a.repeats, cold=True)
+        m = measure(a, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    raw_rate = data_mb / raw_s
-    per_worker_1 = data_mb / t1
-    per_worker_2 = data_mb / t2 / 2
-    result = {
-        "sessions": a.sessions, "duration_s": a.duration, "files_mb": round(file_mb, 2), "data_mb": round(data_mb, 2),
-        "raw_read_s": round(raw_s, 4), "raw_read_mb_s": round(raw_rate, 1),
-        "ingest_1_worker_s": round(t1, 3), "ingest_2_workers_s": round(t2, 3),
-        "ingest_mb_s_per_worker_1": round(per_worker_1, 1), "ingest_mb_s_per_worker_2": round(per_worker_2, 1),
-        "ratio_vs_raw_read": round(per_worker_1 / raw_rate, 4),
-        "speedup_2_workers": round(t1 / t2, 3),
-        "host_memory_scaling_2_procs": round(host, 3),
-        "rerun_all_done_s": round(rerun_quick, 3), "rerun_all_done_rehash_s": round(rerun_rehash, 3),
-        "copy_floor_s": round(floor_s, 4), "copy_floor_mb_s": round(data_mb / floor_s, 1),
-        "floor_ratio_vs_raw_read": round(raw_s / floor_s, 4),
-        "ratio_vs_copy_floor": round(floor_s / t1, 4),
-        "machine": f"{platform.machine()} cores={os.cpu_count()}",
-        "goal": {"ratio_vs_raw_read": ">= 0.5", "speedup_2_workers": ">= 1.7"},
-        "note": "ratio_vs_raw_read compares with a page-cache (warm) read; *_cold figures drop the page cache first",
-    }
-    if big:
-        result["at_scale_1_session"] = big
-    if cold:
-        result.update(raw_read_cold_s=round(raw_cold, 4), raw_read_cold_mb_s=round(data_mb / raw_cold, 1),
-                      ingest_1_worker_cold_s=round(t1_cold, 3),
-                      ratio_vs_raw_read_cold=round((data_mb / t1_cold) / (data_mb / raw_cold), 4))
-    print(f"{'what':34} {'seconds':>9} {'MB/s/worker':>12}")
-    print(f"{'raw h5py read (1 process)':34} {raw_s:9.3f} {raw_rate:12.1f}")
-    print(f"{'copy floor: read + write as tar':34} {floor_s:9.3f} {data_mb / floor_s:12.1f}")
-    print(f"{'ingest, 1 Ray worker':34} {t1:9.3f} {per_worker_1:12.1f}")
-    print(f"{'ingest, 2 Ray workers':34} {t2:9.3f} {per_worker_2:12.1f}")
-    print(f"host: memory-bound work in 2 processes runs at {host:.2f} per core of 1 process "
-          f"(a speedup of {2 * host:.2f} for such work)")
-    print(f"{'rerun, all done (size+mtime check)':34} {rerun_quick:9.3f}")
-    print(f"{'rerun, all done, --rehash':34} {rerun_rehash:9.3f}")
-    if big:
-        print(f"{'ingest one 2-h Neuropixels-sized':34} {big['seconds']:9.3f} {big['mb_s']:12.1f}   "
-              f"({big['spikes'] / 1e6:.0f} M spikes, {big['spike_mb']:.0f} MB; peak RSS {big['peak_rss_mb']:.0f} MB)")
-    if cold:
-        print(f"{'raw h5py read, cold page cache':34} {raw_cold:9.3f} {data_mb / raw_cold:12.1f}")
-        print(f"{'ingest, 1 Ray worker, cold cache':34} {t1_cold:9.3f} {data_mb / t1_cold:12.1f}")
-        print(f"ratio_vs_raw_read_cold = {result['ratio_vs_raw_read_cold']}")
-    print(f"ratio_vs_raw_read = {result['ratio_vs_raw_read']}   speedup_2_workers = {result['speedup_2_workers']}"
-          f"   ({a.sessions} sessions x {a.duration:.0f} s, {data_mb:.1f} MB of datasets, {file_mb:.1f} MB files)")
-    print(f"floor_ratio_vs_raw_read = {result['floor_ratio_vs_raw_read']} (the most any ingest could reach)   "
-          f"ratio_vs_copy_floor = {result['ratio_vs_copy_floor']}")
+    result = summarise(a, m)
+    print_table(a, m, result)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0

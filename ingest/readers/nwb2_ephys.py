@@ -193,15 +193,8 @@ def _summarise(items: list[str], k: int = 5) -> str:
     return head + (f", ... ({len(items)} in all)" if len(items) > k else "")
 
 
-def ephys_records(nwb: Any, session_id: str, source_file: str, subject: str, stimuli: list,
-                  file_warnings: list[str]) -> list[SessionRecord]:
-    """One record per region of the file's Units table ([] when it has none or no spikes)."""
-    units = nwb.units
-    if units is None or "spike_times" not in units.colnames:
-        return []
-    n = len(units.id)
-    if n == 0:
-        return []
+def _spike_index(units: Any, n: int) -> tuple[np.ndarray, Any]:
+    """(end offset of each unit's spikes, the lazy spike_times dataset), refused when inconsistent."""
     col = units["spike_times"]
     if _kind(col) != "VectorIndex":
         raise IngestError("units.spike_times has no spike_times_index")
@@ -213,18 +206,16 @@ def ephys_records(nwb: Any, session_id: str, source_file: str, subject: str, sti
             f"units.spike_times_index is inconsistent ({len(bounds)} entries for {n} units, "
             f"last {int(bounds[-1]) if len(bounds) else 0} vs {n_spikes} spike times)"
         )
-    ids, dup_warns = unique_ids([decode(v) for v in units.id.data[:]])
-    file_warnings += dup_warns
-    raw, source = unit_locations(nwb, units, n)
-    meta = scalar_columns(units, n, exclude=NON_META_COLUMNS)
-    meta["location_raw"] = raw
-    meta["region_source"] = source
-    regions = [region_name(v) for v in raw]
+    return bounds, times_ds
 
+
+def _clean_trains(ids: list[str], bounds: np.ndarray, times_ds: Any, file_warnings: list[str]
+                  ) -> list[np.ndarray | None]:
+    """Each unit's cleaned spike train (None: no spikes left, the unit is dropped), with one warning per kind."""
     starts = np.r_[0, bounds[:-1]]
     trains: list[np.ndarray | None] = []
     empty, nan_units, unsorted_units = [], [], []
-    for u in range(n):
+    for u in range(len(ids)):
         a, b = int(starts[u]), int(bounds[u])
         t, n_bad, unsorted = clean_spike_train(times_ds[a:b] if b > a else np.zeros(0))
         if n_bad:
@@ -242,19 +233,46 @@ def ephys_records(nwb: Any, session_id: str, source_file: str, subject: str, sti
         file_warnings.append(f"non-finite spike times dropped from units {_summarise(nan_units)}")
     if unsorted_units:
         file_warnings.append(f"spike_times not sorted (now sorted) for units {_summarise(unsorted_units)}")
+    return trains
+
+
+def _region_warnings(members: list[int], region: str, raw: list, source: list) -> list[str]:
+    """What a region's record says about where its units' regions came from."""
+    warns: list[str] = []
+    if region == UNKNOWN:
+        shown = sorted({repr(raw[u]) for u in members})
+        warns.append(f"{len(members)} units have no usable location ({_summarise(shown, 3)}) -> region 'unknown'")
+    fallback = Counter(source[u] for u in members if source[u] != "none")
+    if set(fallback) - {"peak_channel_id->electrodes.location"}:
+        warns.append("unit regions from " + ", ".join(f"{s}: {c}" for s, c in sorted(fallback.items())))
+    return warns
+
+
+def ephys_records(nwb: Any, session_id: str, source_file: str, subject: str, stimuli: list,
+                  file_warnings: list[str]) -> list[SessionRecord]:
+    """One record per region of the file's Units table ([] when it has none or no spikes)."""
+    units = nwb.units
+    if units is None or "spike_times" not in units.colnames:
+        return []
+    n = len(units.id)
+    if n == 0:
+        return []
+    bounds, times_ds = _spike_index(units, n)
+    ids, dup_warns = unique_ids([decode(v) for v in units.id.data[:]])
+    file_warnings += dup_warns
+    raw, source = unit_locations(nwb, units, n)
+    meta = scalar_columns(units, n, exclude=NON_META_COLUMNS)
+    meta["location_raw"] = raw
+    meta["region_source"] = source
+    regions = [region_name(v) for v in raw]
+    trains = _clean_trains(ids, bounds, times_ds, file_warnings)
     if all(t is None for t in trains):
         return []
 
     records = []
     for region in sorted({regions[u] for u in range(n) if trains[u] is not None}):
         members = [u for u in range(n) if trains[u] is not None and regions[u] == region]
-        warns: list[str] = []
-        if region == UNKNOWN:
-            shown = sorted({repr(raw[u]) for u in members})
-            warns.append(f"{len(members)} units have no usable location ({_summarise(shown, 3)}) -> region 'unknown'")
-        fallback = Counter(source[u] for u in members if source[u] != "none")
-        if set(fallback) - {"peak_channel_id->electrodes.location"}:
-            warns.append("unit regions from " + ", ".join(f"{s}: {c}" for s, c in sorted(fallback.items())))
+        warns = _region_warnings(members, region, raw, source)
         times = np.concatenate([trains[u] for u in members])  # type: ignore[misc]
         which = np.concatenate([np.full(len(trains[u]), k, dtype=np.int32) for k, u in enumerate(members)])  # type: ignore[arg-type]
         order = np.argsort(times, kind="stable")
