@@ -86,10 +86,12 @@ def sample_key(session_id: str, region: str, split: str, k: int) -> str:
     return key
 
 
-def record_samples(
+def chunk_samples(
     record: SessionRecord, split_intervals: dict[str, list[tuple[float, float]]], config: ChunkConfig = ChunkConfig()
 ) -> Iterator[tuple[str, Sample]]:
-    """(split, Sample) for every chunk of every split interval, in time order per split."""
+    """(split, Sample) for every chunk of every split interval, in time order per split: what the
+    shard writer is given. (Not ``shards.manifest.record_samples``, which reads a record's samples
+    back from a store.)"""
     arrays_of = _ephys_arrays if record.modality == "ephys" else _ophys_arrays
     for split, intervals in split_intervals.items():
         k = 0
@@ -111,3 +113,7 @@ def record_samples(
                 }
                 k += 1
                 yield split, Sample(key=key, meta=meta, arrays=arrays)
+
+
+#: TEMP re-export for issue-10 move: tests/support/storegen.py and tests/shards/test_shard_store.py still use the old name
+record_samples = chunk_samples

@@ -18,7 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
-from ingest.chunks import ChunkConfig, record_samples
+from ingest.chunks import ChunkConfig, chunk_samples
 from ingest.config import IngestConfig
 from ingest.discover import Source
 from ingest.markers import already_done, marker_path, retire, source_fingerprint
@@ -54,7 +54,7 @@ def _write_records(records: Iterable[SessionRecord], store: Store, uri: str, sha
         splits = assign_splits(rec.session_id, rec.region, rec.t_start, rec.t_end, rec.stimuli, config.split)
         w = RecordShardWriter(store, rec.modality, rec.region, rec.session_id, config.shard_bytes)
         writers.append(w)
-        for split, sample in record_samples(rec, splits, ChunkConfig(config.chunk_s)):
+        for split, sample in chunk_samples(rec, splits, ChunkConfig(config.chunk_s)):
             w.add(split, sample)
         w.close()
         s_row, u_rows = table_rows(rec, sha, splits)
