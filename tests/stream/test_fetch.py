@@ -11,6 +11,9 @@ import time
 import pytest
 
 from shards.stream.fetch import ChunkFetcher, FetchError, StoreUnavailable, is_retryable
+from shards.stream.fetch.cache import ByteCache
+from shards.stream.fetch.config import FetchStats
+from shards.stream.fetch.window import ReadAhead
 from shards.store import Store
 from tests.support.faulty_proxy import FaultyProxy
 from tests.shards.test_shard_store import ephys_record, write_record
@@ -225,38 +228,48 @@ def test_the_proxy_without_faults_is_transparent(s3_bucket, s3_server, monkeypat
         assert proxy.counts["requests"] >= 6 and proxy.counts["requests"] == proxy.counts["forwarded"]
 
 
-def test_the_read_ahead_window_follows_reordered_and_skipped_reads(tmp_path):
+def test_the_read_ahead_window_follows_reordered_and_skipped_reads():
     """The plan window alone (no threads, no S3): a batch read in another order than planned does not
     jump the window to a later occurrence of a chunk, and items never read are passed, not waited on."""
-    from shards.stream.fetch import _Runtime
-
-    rt = _Runtime(dict(store=Store(str(tmp_path)), cache_bytes=1000, threads=1, prefetch_depth=4, retries=1,
-                       backoff_s=0.0, max_backoff_s=0.0, timeout_s=1.0))
+    window, cache = ReadAhead(depth=4), ByteCache(1000, FetchStats())
     k = [("s.tar", i * 10, 10) for i in range(12)]
     plan = [k[0], k[1], k[2], k[3], k[0], k[4], k[5], k[6], k[7], k[8], k[9], k[10]]
     issued = []
 
     def background():  # what the threads do, completed at once
-        while (job := rt.next_job_locked()) is not None:
-            issued.append(job[0])
-            rt.inflight.pop(job[0])
-            rt.insert_locked(job[0], b"x" * 10)
+        while (key := window.next_fetch(1000, lambda planned: planned in cache)) is not None:
+            issued.append(key)
+            cache.insert(key, b"x" * 10, window.pins)
 
     def read(key):  # what get() does to the window
-        rt.pull_locked()
-        rt.consume_locked(key)
+        window.pull()
+        window.consume(key)
 
-    rt.plan_iters.append(iter(plan))
+    window.add(plan)
     background()
     assert issued == k[:4]
     for key in (k[1], k[0], k[3], k[2]):  # one batch, read in another order than planned
         read(key)
-    assert [w[0] for w in rt.window][:1] == [k[0]]  # the window stayed at plan[4], it did not jump
+    assert [slot.key for slot in window.slots][:1] == [k[0]]  # the window stayed at plan[4], it did not jump
     background()
     assert issued == k[:7]
     read(k[5])  # plan[4] (k0) and k4 are never read (e.g. served by a cache upstream)
     background()
-    assert issued == k[:10] and rt.pinned_bytes == 10 * len(rt.pins) <= 1000
+    assert issued == k[:10] and window.pinned_bytes == 10 * len(window.pins) <= 1000
+
+
+def test_the_byte_cache_keeps_its_cap_and_never_evicts_a_pinned_chunk():
+    stats = FetchStats()
+    cache = ByteCache(30, stats)
+    a, b, c, d = [("s.tar", i * 10, 10) for i in range(4)]
+    for key in (a, b, c):
+        cache.insert(key, b"x" * 10, pinned={})
+    assert cache.get(a) == b"x" * 10  # a is now the most recently used: b goes first
+    cache.insert(d, b"y" * 10, pinned={c: 1})
+    assert b not in cache and a in cache and c in cache and d in cache and stats.evictions == 1
+    cache.insert(("s.tar", 99, 40), b"z" * 40, pinned={})  # larger than the cap: never cached
+    cache.insert(("s.tar", 77, 10), b"w" * 10, pinned={a: 1, c: 1, d: 1})  # only pinned ones left: not cached
+    assert set(cache.chunks) == {a, c, d} and stats.cache_bytes == stats.max_cache_bytes == 30
 
 
 def test_retry_classification():
