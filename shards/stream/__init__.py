@@ -1,4 +1,6 @@
-"""Shards -> windows -> packed batches: ``mixture`` (selectors and their weights), ``plan`` (the epoch
-plan as plain arrays, pure functions), ``tokens`` (a chunk's window -> tokens; packing), ``fetch``
-(reading shard bytes from a store: retries, read-ahead, cache), ``dataset`` (the IterableDataset and
-its loader), ``report`` (what a mixture realises)."""
+"""Shards -> windows -> packed batches. Top to bottom: ``report`` (what a mixture realises), ``loader``
+(the DataLoader and its resumable state), ``dataset`` (the IterableDataset: planned windows -> packed
+batches), ``wire`` (how DataLoader workers hand batches over), ``plan`` (the epoch plan as plain arrays,
+pure functions), ``fetch`` (reading shard bytes from a store: retries, read-ahead, cache),
+``integrity`` (checksums, decoding), ``tokens`` (a chunk's window -> tokens; packing), ``mixture``
+(selectors and their weights). docs/stream.md."""

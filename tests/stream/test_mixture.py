@@ -87,7 +87,8 @@ def test_interleave_is_deterministic_per_seed_and_the_seed_breaks_ties():
     assert interleave(w, 6, seed=0).tolist() == [0, 2, 1, 0, 2, 1]  # equal weights: round robin in the seed's order
 
 
-def test_two_selectors_hold_their_share_within_one_window_on_every_run():
-    seq = interleave(np.array([0.37, 0.63]), 3000, seed=7)
-    c = np.concatenate([[0], np.cumsum(seq == 0)]) - 0.37 * np.arange(3001)
+@pytest.mark.parametrize("w0,seed", [(0.3, 4), (0.37, 7)])
+def test_two_selectors_hold_their_share_within_one_window_on_every_run(w0, seed):
+    seq = interleave(np.array([w0, 1 - w0]), 3000, seed=seed)
+    c = np.concatenate([[0], np.cumsum(seq == 0)]) - w0 * np.arange(3001)
     assert c.max() - c.min() <= 1 + 1e-9  # any run [i, j) holds c[j] - c[i] off its share
