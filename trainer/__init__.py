@@ -1,5 +1,14 @@
-"""Training on Ray Train: ``config`` (TrainConfig and the CLI), ``loop`` (the per-worker loop),
-``evaluate``, ``checkpoint``, ``tblog``, ``train`` (the driver), ``finetune`` (new sessions,
-gradual unfreezing), ``baselines`` and ``logreg`` (the per-session decoders it is judged against).
+"""Training on Ray Train, in layers (each imports only those below it; pyproject's import-linter contract):
+
+    finetune                      the finetuning CLI: pretrained, from scratch, or the MLP baseline
+    train | baselines | logreg    the pretraining driver (Ray Train); the per-session decoders it is judged against
+    loop                          what every worker runs, top to bottom
+    build | progress              model, optimizer, schedule; log lines, timer, Ctrl-C, gather
+    pretrained | report | sessions | tblog | testhooks
+                                  grown vocabularies; accuracy lines and tables; session modalities;
+                                  TensorBoard; the test-only hooks (an environment variable, no flag)
+    evaluate | checkpoint         the Tally and evaluation; the train state on disk
+    config                        TrainConfig and its command line (values: typecheck; files: strict_yaml)
+
 The network itself lives in ``trainer.model`` and never imports these.
 """

@@ -19,10 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shards.atomic import atomic_path
 from shards.stream.dataset import MixtureStream, StreamLoader
-from trainer.model.config import ModelConfig
-from trainer.evaluate import Tally, sample_of_query
 from trainer.config import TrainConfig
+from trainer.evaluate import Tally
+from trainer.model.config import ModelConfig
+from trainer.model.packing import segment_ids
+from trainer.sessions import mix_of_session
 
 
 class SessionMLP(nn.Module):
@@ -49,7 +52,7 @@ def features(batch: dict, unit_col: torch.Tensor, n_cols: int, bins: int, window
     """(Q, n_cols * bins + bins): each query's window activity per (unit, bin), and its time bin."""
     cu = batch["input_cu_seqlens"].long()
     n = len(cu) - 1
-    sample = torch.repeat_interleave(torch.arange(n), torch.diff(cu), output_size=int(cu[-1]))
+    sample = segment_ids(cu)
     b = (batch["input_timestamps"] / window_s * bins).long().clamp(0, bins - 1)
     col = unit_col[batch["input_unit_index"]]
     flat = (sample * n_cols + col) * bins + b
@@ -59,7 +62,7 @@ def features(batch: dict, unit_col: torch.Tensor, n_cols: int, bins: int, window
     count = torch.zeros(n * n_cols * bins).index_add_(0, flat, torch.ones_like(value))
     ophys = (batch["modality"] == 1).repeat_interleave(n_cols * bins)
     act = torch.where(ophys, total / count.clamp_min(1), total).view(n, n_cols * bins)  # mean dF/F | spike count
-    q_sample = sample_of_query(batch)
+    q_sample = segment_ids(batch["output_cu_seqlens"].long())
     q_bin = (batch["output_timestamps"] / window_s * bins).long().clamp(0, bins - 1)
     return torch.cat([act[q_sample], F.one_hot(q_bin, bins).float()], 1)
 
@@ -74,7 +77,8 @@ def run_mlp_baseline(cfg: TrainConfig, *, bins: int = 8, hidden: int = 128, lr: 
     total: Tally | None = None
     for sid in cfg.sessions_include:
         train, test = (MixtureStream(dataclasses.replace(cfg.stream_config(split), sessions_include=(sid,),
-                                                         mix=mix_of(cfg, sid))) for split in ("train", "test"))
+                                                         mix=mix_of_session(cfg.shards, sid)))
+                       for split in ("train", "test"))
         units = sorted(u for u, _ in train.vocab.units.items() if u.startswith(sid + "/"))
         unit_col = torch.zeros(len(train.vocab.units), dtype=torch.int64)
         for c, u in enumerate(units):
@@ -110,16 +114,9 @@ def run_mlp_baseline(cfg: TrainConfig, *, bins: int = 8, hidden: int = 128, lr: 
     metrics = {"status": "finished", "mode": "mlp", "step": 0, "total_steps": 0, "epochs": cfg.epochs,
                "train": {"first_loss": float("nan"), "last_loss": float("nan")}, "final": None, "best": None,
                "test": summary, "seconds": time.time() - t0}
-    with open(os.path.join(cfg.out, "metrics.json"), "w") as fh:
+    with atomic_path(os.path.join(cfg.out, "metrics.json")) as tmp, open(tmp, "w") as fh:
         json.dump(metrics, fh, indent=1)
     return metrics
-
-
-def mix_of(cfg: TrainConfig, sid: str) -> str:
-    """A mix that selects exactly one session, whatever its modality."""
-    from trainer.finetune import session_modalities
-
-    return f"{session_modalities(cfg.shards, [sid])[sid]}=1"
 
 
 def mlp_loss(out: dict, batch: dict) -> torch.Tensor:

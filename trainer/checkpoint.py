@@ -19,7 +19,7 @@ invalid ones newer than it, so a resume falls back past a truncated or half-writ
 
 Only plain types and tensors: configs travel as JSON strings, numpy states as tensors, so
 ``torch.load(..., weights_only=True)`` never unpickles an object. Model-only files (``model_best.pt``,
-``model_last.pt``) use ``trainer.model.network.save_checkpoint`` plus the same ``meta``.
+``model_last.pt``) use ``trainer.model.io.save_checkpoint`` plus the same ``meta``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from shards.atomic import atomic_path, write_atomic
+from trainer.model.io import save_checkpoint
 
 STATE_FILE = "train_state.pt"
 CHECKSUM_FILE = STATE_FILE + ".sha256"
@@ -186,8 +189,8 @@ def save_train_state(directory: str, *, meta: str, model: torch.nn.Module, optim
     if best_model is not None:
         state["best_model"] = best_model
     path = os.path.join(directory, STATE_FILE)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
     return path
 
 
@@ -201,22 +204,9 @@ def write_checkpoint(run_dir: str, step: int, *, keep: int | None = None, **stat
     tmp = os.path.join(root, f".{os.path.basename(final)}.tmp")
     os.makedirs(root, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
-    path = save_train_state(tmp, **state)
-    _fsync(path)
-    with open(os.path.join(tmp, CHECKSUM_FILE + ".tmp"), "w") as fh:
-        fh.write(f"{file_sha256(path)}  {STATE_FILE}\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(os.path.join(tmp, CHECKSUM_FILE + ".tmp"), os.path.join(tmp, CHECKSUM_FILE))
-    if os.path.exists(final):  # the same step again (a resume past an invalid checkpoint): replace it
-        old = os.path.join(root, f".{os.path.basename(final)}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync(root)
+    path = save_train_state(tmp, **state)  # fsynced
+    write_atomic(os.path.join(tmp, CHECKSUM_FILE), f"{file_sha256(path)}  {STATE_FILE}\n")  # last: "whole"
+    swap_directory(tmp, final)
     dirs = list_checkpoints(run_dir)
     for d in dirs:  # newer steps than this one: invalid ones a resume fell back past (it takes the newest valid)
         if checkpoint_step(d) > step:
@@ -228,6 +218,23 @@ def write_checkpoint(run_dir: str, step: int, *, keep: int | None = None, **stat
             if name.startswith(".checkpoint_") and name != os.path.basename(tmp):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     return final
+
+
+def swap_directory(tmp: str, final: str) -> None:
+    """Rename the directory ``tmp`` to ``final`` (its sibling), replacing a ``final`` already there; then
+    fsync their parent. Not ``shards.atomic``: a directory cannot be os.replace'd over a non-empty one, so
+    an existing ``final`` is first renamed aside (``.NAME.old``, removed after); a crash in between leaves
+    no ``final``, and a resume falls back to the checkpoint before."""
+    root = os.path.dirname(final)
+    if os.path.exists(final):  # the same step again (a resume past an invalid checkpoint): replace it
+        old = os.path.join(root, f".{os.path.basename(final)}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync(root)
 
 
 def _fsync(path: str) -> None:
@@ -248,11 +255,9 @@ def load_train_state(directory: str, map_location: str | torch.device = "cpu") -
 
 
 def save_model_file(path: str, model: torch.nn.Module, meta: str, **extra: Any) -> None:
-    """``trainer.model.network.save_checkpoint`` (config, vocabulary sizes, state_dict) plus our meta, atomically."""
-    from trainer.model.network import save_checkpoint
-
-    save_checkpoint(model, path + ".tmp", meta=meta, **extra)
-    os.replace(path + ".tmp", path)
+    """``trainer.model.io.save_checkpoint`` (config, vocabulary sizes, state_dict) plus our meta, atomically."""
+    with atomic_path(path) as tmp:
+        save_checkpoint(model, tmp, meta=meta, **extra)
 
 
 def load_model_file(path: str) -> dict:

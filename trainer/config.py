@@ -12,7 +12,8 @@ Every value is checked against its field's annotation (``check_value``): bools a
 true/false (the YAML is read with YAML 1.2's booleans, so ``no`` and ``"no"`` are refused, and
 ``1e-4`` is a number), ints are not bools, ``int | None`` accepts null. A wrong value, an unknown
 key or an ``out`` that is a file is one ``ConfigError`` line naming the field, the value and
-where it came from (the YAML file or the command line).
+where it came from (the YAML file or the command line). The rules are ``trainer.typecheck``'s; the
+YAML dialect is ``trainer.strict_yaml``'s.
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ from typing import Any
 
 import yaml
 
+from shards.atomic import atomic_path
 from shards.store import is_remote
+from shards.stream.dataset import StreamConfig
+from trainer.model.config import ModelConfig
+from trainer.model.variants import VARIANTS
+from trainer.strict_yaml import StrictDumper, StrictLoader, read_yaml
+from trainer.typecheck import ConfigError, Mismatch, coerce, describe_type, show_value
 
 
 @dataclass
@@ -82,10 +89,7 @@ class TrainConfig:
     report_every: int = 100  # checkpoint through ray.train.report every N steps (and at epoch ends)
     keep_checkpoints: int = 2
     max_failures: int = 1  # worker crashes survived per run (FailureConfig)
-    record_batches: bool = False  # RUN/batches/rank{r}.jsonl: step, position and fingerprint of every batch
-    # ---- fault-injection knobs (tests) ----
-    fail_at_step: int | None = None  # rank 1 (or 0 when alone) exits at this step, first attempt only
-    stop_at_step: int | None = None  # checkpoint and stop at this step, as if preempted (--resume continues)
+    # (test-only hooks, fault injection and batch records, are no settings: trainer.testhooks)
 
     # ---- derived values -------------------------------------------------------------------------
     @property
@@ -119,17 +123,13 @@ class TrainConfig:
     def total_steps(self, steps_per_epoch: int) -> int:
         return self.max_steps if self.max_steps is not None else self.epochs * steps_per_epoch
 
-    def model_config(self):
+    def model_config(self) -> ModelConfig:
         """The ModelConfig this run builds (before the variant's layer matching)."""
-        from trainer.model.config import ModelConfig
-
         base = ModelConfig.small if self.preset == "small" else ModelConfig
         return base(window_s=self.window_s, amp=self.bf16, **self.model_overrides)
 
-    def stream_config(self, split: str):
+    def stream_config(self, split: str) -> StreamConfig:
         """The StreamConfig of one split (what every rank streams; tests rebuild it to compare batches)."""
-        from shards.stream.dataset import StreamConfig
-
         return StreamConfig(store=self.shards, mix=self.mix, split=split, batch_size=self.batch_size,
                             window_s=self.window_s, seed=self.seed, epoch_windows=self.epoch_windows,
                             shuffle_window=self.shuffle_window, sessions_include=tuple(self.sessions_include),
@@ -165,7 +165,7 @@ class TrainConfig:
         return getattr(self, "_origins", {}).get(name, "config")
 
     def _bad(self, name: str, problem: str) -> "ConfigError":
-        return ConfigError(f"{self._where(name)}: {name} = {_show(getattr(self, name))}: {problem}")
+        return ConfigError(f"{self._where(name)}: {name} = {show_value(getattr(self, name))}: {problem}")
 
     def absolute(self) -> "TrainConfig":
         """Paths made absolute (Ray workers run in another directory)."""
@@ -179,8 +179,6 @@ class TrainConfig:
     def validate(self) -> None:
         """Types (in case fields were set in code), then ranges and choices; ConfigError (one line,
         naming the field, its value and where it came from) on the first problem."""
-        from trainer.model.variants import VARIANTS
-
         for f in dataclasses.fields(self):
             check_value(f.name, getattr(self, f.name), self._where(f.name))
         if not self.shards:
@@ -213,109 +211,11 @@ class TrainConfig:
             raise self._bad("model_overrides", (str(exc).strip().splitlines() or ["invalid"])[0]) from None
 
 
-# ---- checking values against the annotations ---------------------------------------------------------
-
-class ConfigError(ValueError):
-    """A bad config value, key or file: one line naming the field, the value and where it came from."""
-
+# ---- checking values against the annotations (trainer.typecheck) ---------------------------------------
 
 @functools.lru_cache(maxsize=1)
 def _hints() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
-
-
-class _Mismatch(Exception):
-    pass
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def describe_type(t: Any) -> str:
-    """How a type annotation reads in an error: 'an integer or null', 'a list of strings'."""
-    origin, args = typing.get_origin(t), typing.get_args(t)
-    if origin in (typing.Union, types.UnionType):
-        parts = [describe_type(a) for a in args if a is not type(None)]
-        return " or ".join(parts) + (" or null" if type(None) in args else "")
-    if t is bool:
-        return "true or false"
-    if t is int:
-        return "an integer"
-    if t is float:
-        return "a number"
-    if t is str:
-        return "a string"
-    if t is type(None):
-        return "null"
-    if origin in (list, tuple) or t in (list, tuple):
-        if args and (origin is list or args[-1] is Ellipsis):
-            return f"a list of {describe_type(args[0]).removeprefix('an ').removeprefix('a ')}s"
-        if args:
-            return f"a list of {len(args)} values ({', '.join(describe_type(a) for a in args)})"
-        return "a list"
-    if origin is dict or t is dict:
-        return "a mapping"
-    return f"a {getattr(t, '__name__', t)}"
-
-
-def _coerce(value: Any, t: Any) -> Any:
-    """value as type t (int -> float widening, list -> tuple), or _Mismatch."""
-    if t is Any:
-        return value
-    origin, args = typing.get_origin(t), typing.get_args(t)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is not type(None):
-                try:
-                    return _coerce(value, a)
-                except _Mismatch:
-                    pass
-        raise _Mismatch
-    if t is type(None):
-        if value is None:
-            return None
-        raise _Mismatch
-    if t is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if t is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if t is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise _Mismatch
-    if t is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch
-    if origin in (list, tuple) or t in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        if not args:
-            items = list(value)
-        elif origin is list or args[-1] is Ellipsis:
-            items = [_coerce(v, args[0]) for v in value]
-        else:
-            if len(value) != len(args):
-                raise _Mismatch
-            items = [_coerce(v, a) for v, a in zip(value, args)]
-        return tuple(items) if (origin is tuple or t is tuple) else items
-    if origin is dict or t is dict:
-        if not isinstance(value, dict):
-            raise _Mismatch
-        if len(args) == 2:
-            return {_coerce(k, args[0]): _coerce(v, args[1]) for k, v in value.items()}
-        return dict(value)
-    if isinstance(t, type) and isinstance(value, t):
-        return value
-    raise _Mismatch
 
 
 def check_value(name: str, value: Any, where: str = "config") -> Any:
@@ -326,55 +226,9 @@ def check_value(name: str, value: Any, where: str = "config") -> Any:
     if isinstance(value, str) and typing.get_origin(t) is list and typing.get_args(t) == (str,):
         value = [s.strip() for s in value.split(",") if s.strip()]  # "a,b" from the command line or YAML
     try:
-        return _coerce(value, t)
-    except _Mismatch:
-        raise ConfigError(f"{where}: {name} = {_show(value)}: expected {describe_type(t)}") from None
-
-
-class StrictLoader(yaml.SafeLoader):
-    """YAML 1.2's scalars: only true/false are booleans (not yes/no/on/off), and 1e-4 is a float."""
-
-
-StrictLoader.yaml_implicit_resolvers = {
-    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
-    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-StrictLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                   list("tTfF"))
-StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
-               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-    list("-+0123456789."))
-
-
-class StrictDumper(yaml.SafeDumper):
-    """Quotes every string that either YAML 1.1 or StrictLoader would read as a bool or a number."""
-
-
-for _first, _resolvers in StrictLoader.yaml_implicit_resolvers.items():
-    for _tag, _rx in _resolvers:
-        if _tag in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"):
-            StrictDumper.add_implicit_resolver(_tag, _rx, [_first])
-
-
-def read_yaml(path: str) -> dict:
-    """A YAML mapping, read strictly (StrictLoader); ConfigError naming the file otherwise."""
-    try:
-        with open(path) as fh:
-            doc = yaml.load(fh, Loader=StrictLoader)
-    except FileNotFoundError:
-        raise ConfigError(f"--config {path}: no such file") from None
-    except OSError as exc:
-        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
-    doc = {} if doc is None else doc
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: expected a mapping of TrainConfig fields, not {type(doc).__name__}")
-    return doc
+        return coerce(value, t)
+    except Mismatch:
+        raise ConfigError(f"{where}: {name} = {show_value(value)}: expected {describe_type(t)}") from None
 
 
 # ---- YAML + command line ----------------------------------------------------------------------------
@@ -475,10 +329,8 @@ def dump_yaml(cfg: TrainConfig, path: str, resolved: dict | None = None) -> None
     doc = cfg.to_dict()
     if resolved:
         doc["resolved"] = resolved
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
         yaml.dump(doc, fh, Dumper=StrictDumper, sort_keys=False)
-    os.replace(tmp, path)
 
 
 def load_yaml(path: str) -> tuple[TrainConfig, dict]:

@@ -51,18 +51,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from shards.schema import MODALITIES
+from trainer.model.packing import segment_ids
 
 # fields of a tally row (regression: sums over target elements, for a pooled R² over the task's dimensions)
 N, CORRECT, LOSS, SSE, SUM_Y, SUM_Y2, N_Y = range(7)
 FIELDS = 7
 # columns of a presentation key
 KEY_MODALITY, KEY_RECORD, KEY_PRESENTATION = range(3)
-
-
-def sample_of_query(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    cu = batch["output_cu_seqlens"].long()
-    return torch.repeat_interleave(torch.arange(len(cu) - 1, device=cu.device), torch.diff(cu),
-                                   output_size=int(cu[-1]))
 
 
 @dataclass
@@ -126,7 +121,7 @@ class Tally:
     @torch.no_grad()
     def add(self, out: dict[str, Any], batch: dict[str, torch.Tensor]) -> None:
         """One forward output and its batch (the store's session indices, before any vocabulary remap)."""
-        q_sample = sample_of_query(batch)
+        q_sample = segment_ids(batch["output_cu_seqlens"].long())
         weights = batch["output_weights"].float()
         n_sessions = self.sums.shape[1]
         presentation = record = None

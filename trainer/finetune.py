@@ -24,13 +24,15 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import torch
-
+from trainer.baselines import run_mlp_baseline
+from trainer.checkpoint import load_model_file
 from trainer.config import TrainConfig, build_parser, load_yaml, resolve
+from trainer.report import print_test
+from trainer.sessions import session_modalities
+from trainer.train import run
 
 FINETUNE_DEFAULTS = dict(epochs=50, unfreeze_epoch=25, test_at_end=True, early_stop_patience=0, max_steps=None,
-                         epoch_windows=None, sessions_exclude=[], resume=False, fail_at_step=None, stop_at_step=None,
-                         record_batches=False, save_epoch_models=False)
+                         epoch_windows=None, sessions_exclude=[], resume=False, save_epoch_models=False)
 
 
 def pretrained_file(source: str) -> str:
@@ -43,18 +45,6 @@ def pretrained_file(source: str) -> str:
     if not os.path.exists(source):
         raise FileNotFoundError(f"--from {source}: no such run folder or model file")
     return source
-
-
-def session_modalities(store: str, sessions: list[str]) -> dict[str, str]:
-    from shards import manifest
-    from shards.store import Store
-
-    table = manifest.load(Store(store)).sessions.to_pandas()
-    mods = dict(zip(table.session_id, table.modality))
-    missing = [s for s in sessions if s not in mods]
-    if missing:
-        raise ValueError(f"session(s) {missing} not in {store}/sessions.parquet")
-    return {s: mods[s] for s in sessions}
 
 
 def finetune_config(source: str, shards: str, sessions: list[str], out: str, mode: str) -> TrainConfig:
@@ -71,56 +61,6 @@ def finetune_config(source: str, shards: str, sessions: list[str], out: str, mod
     if mode == "scratch":
         base = dataclasses.replace(base, unfreeze_epoch=0)
     return base
-
-
-# ---- the pretrained model with grown vocabularies (called by trainer.loop.build_model) ------------------
-
-def load_pretrained(cfg: TrainConfig, vocab, sessions_here: list[str]):
-    """The model in ``cfg.init_from`` with new unit and session rows for this run's sessions that it never
-    trained on; returns (model, meta, unit_map, session_map), the maps taking the store's indices
-    to model rows."""
-    from trainer.checkpoint import load_model_file, make_meta
-    from trainer.model.config import ModelConfig
-    from trainer.model.network import MultiModalPOYO
-
-    ck = load_model_file(cfg.init_from)
-    meta = ck["meta"]
-    model = MultiModalPOYO(config=ModelConfig.from_dict(ck["config"]).replace(amp=cfg.bf16), n_units=ck["n_units"],
-                           n_sessions=ck["n_sessions"])
-    model.load_state_dict(ck["state_dict"])
-
-    seen = set(meta["trained_sessions"])  # sessions whose embeddings the pretraining trained
-    session_row = {s: i for i, s in enumerate(meta["session_ids"]) if s in seen}
-    unit_row = {u: i for i, u in enumerate(meta["unit_ids"]) if session_of(u, seen) is not None}
-    here = set(sessions_here)
-    new_sessions = [s for s in sorted(here) if s not in session_row]
-    new_units = [u for u in sorted(vocab.units, key=vocab.units.get)
-                 if u not in unit_row and session_of(u, here) is not None]
-    unit_new, session_new = model.grow_vocab(n_units=len(new_units), n_sessions=len(new_sessions))
-    unit_row.update(zip(new_units, unit_new.tolist()))
-    session_row.update(zip(new_sessions, session_new.tolist()))
-
-    unit_map = torch.zeros(max(1, len(vocab.units)), dtype=torch.int64)
-    for u, i in vocab.units.items():
-        unit_map[i] = unit_row.get(u, 0)
-    session_map = torch.zeros(max(1, len(vocab.sessions)), dtype=torch.int64)
-    for s, i in vocab.sessions.items():
-        session_map[i] = session_row.get(s, 0)
-    meta_out = make_meta(variant=meta["variant"], model_config=ModelConfig.from_dict(meta["model_config"]),
-                         unit_ids=list(meta["unit_ids"]) + new_units, session_ids=list(meta["session_ids"]) + new_sessions,
-                         trained_sessions=sorted(seen | here), finetuned_from=cfg.init_from,
-                         new_units=len(new_units), new_sessions=new_sessions)
-    return model, meta_out, unit_map, session_map
-
-
-def session_of(unit_id: str, sessions: set[str]) -> str | None:
-    """The session of a unit id ``"{session_id}/{local_id}"`` among ``sessions`` (ids may contain '/')."""
-    parts = unit_id.split("/")
-    for k in range(1, len(parts)):
-        s = "/".join(parts[:k])
-        if s in sessions:
-            return s
-    return None
 
 
 # ---- command line -------------------------------------------------------------------------------------
@@ -147,38 +87,17 @@ def main(argv: list[str] | None = None) -> dict:
         requested = args.model if isinstance(args.model, str) else None
         cfg = resolve(args, cfg)
         if mode == "pretrained" and requested is not None:
-            from trainer.checkpoint import load_model_file
-
             theirs = load_model_file(cfg.init_from)["meta"]["variant"]
             if theirs != requested:
                 raise ValueError(f"--from {source} holds a {theirs!r} model, but --model asks for {requested!r}")
         if mode == "mlp":
-            from trainer.baselines import run_mlp_baseline
-
             metrics = run_mlp_baseline(cfg)
         else:
-            from trainer.train import run
-
             metrics = run(cfg)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print_test(metrics, mode, cfg.absolute().out)
     return metrics
-
-
-def print_test(metrics: dict, mode: str, out: str) -> None:
-    from trainer.train import accuracy_table
-
-    test = metrics.get("test") or {}
-    pooled = (test.get("pooled") or {}).get("score", float("nan"))
-    print(f"\n{mode}: test-split accuracy per task, one prediction per presentation, mean over records "
-          f"(score {test.get('score', float('nan')):.3f}; pooled per query {pooled:.3f})")
-    print("\n".join(accuracy_table(test)))
-    for name, e in test.get("record", {}).items():
-        accs = ", ".join(f"{t} {v.get('acc', v.get('r2', float('nan'))):.3f} (n={int(v['n'])})"
-                         for t, v in e["tasks"].items())
-        print(f"  record {name} ({e['modality']}): {accs}")
-    print(f"metrics: {os.path.join(out, 'metrics.json')}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ sees; nothing from another split):
 - OPhys: mean dF/F of every ROI over ``[start, max(end, start + 0.75 s))``, the rise and the first part of
   the calcium decay.
 
-The latency (EPhys, at a middle L2) and then the L2 strength are picked on the valid split, so the baseline never sees the
-truth of a synthetic corpus and the test split stays untouched. Units absent from a chunk (e.g. a ROI
+The latency (EPhys, at a middle L2) and then the L2 strength are picked on the valid split, so the baseline never
+sees the truth of a synthetic corpus and the test split stays untouched. Units absent from a chunk (e.g. a ROI
 with NaN frames there) read as the train mean. The fit is full-batch L-BFGS on the multinomial
 log-likelihood (torch; scikit-learn is not a dependency), standardised features, a bias per class.
 
@@ -141,7 +141,8 @@ def logreg_baseline(store_uri: str, sessions: list[str], n_classes: dict[str, in
         mine = units[(units.session_id == sid) & (units.region == region)]
         # a chunk names its units by the part of unit_id after "session/" (unique within the session)
         columns = {k: i for i, k in enumerate(mine.unit_id.str.split("/", n=1).str[1])}
-        samples = {sp: list(manifest.record_samples(store, chunks, sid, region, sp)) for sp in ("train", "valid", "test")}
+        samples = {sp: list(manifest.record_samples(store, chunks, sid, region, sp))
+                   for sp in ("train", "valid", "test")}
         for task in TASKS:  # the record's chunks are read once for its three tasks
             r = logreg_record(samples, columns, task, n_classes[task], mod)
             rows[key][task] = r

@@ -30,20 +30,30 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import ray
+import ray.exceptions
 import ray.train
 import torch
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
+from shards.stream.dataset import CorruptSampleError, MixtureStream
+from shards.stream.fetch import FetchError
+from trainer import testhooks
+from trainer.checkpoint import (check_same_model, checkpoint_step, find_checkpoint, latest_checkpoint,
+                                load_model_file, read_meta)
 from trainer.config import TrainConfig, dump_yaml, parse_args
+from trainer.loop import INTERRUPT_FILE, train_loop_per_worker
+from trainer.model.network import MultiModalPOYO, n_parameters
+from trainer.model.variants import variant_config
+from trainer.report import print_summary
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -67,9 +77,6 @@ def main(argv: list[str] | None = None) -> dict:
 def data_error(exc: BaseException) -> BaseException | None:
     """The stream's own error (store unreachable, corrupt samples over budget) inside whatever Ray wrapped
     it in (exception chains, RayTaskError.cause, a training failure's per-worker errors), or None."""
-    from shards.stream.fetch import FetchError
-    from shards.stream.dataset import CorruptSampleError
-
     stack, seen = [exc], set()
     while stack:
         e = stack.pop()
@@ -97,8 +104,6 @@ class Interrupted(SystemExit):
 def run(cfg: TrainConfig) -> dict:
     """Check, then train; returns RUN/metrics.json. Raises ValueError/FileNotFoundError before any
     worker starts when the input is wrong; on Ctrl-C prints one line on stderr and raises Interrupted."""
-    from trainer.loop import INTERRUPT_FILE
-
     cfg = cfg.absolute()
     cfg.validate()
     resolved = preflight(cfg)
@@ -117,7 +122,8 @@ def run(cfg: TrainConfig) -> dict:
         marker = os.path.join(cfg.out, INTERRUPT_FILE)
         ctrl_c = CtrlC(marker)
         try:
-            with ctrl_c, echo(os.path.join(cfg.out, "train.log"), enabled=cfg.workers > 0):  # workers' progress
+            # the workers' progress lines, from RUN/train.log
+            with ctrl_c, echo_appended_lines(os.path.join(cfg.out, "train.log"), enabled=cfg.workers > 0):
                 trainer.set_ctrl_c(ctrl_c)
                 trainer.fit()
         except BaseException:
@@ -136,8 +142,6 @@ def run(cfg: TrainConfig) -> dict:
     if not ctrl_c.aborted and metrics is not None and metrics.get("status") == "interrupted":
         interrupted(f"interrupted at step {metrics['step']}; resume with --resume", metrics["step"])
     if ctrl_c.aborted or (ctrl_c.count and (metrics is None or metrics.get("status") != "finished")):
-        from trainer.checkpoint import checkpoint_step, latest_checkpoint
-
         last = latest_checkpoint(cfg.out)
         if last is None:
             interrupted(f"interrupted before the first checkpoint: nothing to resume (remove {cfg.out} to "
@@ -195,8 +199,6 @@ class CtrlC:
 
 def abort_controller(controller) -> None:
     """Ray Train's own second-Ctrl-C: the controller stops the workers and exits."""
-    import ray.exceptions
-
     try:
         ray.get(controller.abort.remote())
     except ray.exceptions.RayActorError:  # it exited before answering
@@ -229,11 +231,6 @@ def retire_ray_snapshot(out: str) -> None:
 def preflight(cfg: TrainConfig) -> dict[str, Any]:
     """Build the streams once (store, mixture, sessions, shards), check resume/init checkpoints against
     the model this run builds; return the resolved numbers for config.yaml."""
-    from shards.stream.dataset import MixtureStream
-    from trainer.model.variants import variant_config
-    from trainer.checkpoint import check_same_model, find_checkpoint, load_model_file, read_meta
-    from trainer.model.network import MultiModalPOYO, n_parameters
-
     ray_dir = os.path.join(cfg.out, "ray")
     earlier = earlier_run(cfg.out)
     if earlier and not cfg.resume:
@@ -291,10 +288,6 @@ def earlier_run(out: str) -> list[str]:
 
 def make_trainer(cfg: TrainConfig):
     """The TorchTrainer (local mode when workers == 0) and the resources it asks for."""
-    from ray.train.torch import TorchConfig
-
-    from trainer.loop import train_loop_per_worker
-
     if cfg.workers == 0:
         scaling, use_gpu = ray.train.ScalingConfig(num_workers=0), False
         cfg = dataclasses.replace(cfg, cpus_per_worker=cfg.cpus_per_worker or 1.0)
@@ -302,7 +295,7 @@ def make_trainer(cfg: TrainConfig):
         # each ray.train.report waits for the controller's next poll: keep it short (CI sets 0.1)
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         if not ray.is_initialized():
-            # worker output stays in Ray's logs; the console shows RUN/train.log (see echo)
+            # worker output stays in Ray's logs; the console shows RUN/train.log (see echo_appended_lines)
             ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False, logging_level="WARNING")
         have = ray.cluster_resources()
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else have.get("GPU", 0) >= cfg.workers
@@ -313,10 +306,18 @@ def make_trainer(cfg: TrainConfig):
         name="ray", storage_path=cfg.out,  # Ray's run folder is RUN/ray, where the loop writes its checkpoints
         failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         callbacks=[FailureLog(os.path.join(cfg.out, "train.log"), cfg.max_failures)],
-        logging_config=ray.train.LoggingConfig(log_level="WARNING"))
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        worker_runtime_env=worker_env())
     trainer = Trainer(train_loop_per_worker, train_loop_config=cfg.to_dict(), scaling_config=scaling,
                       run_config=run_config, torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"))
     return trainer, {"use_gpu": use_gpu, "cpus_per_worker": cfg.cpus_per_worker}
+
+
+def worker_env() -> dict:
+    """The workers' runtime_env: the test hooks (trainer.testhooks) when the driver has them, passed
+    explicitly (a Ray worker inherits the environment of the cluster, not the driver's); else none."""
+    env_vars = testhooks.worker_env()
+    return {"env_vars": env_vars} if env_vars else {}
 
 
 class Trainer(TorchTrainer):
@@ -354,72 +355,40 @@ class FailureLog(ray.train.UserCallback):
             pass
 
 
-class echo:
-    """Print the lines appended to a file while the block runs (a background thread)."""
+@contextlib.contextmanager
+def echo_appended_lines(path: str, enabled: bool = True, every_s: float = 0.5) -> Iterator[None]:
+    """Print the whole lines appended to ``path`` while the block runs (a background thread polls it every
+    ``every_s``; the last lines are printed on exit): the console shows the workers' RUN/train.log."""
+    if not enabled:
+        yield
+        return
+    offset = os.path.getsize(path) if os.path.exists(path) else 0
 
-    def __init__(self, path: str, enabled: bool = True, every_s: float = 0.5):
-        self.path, self.enabled, self.every_s = path, enabled, every_s
-        self.offset = os.path.getsize(path) if os.path.exists(path) else 0
-
-    def _pump(self) -> None:
-        if os.path.exists(self.path):
-            with open(self.path) as fh:
-                fh.seek(self.offset)
+    def pump() -> None:
+        nonlocal offset
+        if os.path.exists(path):
+            with open(path) as fh:
+                fh.seek(offset)
                 text = fh.read()
             end = text.rfind("\n") + 1  # whole lines only
             if end:
                 print(text[:end], end="", flush=True)
-                self.offset += len(text[:end].encode())
+                offset += len(text[:end].encode())
 
-    def _run(self) -> None:
-        while not self.stop.wait(self.every_s):
-            self._pump()
+    stop = threading.Event()
 
-    def __enter__(self):
-        if self.enabled:
-            import threading
+    def poll() -> None:
+        while not stop.wait(every_s):
+            pump()
 
-            self.stop = threading.Event()
-            self.thread = threading.Thread(target=self._run, daemon=True)
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.stop.set()
-            self.thread.join()
-            self._pump()
-
-
-# ---- the end ----------------------------------------------------------------------------------------
-
-def accuracy_table(summary: dict) -> list[str]:
-    """Lines of 'modality  task  accuracy  n' from an evaluation summary."""
-    lines = []
-    for mod, e in (summary or {}).get("modality", {}).items():
-        for task, v in e["tasks"].items():
-            key = "acc" if "acc" in v else "r2"
-            lines.append(f"  {mod:<6} {task:<18} {key} {v[key]:.3f}  (n={int(v['n'])})")
-        lines.append(f"  {mod:<6} {'mean':<18} {e['score']:.3f}")
-    return lines
-
-
-def print_summary(metrics: dict, out: str) -> None:
-    final, best = metrics.get("final") or {}, metrics.get("best") or {}
-    score = final.get("score", math.nan)
-    print(f"\n{metrics['status']} at step {metrics['step']}/{metrics['total_steps']} "
-          f"(train loss {metrics['train']['first_loss']:.3f} -> {metrics['train']['last_loss']:.3f})")
-    if final:
-        print(f"validation accuracy per modality and task (score {score:.3f} = mean of EPhys and OPhys):")
-        print("\n".join(accuracy_table(final)))
-    if best:
-        print(f"best validation score {best.get('score', math.nan):.3f} at step {best.get('step')} "
-              f"-> {os.path.join(out, 'model_best.pt')}")
-    if metrics.get("test"):
-        print("test accuracy (best weights):")
-        print("\n".join(accuracy_table(metrics["test"])))
-    print(f"metrics: {os.path.join(out, 'metrics.json')}   log: {os.path.join(out, 'train.log')}")
-    print(f"watch it: tensorboard --logdir {os.path.join(out, 'tb')}")
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        pump()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -10,8 +11,9 @@ from typing import Optional
 import pytest
 import yaml
 
-from trainer.config import (ConfigError, StrictDumper, StrictLoader, TrainConfig, _coerce, _Mismatch,
-                                  check_value, parse_args)
+from trainer.config import TrainConfig, check_value, parse_args
+from trainer.strict_yaml import StrictDumper, StrictLoader
+from trainer.typecheck import ConfigError, Mismatch, coerce
 
 from tests.support import REPO
 
@@ -110,11 +112,11 @@ def test_check_value_follows_the_annotation():
         with pytest.raises(ConfigError, match=f"x.yaml: {name} = "):
             check_value(name, value, "x.yaml")
     # the general rules, for annotations TrainConfig does not use (yet)
-    assert _coerce([1, 2], tuple[int, ...]) == (1, 2) and _coerce([1, "a"], tuple[int, str]) == (1, "a")
-    assert _coerce(None, Optional[tuple[float, float]]) is None and _coerce([1, 2], tuple[float, float]) == (1.0, 2.0)
+    assert coerce([1, 2], tuple[int, ...]) == (1, 2) and coerce([1, "a"], tuple[int, str]) == (1, "a")
+    assert coerce(None, Optional[tuple[float, float]]) is None and coerce([1, 2], tuple[float, float]) == (1.0, 2.0)
     for value, t in [([1, 2, 3], tuple[int, int]), ([True], tuple[int, ...]), ({"a": 1}, dict[str, str])]:
-        with pytest.raises(_Mismatch):
-            _coerce(value, t)
+        with pytest.raises(Mismatch):
+            coerce(value, t)
 
 
 def test_written_config_reads_back_identically(tmp_path):
@@ -122,3 +124,32 @@ def test_written_config_reads_back_identically(tmp_path):
     text = yaml.dump(cfg.to_dict(), Dumper=StrictDumper, sort_keys=False)
     assert TrainConfig.from_dict(yaml.load(text, Loader=StrictLoader)) == cfg
     assert yaml.safe_load(text)["sessions_include"] == ["1e5", "yes", "715093703"]  # and for YAML 1.1 readers
+
+
+@pytest.mark.parametrize("module", ["trainer.train", "trainer.finetune"])
+def test_help_shows_only_user_settings(module, capsys):
+    """The test hooks (fault injection, batch records) are no flags: trainer.testhooks, an environment variable."""
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "--max-steps" in text and "--resume" in text
+    for hook in ("fail-at-step", "stop-at-step", "record-batches", "fail_at_step", "stop_at_step", "record_batches",
+                 "fault injection", "fingerprint", "test hook"):
+        assert hook not in text, hook
+
+
+def test_test_hooks_come_from_the_environment_only(monkeypatch):
+    from trainer import testhooks
+
+    monkeypatch.delenv(testhooks.ENV, raising=False)
+    assert testhooks.from_env() == testhooks.TestHooks() and testhooks.worker_env() == {}
+    with testhooks.enabled(stop_at_step=3):
+        assert testhooks.from_env() == testhooks.TestHooks(stop_at_step=3)
+        assert set(testhooks.worker_env()) == {testhooks.ENV}
+    assert testhooks.ENV not in os.environ
+    monkeypatch.setenv(testhooks.ENV, '{"stop_at_stpe": 3}')
+    with pytest.raises(ValueError, match="stop_at_stpe"):
+        testhooks.from_env()
+    assert not {"fail_at_step", "stop_at_step", "record_batches"} & set(TrainConfig().to_dict())

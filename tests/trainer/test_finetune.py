@@ -12,7 +12,7 @@ import torch
 
 from trainer.checkpoint import load_model_file
 from trainer.finetune import main as finetune
-from trainer.loop import frozen_parameters
+from trainer.build import frozen_parameters
 from trainer.model.network import MultiModalPOYO
 from trainer.train import run
 from trainer.config import TrainConfig

@@ -12,10 +12,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from trainer import testhooks
 from trainer.checkpoint import CHECKSUM_FILE, STATE_FILE, check_checkpoint, checkpoint_step, list_checkpoints
 from trainer.train import main, run
 from trainer.config import TrainConfig
@@ -36,7 +36,14 @@ def store(tmp_path_factory):
 
 
 FLAGS = dict(workers=0, mix="ephys=1,ophys=1", preset="small", batch_size=8, epoch_windows=160, max_steps=STEPS,
-             log_every=2, report_every=4, record_batches=True, early_stop_patience=0, loader_workers=0, val_batches=2)
+             log_every=2, report_every=4, early_stop_patience=0, loader_workers=0, val_batches=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def record_batches():
+    """Every run here (in this process or a subprocess) writes RUN/batches/rank0.jsonl (trainer.testhooks)."""
+    with testhooks.enabled(record_batches=True):
+        yield
 
 
 def config(store, out, **kw) -> TrainConfig:
@@ -65,7 +72,8 @@ def recorded(out) -> dict[int, dict]:
 def interrupted(store, tmp_path_factory):
     """`python -m trainer.train --workers 0 ...`, SIGINT once train.log shows step SIGNAL_AT."""
     out = tmp_path_factory.mktemp("ctrl-c") / "run"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
+           testhooks.ENV: '{"record_batches": true}'}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, "-m", "trainer.train", *cli(store, out)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -117,7 +125,7 @@ def test_resume_after_ctrl_c_continues_on_exactly_the_next_batch(interrupted, re
     assert sorted(rec) == list(range(1, STEPS + 1))
     assert rec[n + 1]["start_step"] == n and rec[n]["start_step"] == 0  # nothing redone, nothing skipped
     assert rec[n + 1]["position"] == (n % 20) * 8  # the epoch's next global window
-    assert {s: r["fingerprint"] for s, r in rec.items()} == uninterrupted(config(store, out), STEPS)[0]
+    assert {s: r["digest"] for s, r in rec.items()} == uninterrupted(config(store, out), STEPS)[0]
     assert f"resumed from the checkpoint at step {n} " in open(out / "train.log").read()
     assert [checkpoint_step(d) for d in list_checkpoints(str(out))] == [STEPS, STEPS - 4]  # keep_checkpoints
 
@@ -150,7 +158,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_with_a_warning(r
     assert f"resumed from the checkpoint at step {k} " in log and bad in log
     rec = recorded(out)
     assert rec[k + 1]["start_step"] == k  # the steps after the valid checkpoint, trained again...
-    assert {s: r["fingerprint"] for s, r in rec.items()} == uninterrupted(config(store, out), STEPS)[0]  # ...the same
+    assert {s: r["digest"] for s, r in rec.items()} == uninterrupted(config(store, out), STEPS)[0]  # ...the same
     assert check_checkpoint(newest) is None  # rewritten whole
 
 

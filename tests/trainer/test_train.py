@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from shards.stream.dataset import MixtureStream, StreamLoader
-from trainer.loop import fingerprint
+from trainer import testhooks
+from trainer.testhooks import batch_digest
 from trainer.train import main, run
 from trainer.config import TrainConfig, parse_args
 
@@ -36,6 +37,13 @@ def fast_reports():
         os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def record_batches():
+    """Every run here writes RUN/batches/rank{r}.jsonl (a test hook: trainer.testhooks)."""
+    with testhooks.enabled(record_batches=True):
+        yield
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     return make_store(str(tmp_path_factory.mktemp("train") / "store"), uneven_records())
@@ -45,7 +53,7 @@ def config(store, out, **kw) -> TrainConfig:
     """2 workers, small model, 160-window epochs of batch 8 per worker: 10 steps per epoch."""
     base = dict(shards=store.uri, out=str(out), mix="ephys=1,ophys=1", preset="small", batch_size=8,
                 epoch_windows=160, workers=2, cpus_per_worker=0.5, loader_workers=0, log_every=4, report_every=4,
-                record_batches=True, early_stop_patience=0)
+                early_stop_patience=0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -62,19 +70,19 @@ def recorded(out) -> dict[int, dict[int, dict]]:
 
 
 def uninterrupted(cfg: TrainConfig, steps: int) -> dict[int, dict[int, int]]:
-    """{rank: {step: fingerprint}} of the batches an uninterrupted run trains on: the stream itself."""
+    """{rank: {step: batch_digest}} of the batches an uninterrupted run trains on: the stream itself."""
     res = {}
     for rank in range(cfg.world_size):
         loader = StreamLoader(MixtureStream(cfg.stream_config("train"), rank=rank, world_size=cfg.world_size),
                               num_workers=0)
-        fps, step = {}, 0
+        digests, step = {}, 0
         while step < steps:
             for batch in loader:
                 step += 1
-                fps[step] = fingerprint(batch)
+                digests[step] = batch_digest(batch)
                 if step == steps:
                     break
-        res[rank] = fps
+        res[rank] = digests
     return res
 
 
@@ -90,7 +98,8 @@ def read_tb(path):
 def resumed_run(ray_cluster, store, tmp_path_factory):
     """A 24-step run stopped (as if preempted) at step 7, then continued with --resume."""
     out = tmp_path_factory.mktemp("pre") / "run"
-    first = run(config(store, out, max_steps=24, stop_at_step=7))
+    with testhooks.enabled(record_batches=True, stop_at_step=7):
+        first = run(config(store, out, max_steps=24))
     after_stop = recorded(out)
     second = run(config(store, out, max_steps=24, resume=True))
     return out, first, after_stop, second
@@ -135,7 +144,7 @@ def test_resume_after_a_stop_continues_with_the_same_next_batch(resumed_run, sto
     for rank in (0, 1):
         assert sorted(rec[rank]) == list(range(1, 25))
         assert rec[rank][8]["start_step"] == 7  # trained by the resumed run
-        assert {s: r["fingerprint"] for s, r in rec[rank].items()} == want[rank]
+        assert {s: r["digest"] for s, r in rec[rank].items()} == want[rank]
         assert rec[rank][8]["position"] == 7 * 16 + rank * 8  # global window 112 (+ rank's offset)
     log = open(out / "train.log").read()
     assert "resumed from the checkpoint at step 7" in log
@@ -143,13 +152,14 @@ def test_resume_after_a_stop_continues_with_the_same_next_batch(resumed_run, sto
 
 def test_killed_worker_restarts_from_checkpoint_on_the_same_batches(ray_cluster, store, tmp_path):
     out = tmp_path / "run"
-    metrics = run(config(store, out, max_steps=12, fail_at_step=6))
+    with testhooks.enabled(record_batches=True, fail_at_step=6):
+        metrics = run(config(store, out, max_steps=12))
     assert metrics["status"] == "finished" and metrics["step"] == 12
     rec = recorded(out)
     want = uninterrupted(config(store, out), 12)
     for rank in (0, 1):
         assert [rec[rank][s]["start_step"] for s in range(5, 13)] == [4] * 8  # redone after the restart
-        assert {s: r["fingerprint"] for s, r in rec[rank].items()} == want[rank]
+        assert {s: r["digest"] for s, r in rec[rank].items()} == want[rank]
     log = open(out / "train.log").read()
     assert "injected failure: rank 1 exits at step 6" in log
     assert "worker failure" in log and "restarts the workers from the latest checkpoint" in log
@@ -205,7 +215,8 @@ def test_local_mode_checkpoint_holds_everything_and_loads_weights_only(store, tm
     """workers=0 runs the loop in this process (fast); the model file loads with weights_only=True."""
     from trainer.checkpoint import load_model_file
 
-    metrics = run(config(store, tmp_path / "r", workers=0, max_steps=3, record_batches=False))
+    with testhooks.enabled():  # no hooks
+        metrics = run(config(store, tmp_path / "r", workers=0, max_steps=3))
     assert metrics["status"] == "finished"
     ck = load_model_file(str(tmp_path / "r" / "model_last.pt"))
     assert ck["meta"]["variant"] == "main" and ck["n_sessions"] == 4

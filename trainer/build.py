@@ -1,0 +1,89 @@
+"""What a worker trains: the model (fresh, or pretrained with grown vocabularies), the optimizer, the
+learning-rate schedule, and which parameters gradual unfreezing holds still.
+
+    model      the variant by name (trainer.model.variants) of the store's vocabulary, or (``init_from``)
+               the pretrained model with rows for this run's new units and sessions (trainer.pretrained)
+    optimizer  LAMB (paper preset) or AdamW (small), peak lr = ``TrainConfig.peak_lr``
+    schedule   OneCycle over the run's total steps, stepped per batch; a resumed run whose length changed
+               follows the new schedule from where it is (``restore_schedule``)
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch_optimizer
+from torch.optim.lr_scheduler import OneCycleLR
+
+from shards.stream.dataset import MixtureStream
+from trainer.checkpoint import make_meta
+from trainer.config import TrainConfig
+from trainer.model.variants import build_model as build_variant
+from trainer.pretrained import StoreToModel, load_pretrained
+
+
+@dataclass
+class Built:
+    model: torch.nn.Module
+    meta: str  # JSON: variant, model config, vocabulary ids in model-row order
+    to_model: Callable[[dict], dict]  # store indices -> model rows (identity unless vocabularies were grown)
+
+
+def same_rows(batch: dict) -> dict:
+    """A fresh model's rows are the store's indices."""
+    return batch
+
+
+def build_model(cfg: TrainConfig, stream: MixtureStream) -> Built:
+    """A fresh model of the store's vocabulary, or (``init_from``) a pretrained one whose unit and session
+    vocabularies grow to cover this run's sessions (trainer.pretrained)."""
+    vocab = stream.vocab
+    trained = sorted(set(stream.chunks.session_id.to_numpy()[stream.plan(0).chunk]))
+    if cfg.init_from:
+        model, meta, unit_map, session_map = load_pretrained(cfg, vocab, trained)
+        return Built(model, meta, StoreToModel(unit_map, session_map))
+    base = cfg.model_config()
+    model = build_variant(cfg.model, base, n_units=len(vocab.units), n_sessions=len(vocab.sessions))
+    meta = make_meta(variant=cfg.model, model_config=base, unit_ids=sorted(vocab.units, key=vocab.units.get),
+                     session_ids=sorted(vocab.sessions, key=vocab.sessions.get), trained_sessions=trained)
+    return Built(model, meta, same_rows)
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """LAMB (torch-optimizer, the papers') or AdamW, at the run's peak rate (``TrainConfig.optimizer_name``)."""
+    if cfg.optimizer_name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
+    return torch_optimizer.Lamb(params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> OneCycleLR:
+    """OneCycle, cosine: held at the peak for ``pct_start`` of the run (``div_factor`` 1: no warm-up), then
+    decayed to peak / (div_factor x final_div_factor)."""
+    return OneCycleLR(optimizer, max_lr=cfg.peak_lr, total_steps=max(1, total_steps), pct_start=cfg.pct_start,
+                      div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor, anneal_strategy="cos")
+
+
+def restore_schedule(scheduler: OneCycleLR, state: dict, step: int, total_steps: int, say) -> None:
+    """Load the scheduler; if the run's length changed (--resume --max-steps N), follow the new
+    schedule from this step instead."""
+    if state.get("total_steps") == scheduler.total_steps or step > total_steps:
+        scheduler.load_state_dict(state)
+        return
+    say(f"the schedule changed ({state.get('total_steps')} -> {total_steps} steps): the learning rate follows "
+        f"the new one from step {step}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scheduler.last_epoch = step - 1
+        scheduler.step()
+
+
+def frozen_parameters(net: torch.nn.Module, epoch: int, unfreeze_epoch: int) -> list[torch.nn.Parameter]:
+    """Gradual unfreezing (papers' App. C): before ``unfreeze_epoch`` only the unit and session
+    embeddings train; everything else is frozen."""
+    if epoch >= unfreeze_epoch:
+        return []
+    train = {id(p) for p in net.param_groups()["embeddings"]}
+    return [p for p in net.parameters() if id(p) not in train]

@@ -1,0 +1,70 @@
+"""A pretrained model whose unit and session vocabularies grow to cover a finetuning run's sessions
+(``--init-from``; papers' App. C: new recordings get new embedding rows, everything else is reused).
+
+The store of the finetuning run numbers its units and sessions its own way; the model keeps its rows
+(those the pretraining trained) and appends rows for what it never saw. ``load_pretrained`` returns
+the grown model with the two maps from the store's indices to model rows, which ``StoreToModel``
+applies to every batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.checkpoint import load_model_file, make_meta
+from trainer.config import TrainConfig
+from trainer.model.config import ModelConfig
+from trainer.model.io import grow_vocab, model_from_checkpoint
+
+
+def load_pretrained(cfg: TrainConfig, vocab, sessions_here: list[str]):
+    """The model in ``cfg.init_from`` with new unit and session rows for this run's sessions that it never
+    trained on; returns (model, meta, unit_map, session_map), the maps taking the store's indices
+    to model rows."""
+    ck = load_model_file(cfg.init_from)
+    meta = ck["meta"]
+    model = model_from_checkpoint(ck, amp=cfg.bf16)  # bf16 as this run asks (it shapes no parameter)
+
+    seen = set(meta["trained_sessions"])  # sessions whose embeddings the pretraining trained
+    session_row = {s: i for i, s in enumerate(meta["session_ids"]) if s in seen}
+    unit_row = {u: i for i, u in enumerate(meta["unit_ids"]) if session_of(u, seen) is not None}
+    here = set(sessions_here)
+    new_sessions = [s for s in sorted(here) if s not in session_row]
+    new_units = [u for u in sorted(vocab.units, key=vocab.units.get)
+                 if u not in unit_row and session_of(u, here) is not None]
+    unit_new, session_new = grow_vocab(model, n_units=len(new_units), n_sessions=len(new_sessions))
+    unit_row.update(zip(new_units, unit_new.tolist()))
+    session_row.update(zip(new_sessions, session_new.tolist()))
+
+    unit_map = torch.zeros(max(1, len(vocab.units)), dtype=torch.int64)
+    for u, i in vocab.units.items():
+        unit_map[i] = unit_row.get(u, 0)
+    session_map = torch.zeros(max(1, len(vocab.sessions)), dtype=torch.int64)
+    for s, i in vocab.sessions.items():
+        session_map[i] = session_row.get(s, 0)
+    meta_out = make_meta(variant=meta["variant"], model_config=ModelConfig.from_dict(meta["model_config"]),
+                         unit_ids=list(meta["unit_ids"]) + new_units,
+                         session_ids=list(meta["session_ids"]) + new_sessions,
+                         trained_sessions=sorted(seen | here), finetuned_from=cfg.init_from,
+                         new_units=len(new_units), new_sessions=new_sessions)
+    return model, meta_out, unit_map, session_map
+
+
+def session_of(unit_id: str, sessions: set[str]) -> str | None:
+    """The session of a unit id ``"{session_id}/{local_id}"`` among ``sessions`` (ids may contain '/')."""
+    parts = unit_id.split("/")
+    for k in range(1, len(parts)):
+        s = "/".join(parts[:k])
+        if s in sessions:
+            return s
+    return None
+
+
+class StoreToModel:
+    """A batch's store indices (``input_unit_index``, ``session_index``) -> the grown model's rows."""
+
+    def __init__(self, unit_map: torch.Tensor, session_map: torch.Tensor):
+        self.maps = {"input_unit_index": unit_map, "session_index": session_map}
+
+    def __call__(self, batch: dict) -> dict:
+        return {**batch, **{k: m.to(batch[k].device)[batch[k]] for k, m in self.maps.items()}}
