@@ -81,7 +81,8 @@ def train_row(store: str, work: Path, name: str, steps: int, **kw) -> dict:
 
 def loader_only(store: str, workers: int, batches: int = 60) -> dict:
     """Batches/s of one rank's StreamLoader with no model: the step rate the input pipeline sustains."""
-    from shards.stream.dataset import MixtureStream, StreamConfig, StreamLoader
+    from shards.stream.dataset import MixtureStream, StreamConfig
+    from shards.stream.loader import StreamLoader
 
     loader = StreamLoader(MixtureStream(StreamConfig(store=store, mix="ephys=1,ophys=1", batch_size=32)),
                           num_workers=workers)

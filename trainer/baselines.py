@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from shards.atomic import atomic_path
-from shards.stream.dataset import MixtureStream, StreamLoader
+from shards.stream.dataset import MixtureStream
+from shards.stream.loader import StreamLoader
 from trainer.config import TrainConfig
 from trainer.evaluate import Tally
 from trainer.model.config import ModelConfig

@@ -1,6 +1,7 @@
 """The training loop every Ray Train worker runs, top to bottom (``train_loop_per_worker``).
 
-    data       this rank's share of the mixture (shards.stream.dataset, not Ray Data) + the validation split
+    data       this rank's share of the mixture (shards.stream's MixtureStream and StreamLoader, not Ray Data)
+               + the validation split
     model      the variant by name (or a pretrained model with grown vocabularies), wrapped in DDP
     optimizer  LAMB (paper preset) or AdamW (small), peak lr = base_lr x global batch, OneCycle, per batch
                (trainer.build)
@@ -40,7 +41,8 @@ import torch
 from torch.optim.lr_scheduler import OneCycleLR
 
 from shards.atomic import atomic_path
-from shards.stream.dataset import MixtureStream, StreamLoader
+from shards.stream.dataset import MixtureStream
+from shards.stream.loader import StreamLoader
 from trainer import testhooks
 from trainer.build import Built, build_model, frozen_parameters, make_optimizer, make_scheduler, restore_schedule
 from trainer.checkpoint import (find_checkpoint, load_train_state, rng_state, save_model_file, seed_everything,

@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from shards.stream.dataset import MixtureStream, StreamLoader
+from shards.stream.dataset import MixtureStream
+from shards.stream.loader import StreamLoader
 from trainer import testhooks
 from trainer.testhooks import batch_digest
 from trainer.train import main, run
