@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 import traceback
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
