@@ -214,12 +214,6 @@ class MultiModalPOYO(nn.Module):
         return {"embeddings": [self.unit_emb.weight, self.session_emb.weight], "decoder": decoder,
                 "encoder": [*self.encoders.parameters(), *self.trunk.parameters()]}
 
-    # TEMP for issue-10 move: trainer/finetune.py calls it; the function is trainer.model.io.grow_vocab.
-    def grow_vocab(self, *, n_units: int = 0, n_sessions: int = 0) -> tuple[Tensor, Tensor]:
-        """Add rows for new units / sessions, keeping the old ones; returns the new indices.
-        Rebuild the optimizer afterwards (the embedding Parameters are replaced)."""
-        return self.unit_emb.grow(n_units), self.session_emb.grow(n_sessions)
-
 
 # ----------------------------------------------------------------------------- parameter counts
 
@@ -231,11 +225,3 @@ def n_parameters(model: nn.Module, *, embeddings: bool = True) -> int:
     if not embeddings and isinstance(model, MultiModalPOYO):
         skip = {id(model.unit_emb.weight), id(model.session_emb.weight)}
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
-
-
-# TEMP copy for issue-10 move: trainer/checkpoint.py imports it from here; the function is
-# trainer.model.io.save_checkpoint (delete this copy once no importer is left).
-def save_checkpoint(model: MultiModalPOYO, path: str, **extra: Any) -> None:
-    """``torch.save`` of plain types and tensors only: config dict, vocabulary sizes, state_dict."""
-    torch.save({"config": model.config.to_dict(), "n_units": len(model.unit_emb),
-                "n_sessions": len(model.session_emb), "state_dict": model.state_dict(), **extra}, path)
