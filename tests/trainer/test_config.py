@@ -153,3 +153,13 @@ def test_test_hooks_come_from_the_environment_only(monkeypatch):
     with pytest.raises(ValueError, match="stop_at_stpe"):
         testhooks.from_env()
     assert not {"fail_at_step", "stop_at_step", "record_batches"} & set(TrainConfig().to_dict())
+
+
+def test_config_yaml_of_an_earlier_run_still_reads(tmp_path):
+    """Runs made when the test hooks were fields wrote them (off) into RUN/config.yaml."""
+    path = tmp_path / "config.yaml"
+    path.write_text("batch_size: 16\nrecord_batches: false\nfail_at_step: null\nstop_at_step: null\n")
+    assert parse_args(["--config", str(path)]).batch_size == 16
+    path.write_text("stop_at_step: 7\n")
+    with pytest.raises(ConfigError, match="stop_at_step is no setting"):
+        parse_args(["--config", str(path)])
