@@ -114,6 +114,3 @@ def chunk_samples(
                 k += 1
                 yield split, Sample(key=key, meta=meta, arrays=arrays)
 
-
-#: TEMP re-export for issue-10 move: tests/support/storegen.py and tests/shards/test_shard_store.py still use the old name
-record_samples = chunk_samples

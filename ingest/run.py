@@ -30,13 +30,6 @@ from ingest.summary import IngestSummary, write_failures
 from ingest.tables import rebuild_tables
 from ingest.task import ingest_file
 
-# TEMP re-export for issue-10 move: tests/cluster, tests/shards and tests/support still import these from here
-from ingest.markers import DONE_DIR  # noqa: F401  TEMP re-export for issue-10 move
-from ingest.publish import NotPublishing, RunStore  # noqa: F401  TEMP re-export for issue-10 move
-from ingest.summary import FAILURES, format_summary  # noqa: F401  TEMP re-export for issue-10 move
-from ingest.tables import table_rows as _record_rows  # noqa: F401  TEMP re-export for issue-10 move
-
-
 def ensure_ray(workers: int) -> None:
     """A local Ray cluster of ``workers`` CPUs (or the one at RAY_ADDRESS), unless Ray is up already."""
     import ray

@@ -1,6 +1,6 @@
 """``kill -9`` of a command that started a local Ray cluster takes the whole cluster along
 (cluster/lifeline.py), and an ingest task that outlives its driver publishes nothing
-(ingest.run.RunStore).
+(ingest.publish.RunStore).
 
 Each test starts the command as a subprocess, in a session of its own, waits until Ray's workers are
 busy (seen in what they write, not by process name), records every process below the command
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.run import RunStore, NotPublishing
+from ingest.publish import NotPublishing, RunStore
 from shards import manifest
 from shards.lock import LOCK, StoreLock
 

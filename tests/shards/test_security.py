@@ -12,7 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ingest.run import DONE_DIR, IngestConfig, ingest_file, previous_runs, discover, run_ingest
+from ingest.config import IngestConfig
+from ingest.discover import discover
+from ingest.markers import DONE_DIR, previous_runs
+from ingest.run import run_ingest
+from ingest.task import ingest_file
 from shards import manifest
 from shards.store import Store, UnsafeKeyError, safe_key
 from shards.verify import verify_store
@@ -199,7 +203,7 @@ def test_no_such_bucket_and_a_garbage_manifest_are_one_line(s3_bucket, tmp_path)
 def test_a_directory_and_a_broken_symlink_named_nwb_are_failures(tmp_path, ray_cluster):
     import shutil
 
-    from ingest.run import FAILURES, format_summary
+    from ingest.summary import FAILURES, format_summary
 
     from tests.support import REAL_FIXTURES
 

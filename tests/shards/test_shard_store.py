@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from ingest.chunks import record_samples
+from ingest.chunks import chunk_samples
 from ingest.records import ArrayTrace, Intervals, SessionRecord
 from ingest.splits import assign_splits
 from shards import manifest
@@ -42,7 +42,7 @@ def ophys_record(seed=0, n_units=4, dur=60.0, nan_rows=(), nan_cells=()):
 
 def write_record(store, rec, target_bytes=64 << 20):
     w = RecordShardWriter(store, rec.modality, rec.region, rec.session_id, target_bytes)
-    for split, sample in record_samples(rec, assign_splits(rec.session_id, rec.region, rec.t_start, rec.t_end, rec.stimuli)):
+    for split, sample in chunk_samples(rec, assign_splits(rec.session_id, rec.region, rec.t_start, rec.t_end, rec.stimuli)):
         w.add(split, sample)
     w.close()
     return w
@@ -104,7 +104,7 @@ def test_atomic_write_leaves_nothing_visible_when_interrupted(tmp_path):
     store = Store(str(tmp_path / "s"))
     w = RecordShardWriter(store, "ephys", "VISp", "sess-a")
     rec = ephys_record()
-    for i, (split, sample) in enumerate(record_samples(rec, {"train": [(0.0, 60.0)]})):
+    for i, (split, sample) in enumerate(chunk_samples(rec, {"train": [(0.0, 60.0)]})):
         w.add(split, sample)
     # the process "dies" here: nothing published yet, the temp file is under .tmp/
     assert store.list("", ".tar") == []
@@ -206,7 +206,7 @@ def test_tar_writer_bytes_equal_what_tarfile_writes(tmp_path):
     from shards.format import TarSampleWriter, members
 
     rec = ephys_record()
-    samples = [s for _, s in record_samples(rec, {"train": [(0.0, 40.0)]})]
+    samples = [s for _, s in chunk_samples(rec, {"train": [(0.0, 40.0)]})]
     ours, ref = io.BytesIO(), io.BytesIO()
     w = TarSampleWriter(ours)
     for s in samples:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ingest.chunks import ChunkConfig, record_samples
+from ingest.chunks import ChunkConfig, chunk_samples
 from ingest.records import ArrayTrace, Intervals, SessionRecord
-from ingest.run import _record_rows
 from ingest.splits import assign_splits
+from ingest.tables import table_rows
 from shards import manifest
 from shards.store import Store
 from shards.writer import RecordShardWriter
@@ -51,10 +51,10 @@ def make_store(uri: str, records: list[SessionRecord], shard_bytes: int = 96 << 
     for rec in records:
         splits = assign_splits(rec.session_id, rec.region, rec.t_start, rec.t_end, rec.stimuli)
         w = RecordShardWriter(store, rec.modality, rec.region, rec.session_id, shard_bytes)
-        for split, sample in record_samples(rec, splits, ChunkConfig(chunk_s)):
+        for split, sample in chunk_samples(rec, splits, ChunkConfig(chunk_s)):
             w.add(split, sample)
         w.close()
-        s, u = _record_rows(rec, "0" * 64, splits)
+        s, u = table_rows(rec, "0" * 64, splits)
         rows[manifest.MANIFEST] += w.shard_rows
         rows[manifest.CHUNKS] += w.chunk_rows
         rows[manifest.SESSIONS].append(s)
