@@ -29,12 +29,20 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from shards import manifest
-from shards.stream import integrity
 from shards.store import Store
+from shards.stream import integrity
 from shards.stream.fetch import ChunkFetcher, FetchError, TruncatedShard
 from shards.stream.mixture import Selector, assign, parse_mix
-from shards.stream.plan import (Plan, PlanConfig, epoch_rng, eval_stride, n_batches, plan_eval, plan_train_epoch,
-                                rank_positions)
+from shards.stream.plan import (
+    Plan,
+    PlanConfig,
+    epoch_rng,
+    eval_stride,
+    n_batches,
+    plan_eval,
+    plan_train_epoch,
+    rank_positions,
+)
 from shards.stream.tokens import DecodedChunk, TokenConfig, Vocab, pack, window_tokens
 from shards.stream.wire import to_wire, transfer_groups
 
@@ -126,7 +134,7 @@ class MixtureStream(IterableDataset):
         return np.array(col.fill_null("").to_pylist(), dtype=object)
 
     @classmethod
-    def for_this_rank(cls, config: StreamConfig) -> "MixtureStream":
+    def for_this_rank(cls, config: StreamConfig) -> MixtureStream:
         """The stream of this process's rank: torch.distributed when initialised (Ray Train sets it up),
         else a single rank."""
         import torch.distributed as dist

@@ -20,7 +20,6 @@ import numpy as np
 from shards.schema import MODALITIES
 
 
-
 @dataclass(frozen=True)
 class Selector:
     modality: str

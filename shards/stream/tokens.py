@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from shards.schema import MODALITY_INDEX, TASKS
-
 from shards.format import Sample
+from shards.schema import MODALITY_INDEX, TASKS
 
 TASK_INDEX = {name: i for i, name in enumerate(TASKS)}  # 0 static, 1 drifting, 2 natural scenes
 
@@ -47,7 +46,7 @@ class Vocab:
     records: dict[tuple[str, str], int] = field(default_factory=dict)
 
     @classmethod
-    def from_tables(cls, units: pd.DataFrame, sessions: pd.DataFrame) -> "Vocab":
+    def from_tables(cls, units: pd.DataFrame, sessions: pd.DataFrame) -> Vocab:
         u = sorted(units.unit_id.unique())
         s = sorted(sessions.session_id.unique())
         r = sorted(set(zip(sessions.session_id, sessions.region)))
@@ -76,7 +75,7 @@ class DecodedChunk:
     record: int = -1  # global (session_id, region) record index (Vocab.records); -1 when unknown
 
     @classmethod
-    def from_sample(cls, sample: Sample, vocab: Vocab) -> "DecodedChunk":
+    def from_sample(cls, sample: Sample, vocab: Vocab) -> DecodedChunk:
         m = sample.meta
         sid = m["session_id"]
         try:

@@ -10,13 +10,13 @@ import time
 
 import pytest
 
+from shards.store import Store
 from shards.stream.fetch import ChunkFetcher, FetchError, StoreUnavailable, is_retryable
 from shards.stream.fetch.cache import ByteCache
 from shards.stream.fetch.config import FetchStats
 from shards.stream.fetch.window import ReadAhead
-from shards.store import Store
-from tests.support.faulty_proxy import FaultyProxy
 from tests.shards.test_shard_store import ephys_record, write_record
+from tests.support.faulty_proxy import FaultyProxy
 
 
 def _stores(tmp_path, bucket):

@@ -18,11 +18,10 @@ from pathlib import Path
 import boto3
 import pytest
 
-from shards.stream.fetch import ChunkFetcher, FetchError, StoreUnavailable
 from shards.store import Store
 from shards.stream.dataset import MixtureStream, StreamConfig
+from shards.stream.fetch import ChunkFetcher, FetchError, StoreUnavailable
 from shards.stream.loader import StreamLoader
-
 from tests.support.faulty_proxy import FaultyProxy
 from tests.support.storegen import make_store, uneven_records
 
@@ -58,7 +57,7 @@ def _start_server(kind: str, port: int):
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError("the moto server did not start")
+                raise RuntimeError("the moto server did not start") from None
             time.sleep(0.1)
 
     def kill():

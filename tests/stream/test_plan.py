@@ -10,8 +10,15 @@ import pandas as pd
 import pytest
 
 from shards.stream.mixture import parse_mix
-from shards.stream.plan import (PlanConfig, epoch_rng, eval_stride, n_batches, plan_eval, plan_train_epoch,
-                                rank_positions)
+from shards.stream.plan import (
+    PlanConfig,
+    epoch_rng,
+    eval_stride,
+    n_batches,
+    plan_eval,
+    plan_train_epoch,
+    rank_positions,
+)
 
 # (session, modality, region, number of train chunks); every chunk is 3.5 s: 3 whole 1-s windows
 RECORDS = [("e1", "ephys", "VISp", 6), ("e1", "ephys", "VISl", 4), ("e2", "ephys", "VISp", 5),

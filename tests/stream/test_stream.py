@@ -13,7 +13,6 @@ from shards import manifest
 from shards.stream.dataset import CorruptSampleError, MixtureStream, StreamConfig
 from shards.stream.loader import StreamLoader
 from shards.stream.wire import transfer_groups
-
 from tests.support.storegen import make_store, uneven_records
 
 

@@ -10,7 +10,6 @@ import torch
 
 from shards.stream.dataset import MixtureStream, StreamConfig
 from shards.stream.loader import StreamLoader
-
 from tests.support.faulty_proxy import FaultyProxy
 from tests.support.storegen import make_store, uneven_records
 

@@ -17,7 +17,7 @@ evicted; a chunk that would only fit by evicting pinned ones is not cached.
 from __future__ import annotations
 
 import collections
-from typing import Container
+from collections.abc import Container
 
 from shards.stream.fetch.config import FetchStats, Key
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import Iterable
+from collections.abc import Iterable
 
 from shards.store import Store
 from shards.stream.fetch.config import FetchConfig, FetchStats
@@ -120,7 +120,7 @@ class ChunkFetcher:
             else:
                 rt.close()
 
-    def __enter__(self) -> "ChunkFetcher":
+    def __enter__(self) -> ChunkFetcher:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -44,7 +44,7 @@ import asyncio
 import copy
 import functools
 import http.client
-from typing import Iterator
+from collections.abc import Iterator
 
 RETRY_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
                          "ThrottlingException", "TooManyRequests"})
@@ -107,8 +107,8 @@ def _transient_types() -> tuple[type[BaseException], ...]:
     failure, not with this module: a local store never needs them."""
     retryable: tuple = (OSError, ConnectionError, TimeoutError, asyncio.TimeoutError, http.client.HTTPException)
     try:
-        from botocore.exceptions import (ConnectionError as BotoConnectionError, HTTPClientError,
-                                         IncompleteReadError, ResponseStreamingError)
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError, IncompleteReadError, ResponseStreamingError
         retryable += (BotoConnectionError, HTTPClientError, IncompleteReadError, ResponseStreamingError)
     except ImportError:  # pragma: no cover
         pass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 from shards.stream.fetch.cache import ByteCache
 from shards.stream.fetch.config import FetchConfig, FetchStats, Key

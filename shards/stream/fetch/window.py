@@ -12,8 +12,8 @@ epoch costs only the window's memory.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 from shards.stream.fetch.config import Key
 
