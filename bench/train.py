@@ -33,22 +33,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-
-def build_store(work: Path, sessions: int, duration: float) -> str:
-    import ray
-
-    from ingest.run import run_ingest
-    from ingest.synth import SynthConfig, synthesize
-
-    src = work / "nwb"
-    synthesize(src, sessions=sessions, seed=0,
-               config=SynthConfig(duration_s=duration, units_per_region=60, rois_per_plane=150))
-    out = work / "store"
-    s = run_ingest(str(src), str(out), workers=2, progress=False)
-    assert not s.failed, s.failed
-    shutil.rmtree(src)
-    assert ray.is_initialized()
-    return str(out)
+from bench.common import build_store  # noqa: E402
 
 
 def perf(run_dir: str) -> dict:
@@ -116,7 +101,7 @@ def main() -> None:
     ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=gpus, object_store_memory=256 << 20,
              include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
-        store = build_store(work, a.sessions, a.duration)
+        store = build_store(work, a.sessions, a.duration, units_per_region=60)
         rows = {
             "cpu_2workers_small_loader2": train_row(store, work, "small-l2", a.steps, workers=2, preset="small",
                                                     loader_workers=2, use_gpu=False),
