@@ -153,7 +153,8 @@ def checksum_cost(store_uri: str, batches: int, repeats: int = 7) -> dict:
 
 def stream_rate(store_uri: str, batches: int, workers: int, batch_size: int = 32, resume_at: int = 0,
                 check_checksums: bool = True) -> dict:
-    from shards.stream.dataset import MixtureStream, StreamConfig, StreamLoader
+    from shards.stream.dataset import MixtureStream, StreamConfig
+    from shards.stream.loader import StreamLoader
 
     cfg = StreamConfig(store=store_uri, mix="ephys=0.5,ophys=0.5", batch_size=batch_size,
                        epoch_windows=(batches + resume_at + 1) * batch_size, check_checksums=check_checksums)
@@ -265,7 +266,8 @@ def torch_brain_anchor(batches: int) -> dict | None:
 _RSS_CHILD = """
 import json, resource, sys
 sys.path.insert(0, {repo!r})
-from shards.stream.dataset import MixtureStream, StreamConfig, StreamLoader
+from shards.stream.dataset import MixtureStream, StreamConfig
+from shards.stream.loader import StreamLoader
 loader = StreamLoader(MixtureStream(StreamConfig(store={store!r}, mix="ephys=1,ophys=1", batch_size=32)), num_workers=0)
 for i, b in enumerate(loader):
     if i >= {batches}:

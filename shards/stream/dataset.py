@@ -295,14 +295,3 @@ class MixtureStream(IterableDataset):
         state["_fetcher"] = None
         return state
 
-
-# TEMP re-export for issue-10 move: StreamLoader lives in shards.stream.loader; importers outside
-# shards/stream still name it here. Delete this block once they import it from shards.stream.loader.
-# (A lookup at access time, not a name bound now, so that importing either module first works.)
-import shards.stream.loader as _loader  # noqa: E402  TEMP re-export for issue-10 move
-
-
-def __getattr__(name: str):  # TEMP re-export for issue-10 move
-    if name == "StreamLoader":
-        return _loader.StreamLoader
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,7 +18,8 @@ from shards.__main__ import main
 from shards.fastread import BLOCK
 from shards.stream.integrity import COLUMN, checksum
 from shards.stream.report import mix_report
-from shards.stream.dataset import CorruptSampleError, MixtureStream, StreamConfig, StreamLoader
+from shards.stream.dataset import CorruptSampleError, MixtureStream, StreamConfig
+from shards.stream.loader import StreamLoader
 
 from tests.support.storegen import make_store, uneven_records
 
