@@ -241,7 +241,7 @@ def main() -> None:
           f"{'model':>13} {'model/ideal':>11}")
     for m in MODALITIES:
         for t in TASKS:
-            f = lambda k: "{:.3f}±{:.3f}".format(*table[k][m][t])  # noqa: E731
+            f = lambda k, m=m, t=t: "{:.3f}±{:.3f}".format(*table[k][m][t])  # noqa: E731
             print(f"{m:8} {t:18} {CHANCE[t]:7.3f} {ideal_acc.get(m, {}).get(t, math.nan):7.3f} "
                   f"{table['logreg'][m].get(t, (math.nan,))[0]:7.3f} {f('mlp'):>13} {f('scratch'):>13} {f('model'):>13} "
                   f"{frac[m].get(t, math.nan):11.3f}")

@@ -65,7 +65,7 @@ def decoded_chunks(store_uri: str, repeats: int = 5) -> dict:
 
     def stock():
         n = 0
-        for s in wds.WebDataset([store.path(p) for p in paths], shardshuffle=False).decode():
+        for _ in wds.WebDataset([store.path(p) for p in paths], shardshuffle=False).decode():
             n += 1
         return n
 
@@ -139,7 +139,7 @@ def checksum_cost(store_uri: str, batches: int, repeats: int = 7) -> dict:
                                                           streams["checked"].chunks.length)]
     decode_s = len(rows) / res["decoded_unchecked"]["chunks_per_s"]
     for name, fn in (("xxh3", checksum), ("crc32", zlib.crc32)):
-        fastest = min(_timed(lambda: [fn(b) for b in blobs]) for _ in range(repeats))
+        fastest = min(_timed(lambda fn=fn: [fn(b) for b in blobs]) for _ in range(repeats))
         res[f"{name}_gb_per_s"] = n_bytes / 1e9 / fastest
         res[f"{name}_share_of_decode"] = fastest / decode_s
     train = {"checked": [], "unchecked": []}

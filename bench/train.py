@@ -51,8 +51,8 @@ def perf(run_dir: str) -> dict:
 
 
 def train_row(store: str, work: Path, name: str, steps: int, **kw) -> dict:
-    from trainer.train import run
     from trainer.config import TrainConfig
+    from trainer.train import run
 
     cfg = TrainConfig(shards=store, out=str(work / name), mix="ephys=1,ophys=1", max_steps=steps, log_every=5,
                       report_every=10_000, early_stop_patience=0, val_batches=1, **kw)

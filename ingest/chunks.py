@@ -11,14 +11,13 @@ sample lists the units it carries).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
-from shards.format import FORMAT_VERSION, Sample
-
 from ingest.records import SessionRecord
+from shards.format import FORMAT_VERSION, Sample
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,15 @@ from __future__ import annotations
 import os
 import time
 
-from shards.lock import StoreLock, describe_holder
-from shards.store import Store
-
 from ingest.config import IngestConfig, check_config
 from ingest.discover import Source, discover
 from ingest.markers import previous_runs
 from ingest.summary import IngestSummary, write_failures
 from ingest.tables import rebuild_tables
 from ingest.task import ingest_file
+from shards.lock import StoreLock, describe_holder
+from shards.store import Store
+
 
 def ensure_ray(workers: int) -> None:
     """A local Ray cluster of ``workers`` CPUs (or the one at RAY_ADDRESS), unless Ray is up already."""

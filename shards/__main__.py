@@ -49,8 +49,8 @@ def cmd_verify(store: Store, a: argparse.Namespace) -> int:
 def cmd_mix(store: Store, a: argparse.Namespace) -> int:
     import json
 
-    from shards.stream.report import mix_report
     from shards.stream.dataset import StreamConfig
+    from shards.stream.report import mix_report
 
     config = StreamConfig(store=store.uri, mix=a.mix, batch_size=a.batch_size, seed=a.seed, window_s=a.window_s,
                           error_budget=a.error_budget, strict=a.strict)

@@ -15,7 +15,7 @@ import ast
 import json
 import math
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

@@ -12,8 +12,8 @@ import hashlib
 import io
 import json
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import xxhash

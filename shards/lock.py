@@ -141,7 +141,7 @@ class StoreLock:
         return None
 
     # ---- public ---------------------------------------------------------------------------------
-    def acquire(self) -> "StoreLock":
+    def acquire(self) -> StoreLock:
         """Take the lock, or raise LockHeld naming the live holder."""
         for _ in range(5):  # a holder that releases between our create and our read: try again
             self.info["heartbeat"] = time.time()
@@ -197,7 +197,7 @@ class StoreLock:
             except Exception:  # noqa: BLE001 - a lock we cannot delete goes stale on its own
                 pass
 
-    def __enter__(self) -> "StoreLock":
+    def __enter__(self) -> StoreLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

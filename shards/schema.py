@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 #: The recording modalities, in the order of their codes in ``batch["modality"]`` (docs/batch.md):
 #: 0 = EPhys spike tokens, 1 = OPhys calcium tokens.
 MODALITIES: tuple[str, ...] = ("ephys", "ophys")

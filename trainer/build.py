@@ -11,8 +11,8 @@ learning-rate schedule, and which parameters gradual unfreezing holds still.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch_optimizer

@@ -141,7 +141,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], origins: dict[str, str] | str = "config") -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any], origins: dict[str, str] | str = "config") -> TrainConfig:
         """A config from plain values, each checked against its field's annotation; ``origins`` says
         where each value came from (a file name, "command line"), for the one-line ConfigError."""
         if not isinstance(d, dict):
@@ -167,10 +167,10 @@ class TrainConfig:
     def _where(self, name: str) -> str:
         return getattr(self, "_origins", {}).get(name, "config")
 
-    def _bad(self, name: str, problem: str) -> "ConfigError":
+    def _bad(self, name: str, problem: str) -> ConfigError:
         return ConfigError(f"{self._where(name)}: {name} = {show_value(getattr(self, name))}: {problem}")
 
-    def absolute(self) -> "TrainConfig":
+    def absolute(self) -> TrainConfig:
         """Paths made absolute (Ray workers run in another directory)."""
         def fix(p):
             return p if (not p or is_remote(p)) else os.path.abspath(p)

@@ -73,13 +73,13 @@ class Presentations:
     target: torch.Tensor  # float64 (P, D)
 
     @classmethod
-    def cat(cls, parts: list["Presentations"]) -> "Presentations":
+    def cat(cls, parts: list[Presentations]) -> Presentations:
         """All rows of parts, in order, one row per key (``compact``)."""
         dev = parts[0].keys.device
         return cls(*(torch.cat([getattr(p, f).to(dev) for p in parts]) for f in ("keys", "weight", "logits", "target"))
                    ).compact()
 
-    def compact(self) -> "Presentations":
+    def compact(self) -> Presentations:
         """One row per key (sorted by key), sums added; the result does not depend on row order beyond
         float rounding."""
         if not len(self.keys):
@@ -90,7 +90,7 @@ class Presentations:
             return torch.zeros((len(keys), *x.shape[1:]), dtype=x.dtype, device=x.device).index_add_(0, inv, x)
         return Presentations(keys, add(self.weight), add(self.logits), add(self.target))
 
-    def to(self, device) -> "Presentations":
+    def to(self, device) -> Presentations:
         return Presentations(self.keys.to(device), self.weight.to(device), self.logits.to(device),
                              self.target.to(device))
 
@@ -195,7 +195,7 @@ class Tally:
         self._parts[task] = [table]
         return table if len(table.keys) else None
 
-    def merge(self, other: "Tally") -> "Tally":
+    def merge(self, other: Tally) -> Tally:
         """Add another tally of the same tasks and sessions (another rank's share, say) in place."""
         self.sums += other.sums.to(self.sums.device)
         for name, mat in other.confusion.items():
@@ -208,7 +208,7 @@ class Tally:
         self.samples += other.samples
         return self
 
-    def all_reduce(self) -> "Tally":
+    def all_reduce(self) -> Tally:
         """Sum over ranks (in place); a no-op without torch.distributed. Per-presentation sums are
         gathered and merged in rank order, so every rank holds the same tables."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -45,8 +45,15 @@ from shards.stream.dataset import MixtureStream
 from shards.stream.loader import StreamLoader
 from trainer import testhooks
 from trainer.build import Built, build_model, frozen_parameters, make_optimizer, make_scheduler, restore_schedule
-from trainer.checkpoint import (find_checkpoint, load_train_state, rng_state, save_model_file, seed_everything,
-                                set_rng_state, write_checkpoint)
+from trainer.checkpoint import (
+    find_checkpoint,
+    load_train_state,
+    rng_state,
+    save_model_file,
+    seed_everything,
+    set_rng_state,
+    write_checkpoint,
+)
 from trainer.config import TrainConfig
 from trainer.evaluate import Tally, evaluate, unwrap
 from trainer.progress import Interrupt, RunLog, Timer, gather
@@ -101,7 +108,7 @@ class Worker:
     timer: Timer = field(default_factory=Timer)
     interrupt: Interrupt | None = None
 
-    def open_logs(self, s: "RunState") -> None:
+    def open_logs(self, s: RunState) -> None:
         """TensorBoard (rank 0; a resumed run drops what the last attempt logged after its checkpoint),
         the batch record, the first log line, the step timer and the Ctrl-C flag."""
         cfg, step = self.cfg, s.step

@@ -47,8 +47,14 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from shards.stream.dataset import CorruptSampleError, MixtureStream
 from shards.stream.fetch import FetchError
 from trainer import testhooks
-from trainer.checkpoint import (check_same_model, checkpoint_step, find_checkpoint, latest_checkpoint,
-                                load_model_file, read_meta)
+from trainer.checkpoint import (
+    check_same_model,
+    checkpoint_step,
+    find_checkpoint,
+    latest_checkpoint,
+    load_model_file,
+    read_meta,
+)
 from trainer.config import TrainConfig, dump_yaml, parse_args
 from trainer.loop import INTERRUPT_FILE, train_loop_per_worker
 from trainer.model.network import MultiModalPOYO, n_parameters
@@ -326,7 +332,7 @@ class Trainer(TorchTrainer):
 
     ctrl_c = None
 
-    def set_ctrl_c(self, ctrl_c: "CtrlC") -> None:
+    def set_ctrl_c(self, ctrl_c: CtrlC) -> None:
         self.ctrl_c = ctrl_c
 
     def _register_sigint_handler(self, controller) -> None:  # ray 2.60: fit() calls it in the main thread

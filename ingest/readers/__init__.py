@@ -15,9 +15,10 @@ strings in ``record.warnings``.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 from ingest.readers import nwb1_allen
 from ingest.readers.nwb2_ephys import ephys_records

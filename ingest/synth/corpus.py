@@ -18,22 +18,40 @@ import argparse
 import datetime as dt
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
-from shards.atomic import atomic_path
-
-from ingest.synth.generative import (STREAM_CORPUS, STREAM_LAYOUT, STREAM_SCHEDULE, STREAM_SPIKES, STREAM_UNITS, UNASSIGNED,
-                    CorpusModel, SessionTruth, SynthConfig, UnitParams, calcium_kernel, dff_traces, draw_corpus_model,
-                    draw_units, expected_counts, frame_times, piecewise_rates, poisson_spikes, presentation_rates,
-                    rng_for)
+from ingest.synth.generative import (
+    STREAM_CORPUS,
+    STREAM_LAYOUT,
+    STREAM_SCHEDULE,
+    STREAM_SPIKES,
+    STREAM_UNITS,
+    UNASSIGNED,
+    CorpusModel,
+    SessionTruth,
+    SynthConfig,
+    UnitParams,
+    calcium_kernel,
+    dff_traces,
+    draw_corpus_model,
+    draw_units,
+    expected_counts,
+    frame_times,
+    piecewise_rates,
+    poisson_spikes,
+    presentation_rates,
+    rng_for,
+)
 from ingest.synth.schedule import N_IMAGES, Schedule, build_schedule
 from ingest.synth.write_ephys import probe_layout, write_ephys_nwb
 from ingest.synth.write_ophys_nwb1 import write_ophys_nwb1
 from ingest.synth.write_ophys_nwb2 import OphysData, write_ophys_nwb2
+from shards.atomic import atomic_path
 
 OphysFormat = Literal["nwb2", "nwb1"]
 

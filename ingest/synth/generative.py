@@ -35,14 +35,14 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from shards.schema import TASKS
 from ingest.synth.schedule import TASK_CODE, TASK_NAMES, TIME_SHARE, Schedule
+from shards.schema import TASKS
 
 #: The five visual areas of the papers.
 REGIONS: tuple[str, ...] = ("VISp", "VISl", "VISal", "VISam", "VISpm")
@@ -346,7 +346,7 @@ class SessionTruth:
         return json_path, npz_path
 
     @classmethod
-    def load(cls, stem: str | Path) -> "SessionTruth":
+    def load(cls, stem: str | Path) -> SessionTruth:
         """Read the pair written by :meth:`save` (``stem`` may be the .nwb path or the bare stem)."""
         stem = str(stem).removesuffix(".nwb").removesuffix(".truth.json").removesuffix(".truth.npz")
         meta = json.loads(Path(f"{stem}.truth.json").read_text())

@@ -44,19 +44,18 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from shards import manifest
-from shards.store import Store
-
-from shards.schema import TASKS
-from ingest.synth.ideal_ophys import OphysSession, ophys_sample, subset_units
 from ingest.synth.generative import GENERATOR_VERSION, SessionTruth, class_rates
+from ingest.synth.ideal_ophys import OphysSession, ophys_sample, subset_units
 from ingest.synth.schedule import TASK_NAMES
+from shards import manifest
+from shards.schema import TASKS
+from shards.store import Store
 
 
 @dataclass
@@ -185,8 +184,8 @@ def _ephys_record(truth: SessionTruth, rec: _Record, samples: Iterator) -> list[
                               sub.latency_s, class_rates(sub, truth.model, task), start, end,
                               s.meta["t_start"], s.meta["t_end"])
             pred, credit = _credit(ll, label)
-            out += [IdealPrediction(rec.session, rec.region, "ephys", task, float(a), int(y), int(p), float(c), l)
-                    for a, y, p, c, l in zip(start, label, pred, credit, ll)]
+            out += [IdealPrediction(rec.session, rec.region, "ephys", task, float(a), int(y), int(p), float(c), lk)
+                    for a, y, p, c, lk in zip(start, label, pred, credit, ll)]
     return out
 
 
@@ -196,9 +195,9 @@ def _ophys_record(sess: OphysSession, rec: _Record, samples: Iterator) -> list[I
         for task, start, label, low, up in ophys_sample(sess, s, _queries(s.meta, scored_only=False)):
             pred, credit = _credit(low, label)
             pu, cu = _credit(up, label)
-            out += [IdealPrediction(rec.session, rec.region, "ophys", task, float(a), int(y), int(p), float(c), l,
+            out += [IdealPrediction(rec.session, rec.region, "ophys", task, float(a), int(y), int(p), float(c), lk,
                                     int(q), float(e))
-                    for a, y, p, c, l, q, e in zip(start, label, pred, credit, low, pu, cu)]
+                    for a, y, p, c, lk, q, e in zip(start, label, pred, credit, low, pu, cu)]
     return out
 
 

@@ -115,7 +115,7 @@ def build_schedule(duration_s: float, rng: np.random.Generator, *, gap_s: float 
     ep_name, ep_start, ep_stop, ep_block = [], [], [], []
     t, block = 0.0, 0
     used = {name: 0 for name in BLOCK_ORDER}
-    for b in range(blocks_per_task):
+    for _ in range(blocks_per_task):
         for name in BLOCK_ORDER:
             ep_name.append(SPONTANEOUS), ep_start.append(t), ep_stop.append(t + gap), ep_block.append(block)
             t, block = t + gap, block + 1

@@ -13,8 +13,8 @@ age ``"<n> days"`` and ``generated_by[-1]`` being a pipeline version string.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import h5py
 import numpy as np

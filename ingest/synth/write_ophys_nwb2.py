@@ -83,7 +83,7 @@ def _grating_tables(schedule: Schedule) -> list:
 
 def write_ophys_nwb2(path: Path, *, session_id: str, subject_id: str, start_time: dt.datetime, data: OphysData,
                      schedule: Schedule) -> None:
-    from pynwb import H5DataIO, NWBHDF5IO, NWBFile
+    from pynwb import NWBHDF5IO, H5DataIO, NWBFile
     from pynwb.base import Images
     from pynwb.file import Subject
     from pynwb.image import GrayscaleImage, IndexSeries

@@ -24,8 +24,8 @@ import pytest
 from ingest.publish import NotPublishing, RunStore
 from shards import manifest
 from shards.lock import LOCK, StoreLock
-
 from tests.support import REPO  # noqa: E402
+
 GONE_WITHIN_S = 60.0  # a bound, not a speed: the measured time is ~0.2 s
 WORKERS = 2  # Ray task workers of each ingest run: at most this many publishes can be in flight at a kill
 
@@ -295,7 +295,7 @@ def running_cluster():
     start fails (GCS deadlines on a loaded 2-core host)."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    for attempt in range(2):
+    for _ in range(2):
         port, dashboard, client = _free_ports(3)
         since = _ticks_now()
         start = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}",

@@ -11,7 +11,6 @@ import pytest
 
 from ingest.allen import main
 from ingest.synth import synthesize
-
 from tests.support import REPO
 
 ALLEN_ENV = REPO / ".venv-allen"

@@ -13,14 +13,14 @@ import pytest
 
 from ingest.config import IngestConfig
 from ingest.discover import discover
+from ingest.synth import SessionTruth, SynthConfig, ideal, synthesize
+from ingest.synth.corpus import PRESETS, ophys_latent, preset_config
+from ingest.synth.corpus import main as synth_main
+from ingest.synth.generative import GENERATOR_VERSION, calcium_kernel, class_rates
 from ingest.tables import rebuild_tables
 from ingest.task import ingest_file
-from ingest.synth import SessionTruth, SynthConfig, synthesize
-from ingest.synth import ideal
-from ingest.synth.corpus import PRESETS, main as synth_main, ophys_latent, preset_config
-from ingest.synth.generative import GENERATOR_VERSION, calcium_kernel, class_rates
-from shards.schema import TASKS
 from shards import manifest
+from shards.schema import TASKS
 from shards.store import Store
 
 TASK_NAMES = ("static_gratings", "drifting_gratings", "natural_scenes")

@@ -24,7 +24,6 @@ from shards import manifest
 from shards.format import decode_sample, iter_tar_samples
 from shards.store import Store
 from shards.verify import verify_store
-
 from tests.support import REAL_FIXTURES, REPO
 
 SMALL = IngestConfig(shard_bytes=256 << 10)
@@ -181,7 +180,7 @@ def test_a_source_whose_bytes_changed_replaces_its_session(small_src, tmp_path, 
     shards = manifest.read_table(store, manifest.MANIFEST).to_pandas()
     assert sorted(store.list("", ".tar")) == sorted(shards.path)  # old shards gone, none left over
     assert verify_store(store)[1] == []
-    fresh = run_ingest(str(other / victim.name), str(tmp_path / "fresh"), workers=2, config=SMALL, progress=False)
+    run_ingest(str(other / victim.name), str(tmp_path / "fresh"), workers=2, config=SMALL, progress=False)
     want = manifest.read_table(Store(str(tmp_path / "fresh")), manifest.SESSIONS).to_pandas()
     got = sessions[sessions.session_id == victim.stem]
     assert sorted(got.source_sha256) == sorted(want.source_sha256) and sorted(got.n_units) == sorted(want.n_units)

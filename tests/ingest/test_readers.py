@@ -13,8 +13,8 @@ import pytest
 from ingest.readers import Sniffed, open_records, sniff
 from ingest.records import ArrayTrace, IngestError
 from shards.schema import DRIFTING_GRATINGS, GENERIC_TASK, NATURAL_SCENES, STATIC_GRATINGS, labels_for
-
 from tests.support import REAL_FIXTURES as REAL  # noqa: E402
+
 T0 = datetime(2020, 1, 1, tzinfo=timezone.utc)
 
 
@@ -85,8 +85,8 @@ def neuropixels_like(path: Path, units: list[dict], locations: dict[int, str], s
 def ophys_000728_like(path: Path, dff: np.ndarray, ts: np.ndarray | None, roi_ids, location: str = "VISl",
                       schedule: dict | None = None, container: str = "DfOverF", rate: float | None = None) -> Path:
     """DANDI-000728-like 2P file: PlaneSegmentation + DfOverF (timestamps linked to Fluorescence/Corrected)."""
-    from pynwb.image import GrayscaleImage, Images, IndexSeries
     from pynwb.epoch import TimeIntervals
+    from pynwb.image import GrayscaleImage, Images, IndexSeries
     from pynwb.ophys import DfOverF, Fluorescence, ImageSegmentation, OpticalChannel
 
     nwb = _nwbfile("specimen7")
@@ -529,7 +529,7 @@ def test_records_are_valid_only_inside_the_with_block(tmp_path):
     with open_records(path, "s") as records:
         trace = records[0].trace
         assert trace.read(0, 2).shape == (2, len(roi_ids))
-    with pytest.raises(Exception):
+    with pytest.raises(OSError):  # h5py: the file is closed
         trace.read(0, 2)
 
 

@@ -16,7 +16,6 @@ from ingest.synth import SessionTruth, SynthConfig, bayes_accuracy, synthesize
 from ingest.synth.corpus import main
 from ingest.synth.generative import class_rates, poisson_class_loglik
 from shards.schema import TASKS
-
 from tests.support import REPO
 
 ALLEN_PYTHON = REPO / ".venv-allen" / "bin" / "python"

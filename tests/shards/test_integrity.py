@@ -16,11 +16,10 @@ import pytest
 from shards import manifest
 from shards.__main__ import main
 from shards.fastread import BLOCK
-from shards.stream.integrity import COLUMN, checksum
-from shards.stream.report import mix_report
 from shards.stream.dataset import CorruptSampleError, MixtureStream, StreamConfig
+from shards.stream.integrity import COLUMN, checksum
 from shards.stream.loader import StreamLoader
-
+from shards.stream.report import mix_report
 from tests.support.storegen import make_store, uneven_records
 
 
@@ -183,8 +182,8 @@ def test_training_reports_the_skipped_samples_in_train_log_tensorboard_and_metri
     import re
 
     import shards.stream.dataset
-    from trainer.train import run
     from trainer.config import TrainConfig
+    from trainer.train import run
 
     store = make_store(str(tmp_path / "s"), uneven_records())
     # one bad chunk of ~40 is more than 1% of an epoch's windows: lift the budget, count everything

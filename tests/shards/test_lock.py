@@ -13,7 +13,6 @@ import pytest
 
 from shards.lock import LOCK, LockHeld, LockLost, StoreLock
 from shards.store import Store
-
 from tests.support import REAL_FIXTURES, REPO
 
 
@@ -94,6 +93,7 @@ def test_heartbeat_notices_a_takeover_and_the_run_publishes_nothing(tmp_path):
 
 def test_s3_lock_is_a_conditional_write(s3_bucket):
     import boto3
+    import botocore.exceptions
 
     store = Store(f"s3://{s3_bucket}/store")
     first = StoreLock(store, owner="first").acquire()
@@ -102,7 +102,7 @@ def test_s3_lock_is_a_conditional_write(s3_bucket):
             StoreLock(store).acquire()
     finally:
         first.release()
-    with pytest.raises(Exception):
+    with pytest.raises(botocore.exceptions.ClientError):
         boto3.client("s3").head_object(Bucket=s3_bucket, Key=f"store/{LOCK}")  # released: gone
     # a stale lock: of two writers that judged the same object stale, only one replaces it
     _plant(store, heartbeat=time.time() - 3600)

@@ -20,7 +20,6 @@ from ingest.task import ingest_file
 from shards import manifest
 from shards.store import Store, UnsafeKeyError, safe_key
 from shards.verify import verify_store
-
 from tests.support import REPO
 from tests.support.storegen import ephys, make_store
 
@@ -204,7 +203,6 @@ def test_a_directory_and_a_broken_symlink_named_nwb_are_failures(tmp_path, ray_c
     import shutil
 
     from ingest.summary import FAILURES, format_summary
-
     from tests.support import REAL_FIXTURES
 
     src = tmp_path / "src"

@@ -12,7 +12,7 @@ from ingest.chunks import chunk_samples
 from ingest.records import ArrayTrace, Intervals, SessionRecord
 from ingest.splits import assign_splits
 from shards import manifest
-from shards.format import iter_tar_samples, decode_sample
+from shards.format import decode_sample, iter_tar_samples
 from shards.store import Store
 from shards.verify import verify_store
 from shards.writer import RecordShardWriter
@@ -104,7 +104,7 @@ def test_atomic_write_leaves_nothing_visible_when_interrupted(tmp_path):
     store = Store(str(tmp_path / "s"))
     w = RecordShardWriter(store, "ephys", "VISp", "sess-a")
     rec = ephys_record()
-    for i, (split, sample) in enumerate(chunk_samples(rec, {"train": [(0.0, 60.0)]})):
+    for split, sample in chunk_samples(rec, {"train": [(0.0, 60.0)]}):
         w.add(split, sample)
     # the process "dies" here: nothing published yet, the temp file is under .tmp/
     assert store.list("", ".tar") == []

@@ -59,7 +59,7 @@ class FaultyProxy:
         self.url = ""
 
     # ---- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> "FaultyProxy":
+    def start(self) -> FaultyProxy:
         proxy = self
 
         class Handler(_Handler):
@@ -83,7 +83,7 @@ class FaultyProxy:
             self._thread.join(5)
             self._server = None
 
-    def __enter__(self) -> "FaultyProxy":
+    def __enter__(self) -> FaultyProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:

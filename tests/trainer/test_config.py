@@ -11,11 +11,10 @@ from typing import Optional
 import pytest
 import yaml
 
+from tests.support import REPO
 from trainer.config import TrainConfig, check_value, parse_args
 from trainer.strict_yaml import StrictDumper, StrictLoader
 from trainer.typecheck import ConfigError, Mismatch, coerce
-
-from tests.support import REPO
 
 CLI = [  # (YAML text, what the line must name): the cases, through `python -m trainer.train`
     ('resume: "no"\n', ["resume", "'no'", "true or false"]),
@@ -113,7 +112,7 @@ def test_check_value_follows_the_annotation():
             check_value(name, value, "x.yaml")
     # the general rules, for annotations TrainConfig does not use (yet)
     assert coerce([1, 2], tuple[int, ...]) == (1, 2) and coerce([1, "a"], tuple[int, str]) == (1, "a")
-    assert coerce(None, Optional[tuple[float, float]]) is None and coerce([1, 2], tuple[float, float]) == (1.0, 2.0)
+    assert coerce(None, Optional[tuple[float, float]]) is None and coerce([1, 2], tuple[float, float]) == (1.0, 2.0)  # noqa: UP045 (the Optional spelling must coerce too)
     for value, t in [([1, 2, 3], tuple[int, int]), ([True], tuple[int, ...]), ({"a": 1}, dict[str, str])]:
         with pytest.raises(Mismatch):
             coerce(value, t)

@@ -10,14 +10,13 @@ import os
 import pytest
 import torch
 
-from trainer.checkpoint import load_model_file
-from trainer.finetune import main as finetune
+from tests.support.storegen import make_store, uneven_records
 from trainer.build import frozen_parameters
+from trainer.checkpoint import load_model_file
+from trainer.config import TrainConfig
+from trainer.finetune import main as finetune
 from trainer.model.network import MultiModalPOYO
 from trainer.train import run
-from trainer.config import TrainConfig
-
-from tests.support.storegen import make_store, uneven_records
 
 HELD_OUT = ["e2", "o2"]
 

@@ -19,10 +19,9 @@ import torch.nn.functional as F
 
 from ingest.records import Intervals, SessionRecord
 from shards.stream.dataset import MixtureStream, StreamConfig
+from tests.support.storegen import make_store
 from trainer.model.config import ModelConfig
 from trainer.model.network import MultiModalPOYO
-
-from tests.support.storegen import make_store
 
 THRESHOLD = 0.5
 STEPS = 300

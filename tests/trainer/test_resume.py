@@ -15,17 +15,17 @@ import time
 
 import pytest
 
-from trainer import testhooks
-from trainer.checkpoint import CHECKSUM_FILE, STATE_FILE, check_checkpoint, checkpoint_step, list_checkpoints
-from trainer.train import main, run
-from trainer.config import TrainConfig
-
 from tests.support.storegen import make_store, uneven_records
 from tests.trainer.test_train import uninterrupted
+from trainer import testhooks
+from trainer.checkpoint import CHECKSUM_FILE, STATE_FILE, check_checkpoint, checkpoint_step, list_checkpoints
+from trainer.config import TrainConfig
+from trainer.train import main, run
 
 pytestmark = pytest.mark.slow
 
 from tests.support import REPO  # noqa: E402
+
 STEPS = 60  # 3 epochs of 20 steps (160 windows, batch 8, one worker)
 SIGNAL_AT = 10  # Ctrl-C once train.log shows this step
 

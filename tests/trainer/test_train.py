@@ -15,12 +15,11 @@ import yaml
 
 from shards.stream.dataset import MixtureStream
 from shards.stream.loader import StreamLoader
+from tests.support.storegen import make_store, uneven_records
 from trainer import testhooks
+from trainer.config import TrainConfig, parse_args
 from trainer.testhooks import batch_digest
 from trainer.train import main, run
-from trainer.config import TrainConfig, parse_args
-
-from tests.support.storegen import make_store, uneven_records
 
 pytestmark = pytest.mark.slow
 
@@ -225,8 +224,8 @@ def test_local_mode_checkpoint_holds_everything_and_loads_weights_only(store, tm
 
 
 def test_tally_counts_accuracy_and_r2_per_modality_and_session_and_skips_padding():
-    from trainer.model.config import TaskSpec
     from trainer.evaluate import Tally
+    from trainer.model.config import TaskSpec
 
     tasks = (TaskSpec("cls", 3), TaskSpec("reg", 2, kind="regression"))
     batch = {"modality": torch.tensor([0, 1, 1]), "session_index": torch.tensor([0, 1, 1]),
