@@ -282,51 +282,50 @@ def peak_rss(store_uri: str, batches: int) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sessions", type=int, default=6)
-    p.add_argument("--duration", type=float, default=600.0)
-    p.add_argument("--batches", type=int, default=1000)
-    p.add_argument("--out", default=None, help="results file (default bench/results/stream.json, "
-                                                 "or stream_checksum.json with --only checksum)")
-    p.add_argument("--only", choices=["all", "checksum"], default="all")
-    a = p.parse_args()
-    import torch
+def measure_checksum(a: argparse.Namespace, work: Path) -> dict:
+    """``--only checksum``: the store, then the xxh3 check's cost alone (``checksum_cost``)."""
+    store1 = build_store(work, a.sessions, a.duration)
+    import ray
 
-    torch.set_num_threads(1)
-    work = Path(tempfile.mkdtemp(prefix="bench-stream-"))
-    if a.only == "checksum":
-        try:
-            store1 = build_store(work, a.sessions, a.duration)
-            import ray
+    ray.shutdown()
+    return checksum_cost(store1, a.batches)
 
-            ray.shutdown()
-            res = checksum_cost(store1, a.batches)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        res.update(sessions=a.sessions, duration_s=a.duration, batches=a.batches, cores=os.cpu_count(),
-                   goal={"decoded_overhead": "<= 0.05"})
-        _print_checksum(res)
-        Path(a.out or REPO / "bench" / "results" / "stream_checksum.json").write_text(json.dumps(res, indent=1) + "\n")
-        return 0
-    try:
-        store1 = build_store(work, a.sessions, a.duration)
-        store4 = build_store(work, 4 * a.sessions, a.duration, seed=1)
-        import ray
 
-        ray.shutdown()
-        dec = decoded_chunks(store1)
-        inproc = stream_rate(store1, a.batches, workers=0)
-        dl = stream_rate(store1, a.batches, workers=2)
-        dl1 = stream_rate(store1, a.batches, workers=1)
-        host = host_scaling()
-        s3 = s3_figures(store1, a.batches)
-        tb = torch_brain_anchor(20)
-        rss1, rss4 = peak_rss(store1, a.batches), peak_rss(store4, a.batches)
-        checks = checksum_cost(store1, a.batches)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    res = {
+def summarise_checksum(a: argparse.Namespace, res: dict) -> dict:
+    """The checksum results file: the figures of ``checksum_cost``, the run's settings and the goal."""
+    res.update(sessions=a.sessions, duration_s=a.duration, batches=a.batches, cores=os.cpu_count(),
+               goal={"decoded_overhead": "<= 0.05"})
+    return res
+
+
+def measure(a: argparse.Namespace, work: Path) -> dict:
+    """Every figure, unrounded, in the order they are taken: the 1x and 4x stores, decoded chunks,
+    training windows in process and through 1 and 2 workers, the host's scaling, S3, torch_brain's
+    loader, peak RSS at 1x and 4x, the checksum's cost."""
+    store1 = build_store(work, a.sessions, a.duration)
+    store4 = build_store(work, 4 * a.sessions, a.duration, seed=1)
+    import ray
+
+    ray.shutdown()
+    return {
+        "decoded": decoded_chunks(store1),
+        "in_process": stream_rate(store1, a.batches, workers=0),
+        "dataloader_2_workers": stream_rate(store1, a.batches, workers=2),
+        "dataloader_1_worker": stream_rate(store1, a.batches, workers=1),
+        "host": host_scaling(),
+        "s3": s3_figures(store1, a.batches),
+        "torch_brain": torch_brain_anchor(20),
+        "rss_1x": peak_rss(store1, a.batches),
+        "rss_4x": peak_rss(store4, a.batches),
+        "checksum": checksum_cost(store1, a.batches),
+    }
+
+
+def summarise(m: dict) -> dict:
+    """The results file's figures from the measurements: each with its ratio against its anchor, and the goals."""
+    dec, inproc, dl, dl1 = m["decoded"], m["in_process"], m["dataloader_2_workers"], m["dataloader_1_worker"]
+    host, s3, tb, rss1, rss4 = m["host"], m["s3"], m["torch_brain"], m["rss_1x"], m["rss_4x"]
+    return {
         "decoded": dec,
         "ratio_vs_webdataset_decoded": dec["ours"]["chunks_per_s"] / dec["webdataset"]["chunks_per_s"],
         "in_process": inproc,
@@ -342,12 +341,17 @@ def main() -> int:
         "ratio_vs_torch_brain": (inproc["windows_per_s"] / tb["windows_per_s"]) if tb and "windows_per_s" in tb else None,
         "peak_rss_mb": {"1x": rss1, "4x": rss4},
         "rss_growth_4x": rss4 / rss1,
-        "checksum": checks,
+        "checksum": m["checksum"],
         "cores": os.cpu_count(),
         "goal": {"ratio_vs_webdataset_decoded": ">= 2", "dataloader_efficiency": ">= 0.8",
                  "ratio_vs_torch_brain": ">= 3", "first_batch_s3_s": "< 3", "rss_growth_4x": "<= 1.25",
                  "checksum_decoded_overhead": "<= 0.05"},
     }
+
+
+def print_table(m: dict, res: dict) -> None:
+    dec, inproc, dl, dl1 = m["decoded"], m["in_process"], m["dataloader_2_workers"], m["dataloader_1_worker"]
+    host, s3, tb, rss1, rss4 = m["host"], m["s3"], m["torch_brain"], m["rss_1x"], m["rss_4x"]
     rows = [
         ("decoded chunks/s, ours (1 process)", dec["ours"]["chunks_per_s"], f"{dec['ours']['mb_per_s']:.0f} MB/s"),
         ("decoded chunks/s, webdataset 1.0.2", dec["webdataset"]["chunks_per_s"], f"{dec['webdataset']['mb_per_s']:.0f} MB/s"),
@@ -372,8 +376,36 @@ def main() -> int:
               "rss_growth_4x"):
         v = res[k]
         print(f"{k:30} {'n/a (torch_brain env missing)' if v is None else f'{v:.3f}'}   goal {res['goal'][k]}")
-    _print_checksum(checks)
-    Path(a.out or REPO / "bench" / "results" / "stream.json").write_text(json.dumps(res, indent=1) + "\n")
+    _print_checksum(m["checksum"])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sessions", type=int, default=6)
+    p.add_argument("--duration", type=float, default=600.0)
+    p.add_argument("--batches", type=int, default=1000)
+    p.add_argument("--out", default=None, help="results file (default bench/results/stream.json, "
+                                                 "or stream_checksum.json with --only checksum)")
+    p.add_argument("--only", choices=["all", "checksum"], default="all")
+    a = p.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    checksum_only = a.only == "checksum"
+    work = Path(tempfile.mkdtemp(prefix="bench-stream-"))
+    try:
+        m = measure_checksum(a, work) if checksum_only else measure(a, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if checksum_only:
+        res = summarise_checksum(a, m)
+        _print_checksum(res)
+        out = a.out or REPO / "bench" / "results" / "stream_checksum.json"
+    else:
+        res = summarise(m)
+        print_table(m, res)
+        out = a.out or REPO / "bench" / "results" / "stream.json"
+    Path(out).write_text(json.dumps(res, indent=1) + "\n")
     return 0
 
 

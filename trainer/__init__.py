@@ -7,7 +7,8 @@
     pretrained | report | sessions | tblog | testhooks
                                   grown vocabularies; accuracy lines and tables; session modalities;
                                   TensorBoard; the test-only hooks (an environment variable, no flag)
-    evaluate | checkpoint         the Tally and evaluation; the train state on disk
+    evaluate | checkpoint         the evaluation pass; the train state on disk
+    tally                         metrics per modality, record and task (the Tally; the per-presentation headline)
     config                        TrainConfig and its command line (values: typecheck; files: strict_yaml)
 
 The network itself lives in ``trainer.model`` and never imports these.

@@ -23,10 +23,10 @@ from shards.atomic import atomic_path
 from shards.stream.dataset import MixtureStream
 from shards.stream.loader import StreamLoader
 from trainer.config import TrainConfig
-from trainer.evaluate import Tally
 from trainer.model.config import ModelConfig
 from trainer.model.packing import segment_ids
 from trainer.sessions import mix_of_session
+from trainer.tally import Tally
 
 
 class SessionMLP(nn.Module):

@@ -13,7 +13,7 @@ Modes (the comparison of the papers):
 
 Each reports test-split accuracy per task (and per record) in ``RUN2/metrics.json`` and on screen: the
 papers' figure (one prediction per presentation from the overlapping test windows, accuracy per
-(session, region) record, mean over records; ``trainer.evaluate``), with the per-query figure under ``pooled``.
+(session, region) record, mean over records; ``trainer.tally``), with the per-query figure under ``pooled``.
 Every other setting comes from the pretrained run's ``config.yaml`` (model variant and size, batch,
 learning rate, workers), then from the flags given here. The training itself is ``trainer.train``'s:
 same loop, checkpoints, TensorBoard, ``--resume``.

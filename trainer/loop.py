@@ -55,9 +55,10 @@ from trainer.checkpoint import (
     write_checkpoint,
 )
 from trainer.config import TrainConfig
-from trainer.evaluate import Tally, evaluate, unwrap
+from trainer.evaluate import evaluate, unwrap
 from trainer.progress import Interrupt, RunLog, Timer, gather
 from trainer.report import accuracy_line
+from trainer.tally import Tally
 from trainer.tblog import NullLog, TBLog
 from trainer.testhooks import BatchRecord, TestHooks
 

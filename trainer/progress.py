@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainer.evaluate import Tally
+from trainer.tally import Tally
 
 
 class RunLog:

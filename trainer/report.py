@@ -1,6 +1,6 @@
 """What a run prints about its accuracy: one line in the log, a table at the end of a run.
 
-Every figure comes from an evaluation summary (``trainer.evaluate.Tally.summary``): per modality, the
+Every figure comes from an evaluation summary (``trainer.tally.Tally.summary``): per modality, the
 headline metric of each task (accuracy per presentation, mean over records; R² for a regression
 task), then the modality's mean. The loop writes the one-line form after each validation; the
 drivers (``trainer.train``, ``trainer.finetune``) print the table form from ``RUN/metrics.json``.

@@ -26,7 +26,7 @@ sampler), plus one window ending at the chunk's end when the slide stops short o
 every presentation of the chunk is queried by at least one window and none crosses a chunk
 edge; chunks in order, no mixture weighting. The last step is padded with repeats flagged
 ``pad=True`` so ranks stay equal and no window is counted twice. Evaluation merges the
-windows that query one presentation (``trainer.evaluate``).
+windows that query one presentation (``trainer.tally``).
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ import torch
 from shards.stream.mixture import parse_mix
 from shards.stream.plan import PlanConfig, plan_eval, plan_train_epoch
 from shards.stream.tokens import DecodedChunk, TokenConfig, pack, presentation_id, window_tokens
-from trainer.evaluate import Tally
 from trainer.model.config import TaskSpec
+from trainer.tally import Tally
 
 TASKS = (TaskSpec("cls", 3),)
 SESSIONS = ["s0", "s1", "s2"]

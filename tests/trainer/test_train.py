@@ -224,8 +224,8 @@ def test_local_mode_checkpoint_holds_everything_and_loads_weights_only(store, tm
 
 
 def test_tally_counts_accuracy_and_r2_per_modality_and_session_and_skips_padding():
-    from trainer.evaluate import Tally
     from trainer.model.config import TaskSpec
+    from trainer.tally import Tally
 
     tasks = (TaskSpec("cls", 3), TaskSpec("reg", 2, kind="regression"))
     batch = {"modality": torch.tensor([0, 1, 1]), "session_index": torch.tensor([0, 1, 1]),

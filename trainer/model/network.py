@@ -22,7 +22,7 @@ after the encoders (``modality_depth``), stacked cross-attention (``encoder_ca_d
 
 ``forward(batch)`` returns ``{"logits": {task: (Q_k, out_dim)}, "query_index": {task: (Q_k,)},
 "loss": (), "task_loss": {task: ()}}`` (loss terms when the batch carries labels). Accuracy is the
-trainer's business (``trainer.evaluate``).
+trainer's business (``trainer.tally``).
 """
 
 from __future__ import annotations
