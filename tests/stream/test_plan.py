@@ -9,16 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from shards.stream import plan as planning
 from shards.stream.mixture import parse_mix
-from shards.stream.plan import (
-    PlanConfig,
-    epoch_rng,
-    eval_stride,
-    n_batches,
-    plan_eval,
-    plan_train_epoch,
-    rank_positions,
-)
 
 # (session, modality, region, number of train chunks); every chunk is 3.5 s: 3 whole 1-s windows
 RECORDS = [("e1", "ephys", "VISp", 6), ("e1", "ephys", "VISl", 4), ("e2", "ephys", "VISp", 5),
@@ -43,12 +35,12 @@ TRAIN_SLOTS = 3 * sum(n for *_, n in RECORDS)  # the natural epoch size: 78 wind
 
 
 def plan(mix="ephys=0.3,ophys=0.7", epoch=0, **kw):
-    return plan_train_epoch(CHUNKS, parse_mix(mix), epoch, PlanConfig(**kw))
+    return planning.plan_train_epoch(CHUNKS, parse_mix(mix), epoch, planning.PlanConfig(**kw))
 
 
 # ---- seeds ---------------------------------------------------------------------------------------
 def test_epoch_rng_is_a_function_of_its_whole_key():
-    draw = lambda *key: epoch_rng(*key).random(4).tolist()  # noqa: E731
+    draw = lambda *key: planning.epoch_rng(*key).random(4).tolist()  # noqa: E731
     assert draw(0, 1, "dropout", 5) == draw(0, 1, "dropout", 5)
     others = [draw(1, 1, "dropout", 5), draw(0, 2, "dropout", 5), draw(0, 1, "dropout", 6), draw(0, 1, "slots", 5)]
     assert all(o != draw(0, 1, "dropout", 5) for o in others) and len({tuple(o) for o in others}) == 4
@@ -107,9 +99,9 @@ def test_sessions_include_and_exclude_filter_before_planning():
 # ---- ranks, steps and resume ---------------------------------------------------------------------
 @pytest.mark.parametrize("n,world,batch", [(78, 1, 8), (78, 3, 5), (1000, 4, 8), (31, 2, 4), (7, 2, 4)])
 def test_every_rank_gets_the_same_number_of_batches_and_no_window_twice(n, world, batch):
-    per_rank = [rank_positions(n, r, world, batch) for r in range(world)]
+    per_rank = [planning.rank_positions(n, r, world, batch) for r in range(world)]
     steps = n // (world * batch)
-    assert [p.shape for p in per_rank] == [(steps, batch)] * world and n_batches(n, world, batch) == steps
+    assert [p.shape for p in per_rank] == [(steps, batch)] * world and planning.n_batches(n, world, batch) == steps
     used = np.sort(np.concatenate([p.reshape(-1) for p in per_rank]))
     assert used.tolist() == list(range(steps * world * batch))  # only the tail that cannot fill a step is dropped
     assert n - len(used) < world * batch
@@ -119,10 +111,10 @@ def test_every_rank_gets_the_same_number_of_batches_and_no_window_twice(n, world
 
 def test_resuming_mid_epoch_gives_exactly_the_remaining_batches():
     for rank in range(3):
-        full = rank_positions(1000, rank, 3, 8)
+        full = planning.rank_positions(1000, rank, 3, 8)
         for done in (0, 1, 17, len(full) - 1, len(full)):
-            assert np.array_equal(rank_positions(1000, rank, 3, 8, start_window=done * 24), full[done:])
-    assert n_batches(1000, 3, 8, start_window=17 * 24) == 41 - 17 and n_batches(1000, 3, 8, 2000) == 0
+            assert np.array_equal(planning.rank_positions(1000, rank, 3, 8, start_window=done * 24), full[done:])
+    assert planning.n_batches(1000, 3, 8, start_window=17 * 24) == 41 - 17 and planning.n_batches(1000, 3, 8, 2000) == 0
 
 
 @pytest.mark.parametrize("before,after", [((2, 4), (1, 4)), ((1, 4), (2, 4)), ((2, 4), (3, 4)), ((4, 2), (3, 5))])
@@ -132,23 +124,23 @@ def test_a_world_or_batch_size_change_continues_the_global_order(before, after):
     n, (w1, b1), (w2, b2) = 200, before, after
     for k in (0, 3, 7):
         consumed = k * w1 * b1
-        seen = np.concatenate([rank_positions(n, r, w1, b1)[:k].reshape(-1) for r in range(w1)]
-                              + [rank_positions(n, r, w2, b2, start_window=consumed).reshape(-1) for r in range(w2)])
+        seen = np.concatenate([planning.rank_positions(n, r, w1, b1)[:k].reshape(-1) for r in range(w1)]
+                              + [planning.rank_positions(n, r, w2, b2, start_window=consumed).reshape(-1) for r in range(w2)])
         assert len(np.unique(seen)) == len(seen)
         assert np.sort(seen).tolist() == list(range(len(seen))) and n - len(seen) < w2 * b2
-        counts = {len(rank_positions(n, r, w2, b2, start_window=consumed)) for r in range(w2)}
-        assert counts == {n_batches(n, w2, b2, consumed)}
+        counts = {len(planning.rank_positions(n, r, w2, b2, start_window=consumed)) for r in range(w2)}
+        assert counts == {planning.n_batches(n, w2, b2, consumed)}
 
 
 @pytest.mark.parametrize("rank,world,batch,start", [(2, 2, 4, 0), (-1, 2, 4, 0), (0, 1, 0, 0), (0, 1, 4, -4)])
 def test_rank_positions_refuses_a_rank_outside_the_world_and_empty_batches(rank, world, batch, start):
     with pytest.raises(ValueError, match="rank"):
-        rank_positions(100, rank, world, batch, start)
+        planning.rank_positions(100, rank, world, batch, start)
 
 
 # ---- evaluation ----------------------------------------------------------------------------------
 def test_eval_windows_slide_by_the_stride_end_flush_and_pad_to_whole_steps():
-    p = plan_eval(CHUNKS, "valid", PlanConfig(), world_size=2, batch_size=4)
+    p = planning.plan_eval(CHUNKS, "valid", planning.PlanConfig(), world_size=2, batch_size=4)
     real = ~p.pad
     # each 2.2-s chunk: starts 0, 0.5 and 1.0, then one flush with its end (1.2); a 1.0-s chunk: one window
     assert int(real.sum()) == len(RECORDS) * (4 + 1) and len(p) % 8 == 0 and len(p) - real.sum() < 8
@@ -161,7 +153,7 @@ def test_eval_windows_slide_by_the_stride_end_flush_and_pad_to_whole_steps():
 
 
 def test_eval_stride_must_lie_in_zero_to_one_window():
-    assert eval_stride(PlanConfig(window_s=2.0)) == 1.0
+    assert planning.eval_stride(planning.PlanConfig(window_s=2.0)) == 1.0
     for bad in (0.0, -1.0, 1.5):
         with pytest.raises(ValueError, match="eval_stride_s"):
-            eval_stride(PlanConfig(window_s=1.0, eval_stride_s=bad))
+            planning.eval_stride(planning.PlanConfig(window_s=1.0, eval_stride_s=bad))
