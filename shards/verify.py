@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from shards import manifest
 from shards.format import iter_tar_samples
 from shards.store import Store, UnsafeKeyError
+from shards.stream.integrity import COLUMN, decode_chunk
+from shards.stream.tokens import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,6 @@ class Problem:
 
 def _deep_context(store: Store, chunks, problems: list[Problem]):
     """(rows of chunks.parquet by shard path, vocab) for the deep check."""
-    from shards.stream.integrity import COLUMN
-    from shards.stream.tokens import Vocab
 
     if chunks is None:
         problems.append(Problem(manifest.CHUNKS, "missing: samples cannot be decoded one by one"))
@@ -48,7 +48,6 @@ def _deep_context(store: Store, chunks, problems: list[Problem]):
 
 
 def _deep_check(rel: str, data: bytes, rows: list[dict], vocab) -> list[Problem]:
-    from shards.stream.integrity import COLUMN, decode_chunk
 
     out = []
     mv = memoryview(data)

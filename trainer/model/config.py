@@ -17,6 +17,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from shards.schema import TASKS
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -36,9 +38,8 @@ class TaskSpec:
 
 
 def default_tasks() -> tuple[TaskSpec, ...]:
-    """The three Allen stimulus tasks in ``ingest/tasks.py`` order, so ``output_task_index`` i is
+    """The three Allen stimulus tasks in ``shards/schema.py`` order, so ``output_task_index`` i is
     ``tasks[i]`` (static_gratings 6, drifting_gratings 8, natural_scenes 119 classes)."""
-    from shards.schema import TASKS
 
     return tuple(TaskSpec(name=t.name, out_dim=t.n_classes) for t in TASKS.values())
 
