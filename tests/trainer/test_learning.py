@@ -33,27 +33,15 @@ STEPS = 300
 
 
 def tuned_record(dur: float = 900.0, n_units: int = 20, gain_hz: float = 6.0, seed: int = 0) -> SessionRecord:
+    """Drifting gratings every 3 s (2 s each, 8 directions); units direction-tuned."""
     rng = np.random.default_rng(seed)
     dg = np.arange(2.0, dur - 3.0, 3.0)
     dg_label = rng.integers(0, 8, len(dg))
     pref = rng.uniform(0, 2 * np.pi, n_units)
     angle = dg_label * (2 * np.pi / 8)
     rates = 2.0 + gain_hz * np.exp(2.0 * (np.cos(angle[:, None] - pref[None, :]) - 1))  # (P, U)
-    base = rng.poisson(2.0 * dur, n_units)
-    times = [rng.uniform(0, dur, n) for n in base]
-    units = [np.full(n, u) for u, n in enumerate(base)]
-    for p, t0 in enumerate(dg):  # extra spikes during each presentation (50 ms latency)
-        extra = rng.poisson((rates[p] - 2.0) * 2.0)
-        for u in range(n_units):
-            times.append(t0 + 0.05 + rng.uniform(0, 2.0, extra[u]))
-            units.append(np.full(extra[u], u))
-    t, u = np.concatenate(times), np.concatenate(units).astype(np.int32)
-    order = np.argsort(t, kind="stable")
-    sg = np.arange(0.0, 0.0, 0.25)
-    stim = [Intervals("drifting_gratings", dg, dg + 2.0, dg_label),
-            Intervals("static_gratings", sg, sg + 0.25, np.zeros(0, np.int64))]
-    return SessionRecord("easy", "ephys", "VISp", "m", "easy.nwb", [str(100 + i) for i in range(n_units)],
-                         0.0, dur, stim, spike_times=t[order], spike_units=u[order])
+    return responding_record(rng, "easy", dur, "drifting_gratings", dg, 2.0, dg_label, rates,
+                             other=("static_gratings", 0.25))
 
 
 def static_record(dur: float = 600.0, n_units: int = 30, gain_hz: float = 12.0, seed: int = 0) -> SessionRecord:
@@ -64,21 +52,36 @@ def static_record(dur: float = 600.0, n_units: int = 30, gain_hz: float = 12.0, 
     label = rng.integers(0, 6, len(on))
     pref = rng.uniform(0, np.pi, n_units)
     rates = 2.0 + gain_hz * np.exp(2.0 * (np.cos(2 * (label[:, None] * np.pi / 6 - pref[None, :])) - 1))
+    return responding_record(rng, "sg", dur, "static_gratings", on, 0.25, label, rates,
+                             other=("drifting_gratings", 2.0))
+
+
+def responding_record(rng: np.random.Generator, name: str, dur: float, task: str, on: np.ndarray, length: float,
+                      label: np.ndarray, rates: np.ndarray, other: tuple[str, float]) -> SessionRecord:
+    """One EPhys record: every unit fires at 2 Hz throughout, plus ``rates[p] - 2`` Hz for ``length`` s from
+    50 ms after each onset ``on[p]``; ``other`` is a second task with no presentations."""
+    n_units = rates.shape[1]
     base = rng.poisson(2.0 * dur, n_units)
     times = [rng.uniform(0, dur, n) for n in base]
     units = [np.full(n, u) for u, n in enumerate(base)]
-    for p, t0 in enumerate(on):
-        extra = rng.poisson((rates[p] - 2.0) * 0.25)
+    for p, t0 in enumerate(on):  # extra spikes during each presentation (50 ms latency)
+        extra = rng.poisson((rates[p] - 2.0) * length)
         for u in range(n_units):
-            times.append(t0 + 0.05 + rng.uniform(0, 0.25, extra[u]))
+            times.append(t0 + 0.05 + rng.uniform(0, length, extra[u]))
             units.append(np.full(extra[u], u))
     t, u = np.concatenate(times), np.concatenate(units).astype(np.int32)
     order = np.argsort(t, kind="stable")
-    dg = np.zeros(0)
-    stim = [Intervals("static_gratings", on, on + 0.25, label),
-            Intervals("drifting_gratings", dg, dg + 2.0, np.zeros(0, np.int64))]
-    return SessionRecord("sg", "ephys", "VISp", "m", "sg.nwb", [str(100 + i) for i in range(n_units)],
+    none = np.zeros(0)
+    stim = [Intervals(task, on, on + length, label),
+            Intervals(other[0], none, none + other[1], np.zeros(0, np.int64))]
+    return SessionRecord(name, "ephys", "VISp", "m", f"{name}.nwb", [str(100 + i) for i in range(n_units)],
                          0.0, dur, stim, spike_times=t[order], spike_units=u[order])
+
+
+def store_of(tmp_path_factory, record: SessionRecord) -> str:
+    uri = str(tmp_path_factory.mktemp(record.session_id) / "store")
+    make_store(uri, [record])
+    return uri
 
 
 def train_small(store: str, steps: int = STEPS, seed: int = 0) -> MultiModalPOYO:
@@ -130,9 +133,7 @@ def window_counts(batch: dict, n_units: int) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def easy_store(tmp_path_factory):
-    uri = str(tmp_path_factory.mktemp("easy") / "store")
-    make_store(uri, [tuned_record()])
-    return uri
+    return store_of(tmp_path_factory, tuned_record())
 
 
 def test_small_model_learns_tuning_as_well_as_a_logistic_regression(easy_store):
@@ -162,9 +163,7 @@ def test_small_model_learns_tuning_as_well_as_a_logistic_regression(easy_store):
 
 @pytest.fixture(scope="module")
 def static_store(tmp_path_factory):
-    uri = str(tmp_path_factory.mktemp("static") / "store")
-    make_store(uri, [static_record()])
-    return uri
+    return store_of(tmp_path_factory, static_record())
 
 
 def test_small_model_reads_the_spikes_of_its_own_presentation(static_store):
