@@ -1,0 +1,141 @@
+"""Sweeps (python -m trainer.tune): a tiny sweep of 2 ratios x 1 seed on a synthetic store writes exactly
+the expected rows, results.md and PNGs; restoring a sweep whose trial failed runs only that trial (from
+its last stage); the held-out draw is deterministic and never pretrained on; `report` rebuilds the same
+files from results.parquet; bad input is one line before any trial."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib.image
+import pandas as pd
+import pytest
+import yaml
+
+from tests.support.storegen import ephys, make_store, ophys
+from trainer.tune.cli import main
+from trainer.tune.heldout import choose_heldout, heldout_ids, session_table
+from trainer.tune.points import Point, point_sessions
+
+REGIONS = ["VISp", "VISp", "VISl", "VISl"]
+TINY = {"name": "tiny", "version": 1, "held_out": 1, "pretrain_steps": 6, "finetune_epochs": 1, "unfreeze_epoch": 0,
+        "evaluate": ["ophys"],
+        "train": {"batch_size": 8, "epoch_windows": 24, "loader_workers": 0, "log_every": 2, "val_batches": 2}}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Two regions x two sessions of each modality: one held out per region, one left to pretrain on."""
+    recs = []
+    for i, region in enumerate(REGIONS):
+        recs.append(ephys(f"e{i}", region, 120.0, seed=10 + i, first_id=100 * (i + 1)))
+        recs.append(ophys(f"o{i}", region, 120.0, seed=20 + i))
+    return make_store(str(tmp_path_factory.mktemp("tune") / "store"), recs).uri
+
+
+@pytest.fixture
+def spec_file(tmp_path):
+    def write(**changes):
+        path = tmp_path / "spec.yaml"
+        path.write_text(yaml.safe_dump({**TINY, **changes}))
+        return str(path)
+    return write
+
+
+def attempts(sweep, key: str) -> int:
+    with open(os.path.join(sweep, "trials", key, "attempts.jsonl")) as fh:
+        return len(fh.read().splitlines())
+
+
+def pretraining_runs(sweep, key: str) -> int:
+    """How many times the trial's pretraining started (trainer.train's loop logs one header per start)."""
+    with open(os.path.join(sweep, "trials", key, "pretrain", "train.log")) as fh:
+        return sum("steps per epoch" in line for line in fh)
+
+
+def test_tiny_sweep_writes_results_and_a_restore_runs_only_the_missing_trial(store, spec_file, tmp_path, ray_cluster,
+                                                                             monkeypatch):
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    sweep = str(tmp_path / "sweep")
+    args = ["--experiment", spec_file(), "--ratios", "0,0.5", "--seeds", "0", "--shards", store, "--out", sweep,
+            "--workers", "0", "--cpus-per-worker", "0.5", "--concurrent", "2", "--max-failures", "0"]
+    mixed = Point(ratio=0.5, seed=0).key
+    monkeypatch.setenv("NEUROMIX_TUNE_FAIL", mixed)  # fails once, after its pretraining
+    with pytest.raises(SystemExit, match="1 trial\\(s\\) failed; rerun the same command"):
+        main(args)
+    first = pd.read_parquet(os.path.join(sweep, "results.parquet"))
+    assert set(first.ratio) == {0.0}
+    monkeypatch.delenv("NEUROMIX_TUNE_FAIL")
+
+    summary = main(args)  # the same command: Tuner.restore, only the failed trial runs
+    assert summary["restored"] and summary["finished"] == 2 and not summary["errors"]
+    only_ophys = Point(ratio=0.0, seed=0).key
+    assert attempts(sweep, only_ophys) == 1 and attempts(sweep, mixed) == 2
+    assert pretraining_runs(sweep, only_ophys) == 1 and pretraining_runs(sweep, mixed) == 1  # retried from its stage
+
+    df = pd.read_parquet(os.path.join(sweep, "results.parquet"))
+    held = json.load(open(os.path.join(sweep, "heldout.json")))["sessions"]
+    ophys_held = sorted(s for ids in held["ophys"].values() for s in ids)
+    expected = {(r, s, t) for r in (0.0, 0.5) for s in ophys_held
+                for t in ("static_gratings", "drifting_gratings", "natural_scenes")}
+    assert len(df) == len(expected) == 12
+    assert set(zip(df.ratio, df.session, df.task)) == expected
+    for col in ("experiment", "ratio", "seed", "set_size", "variant", "ophys_regions", "ephys_regions", "session",
+                "task", "modality", "accuracy", "trial_id"):
+        assert col in df.columns
+    assert set(df.modality) == {"ophys"} and set(df.experiment) == {"tiny"} and df.accuracy.between(0, 1).all()
+    assert df.trial_id.nunique() == 2 and set(df[df.ratio == 0.5].mix) == {"ephys=0.5,ophys=0.5"}
+
+    md = open(os.path.join(sweep, "results.md")).read()
+    assert "Static Gratings" in md and "OPhys all (r=0, n=all, main)" in md and " ± " in md
+    pngs = {}
+    for name in ("scaling.png", "transfer.png"):
+        img = matplotlib.image.imread(os.path.join(sweep, name))
+        assert img.shape[0] > 100 and img.shape[1] > 100
+        pngs[name] = open(os.path.join(sweep, name), "rb").read()
+    assert len(os.listdir(os.path.join(sweep, "tb"))) == 2  # one hparams run per trial
+
+    # report rebuilds the same files from results.parquet alone
+    for name in ("results.md", *pngs):
+        os.remove(os.path.join(sweep, name))
+    assert main(["report", sweep]) == ["results.md", "scaling.png", "transfer.png"]
+    assert open(os.path.join(sweep, "results.md")).read() == md
+    for name, data in pngs.items():
+        assert open(os.path.join(sweep, name), "rb").read() == data
+
+
+def test_heldout_draw_is_deterministic_and_never_pretrained_on(store):
+    table = session_table(store)
+    a, b = choose_heldout(table, 1, seed=3), choose_heldout(table, 1, seed=3)
+    assert a == b and set(a) == {"ephys", "ophys"} and all(len(v) == 1 for m in a.values() for v in m.values())
+    assert {choose_heldout(table, 1, seed=s)["ophys"]["VISp"][0] for s in range(8)} == {"o0", "o1"}  # seeds differ
+    held = set(heldout_ids(a))
+    for point in (Point(ratio=0.5, seed=0), Point(ratio=0.0, seed=1, ophys_regions="VISp"),
+                  Point(ratio=1.0, seed=0, set_size=1), Point(ratio=0.5, seed=0, ephys_regions="VISl+VISp")):
+        sessions = point_sessions(point, table, a, heldout_seed=3)
+        assert sessions and not held & set(sessions)
+    assert point_sessions(Point(ratio=0.0, seed=0, ophys_regions="VISp"), table, a, 3) == sorted(
+        {"o0", "o1"} - held)
+    with pytest.raises(ValueError, match="VISl has 2 session\\(s\\) left to hold out, fewer than held_out=3"):
+        choose_heldout(table, 3, seed=0, store="S")
+
+
+@pytest.mark.parametrize("flags, spec, message", [
+    (["--ratios", "0,1.5"], {}, "ratios = \\[0.0, 1.5\\]: each ratio .* within \\[0, 1\\]"),
+    (["--seeds", ""], {}, "command line \\(--seeds\\): seeds = \\[\\]: give at least one seed"),
+    (["--variants", "main,tiny"], {}, "unknown variant 'tiny'"),
+    (["--ophys-regions", "VISx"], {}, "ophys_regions: unknown region 'VISx'"),
+    (["--held-out", "3"], {}, "fewer than held_out=3"),
+    ([], {"ratio": [0.5]}, "spec.yaml: unknown key 'ratio' \\(did you mean 'ratios'\\?\\)"),
+    ([], {"seeds": "0"}, "spec.yaml: seeds = '0': expected a list of integers"),
+    ([], {"variants": ["main", "common_ca"]}, "spec.yaml: variants = .*unknown variant 'common_ca'"),
+    (["--experiment", "fig99"], None, "--experiment fig99: no such spec file, and not a named experiment"),
+])
+def test_bad_input_is_one_line_before_any_trial(store, spec_file, tmp_path, flags, spec, message):
+    sweep = tmp_path / "sweep"
+    exp = [] if spec is None else ["--experiment", spec_file(**spec)]
+    with pytest.raises(SystemExit, match=message) as info:
+        main([*exp, "--shards", store, "--out", str(sweep), *flags])
+    assert str(info.value).startswith("error: ") and "\n" not in str(info.value)
+    assert not os.path.exists(sweep / "tune")  # no trial started
