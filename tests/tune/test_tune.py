@@ -5,6 +5,7 @@ files from results.parquet; bad input is one line before any trial."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -13,10 +14,13 @@ import pandas as pd
 import pytest
 import yaml
 
+from shards.store import Store
 from tests.support.storegen import ephys, make_store, ophys
+from trainer.tune import report, results
 from trainer.tune.cli import main
 from trainer.tune.heldout import choose_heldout, heldout_ids, session_table
-from trainer.tune.points import Point, point_sessions
+from trainer.tune.points import Point, grid_points, point_sessions
+from trainer.tune.spec import load_spec
 
 REGIONS = ["VISp", "VISp", "VISl", "VISl"]
 TINY = {"name": "tiny", "version": 1, "held_out": 1, "pretrain_steps": 6, "finetune_epochs": 1, "unfreeze_epoch": 0,
@@ -139,3 +143,32 @@ def test_bad_input_is_one_line_before_any_trial(store, spec_file, tmp_path, flag
         main([*exp, "--shards", store, "--out", str(sweep), *flags])
     assert str(info.value).startswith("error: ") and "\n" not in str(info.value)
     assert not os.path.exists(sweep / "tune")  # no trial started
+
+
+@pytest.mark.parametrize("name, trials", [("fig2", 60), ("fig3", 30), ("fig4", 18), ("table1", 12)])
+def test_named_experiments_load_and_collapse_axes_that_do_not_apply(name, trials):
+    spec = load_spec(name)
+    assert spec.name == name and spec.version >= 1
+    points = grid_points(spec)
+    assert len(points) == trials and len({p.key for p in points}) == trials
+    assert all(p.ephys_regions == "all" for p in points if p.ratio == 0)
+
+
+def test_report_lays_out_the_ablation_and_marks_changes_all_seeds_agree_on(tmp_path):
+    rows = []
+    for variant, ratio, seed, region in itertools.product(("main", "separate"), (0.0, 0.5), (0, 1), ("VISl", "VISp")):
+        acc = 0.3 + 0.1 * ratio + (0.05 if variant == "main" else 0.0) + 0.01 * seed
+        p = Point(ratio=ratio, seed=seed, variant=variant)
+        rows.append({**p.to_dict(), "weights": "", "mix": p.mix(), "point": p.key, "trial_id": p.key,
+                     "session": f"o-{region}", "region": region, "modality": "ophys", "task": "static_gratings",
+                     "accuracy": acc, "n": 10})
+    sweep = Store(str(tmp_path / "sweep"))
+    results.write(sweep, rows, "ablate", 1)
+    assert report.build(sweep) == ["ablation.png", "results.md", "scaling.png", "transfer.png"]
+    md = open(tmp_path / "sweep" / "results.md").read()
+    assert "| main | **0.3800 ± 0.0050** |" in md and "| separate | 0.3300 ± 0.0050 |" in md  # mean over both ratios
+    assert "| OPhys all (r=0, n=all, main) | 0.3550 ± 0.0050 | 0.3550 ± 0.0050 |" in md
+    assert "| EPhys all + OPhys all (r=0.5, n=all, separate) | 0.3550 ± 0.0050 | 0.3550 ± 0.0050 |" in md
+    changes = report.transfer_changes(report.prepare(results.read(sweep)))
+    assert len(changes) == 4  # (main, separate) x (VISl, VISp), each against its own variant's baseline
+    assert all(abs(delta - 0.05) < 1e-9 and agree for delta, agree in changes.values())

@@ -125,7 +125,8 @@ def ablation_table(df: pd.DataFrame) -> list[str]:
                  for v in variants for t in tasks}
         best = {t: max((stats[(v, t)][0] for v in variants if not math.isnan(stats[(v, t)][0])), default=math.nan)
                 for t in tasks}
-        lines += [f"### Ablation, {MOD_TITLE.get(mod, mod)} held-out sessions (mean ± SEM over seeds)", ""]
+        lines += [f"### Ablation, {MOD_TITLE.get(mod, mod)} held-out sessions (mean ± SEM over seeds; each seed "
+                  f"averaged over the sweep's pretraining sets)", ""]
         lines.append("| variant | " + " | ".join(TASK_TITLE.get(t, t) for t in tasks) + " |")
         lines.append("|---|" + "---|" * len(tasks))
         for v in variants:
@@ -221,6 +222,26 @@ def transfer_rows(df: pd.DataFrame) -> list[tuple[str, str]]:
     return sorted(pairs)
 
 
+def transfer_changes(df: pd.DataFrame) -> dict[tuple[str, str, str], tuple[float, bool]]:
+    """{(multi-modal set, task, OPhys evaluation region): (mean change vs its OPhys-only baseline over the
+    seeds both have, whether every one of those seeds changed the same way)}."""
+    oph = df[df.modality == "ophys"]
+    ps = oph.groupby(["label", "task", "region", "seed"], sort=True)["accuracy"].mean()
+    out = {}
+    for label, base in transfer_rows(df):
+        for (lab, task, region), mine in ps.groupby(level=[0, 1, 2]):
+            if lab != label or (base, task, region) not in ps.index.droplevel(3):
+                continue
+            theirs = ps.loc[(base, task, region)]
+            mine = mine.droplevel([0, 1, 2])
+            seeds = sorted(set(mine.index) & set(theirs.index))
+            diffs = [float(mine[s] - theirs[s]) for s in seeds]
+            if diffs:
+                out[(label, task, region)] = (float(np.mean(diffs)),
+                                              all(d > 0 for d in diffs) or all(d < 0 for d in diffs))
+    return out
+
+
 def transfer_plot(df: pd.DataFrame) -> bytes | None:
     """Figs. 3-4: per task, rows = the baseline(s) then each multi-modal set, columns = OPhys evaluation
     regions; baseline rows show accuracy, the others the change against their baseline, '*' where every
@@ -231,7 +252,8 @@ def transfer_plot(df: pd.DataFrame) -> bytes | None:
     plt = _plt()
     oph = df[df.modality == "ophys"]
     regions, tasks = sorted(oph.region.unique()), tasks_of(oph)
-    ps = oph.groupby(["label", "seed", "task", "region"], sort=True)["accuracy"].mean()
+    base_acc = summarise(oph, ["task", "region"])
+    changes = transfer_changes(df)
     bases = sorted({b for _, b in pairs})
     rows = [(b, None) for b in bases] + pairs
     fig, axes = plt.subplots(1, len(tasks), figsize=(1.2 * len(regions) + 4.5 * len(tasks), 0.45 * len(rows) + 2),
@@ -241,22 +263,17 @@ def transfer_plot(df: pd.DataFrame) -> bytes | None:
         mat = np.full((len(rows), len(regions)), np.nan)
         for i, (label, base) in enumerate(rows):
             for k, reg in enumerate(regions):
-                mine = {s: v for (lab, s, t, rg), v in ps.items() if lab == label and t == task and rg == reg}
                 if base is None:
-                    mat[i, k] = np.mean(list(mine.values())) if mine else np.nan
-                    if mine:
-                        ax.text(k, i, f"{mat[i, k]:.2f}", ha="center", va="center", fontsize=7)
+                    m = base_acc.get((label, task, reg), (math.nan,))[0]
+                    if not math.isnan(m):
+                        ax.text(k, i, f"{m:.2f}", ha="center", va="center", fontsize=7)
                     continue
-                theirs = {s: v for (lab, s, t, rg), v in ps.items() if lab == base and t == task and rg == reg}
-                diffs = [mine[s] - theirs[s] for s in sorted(set(mine) & set(theirs))]
-                if diffs:
-                    mat[i, k] = float(np.mean(diffs))
-                    agree = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
-                    ax.text(k, i, f"{mat[i, k]:+.2f}" + ("*" if agree else ""), ha="center", va="center", fontsize=7)
-        delta = mat[len(bases):]
-        lim = float(np.nanmax(np.abs(delta))) if np.isfinite(delta).any() else 1.0
-        ax.imshow(np.where(np.arange(len(rows))[:, None] < len(bases), np.nan, mat), cmap="RdBu", vmin=-lim or -1,
-                  vmax=lim or 1, aspect="auto")
+                if (label, task, reg) in changes:
+                    delta, agree = changes[(label, task, reg)]
+                    mat[i, k] = delta
+                    ax.text(k, i, f"{delta:+.2f}" + ("*" if agree else ""), ha="center", va="center", fontsize=7)
+        lim = float(np.nanmax(np.abs(mat))) if np.isfinite(mat).any() else 0.0
+        ax.imshow(mat, cmap="RdBu", vmin=-(lim or 1.0), vmax=lim or 1.0, aspect="auto")
         ax.set_xticks(range(len(regions)), regions, fontsize=8)
         ax.set_yticks(range(len(rows)), [("baseline: " if b is None else "Δ ") + lab for lab, b in rows], fontsize=7)
         ax.set_xlabel("OPhys evaluation region")
