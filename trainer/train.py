@@ -44,6 +44,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from shards.store import StoreError
 from shards.stream.dataset import CorruptSampleError, MixtureStream
 from shards.stream.fetch import FetchError
 from trainer import testhooks
@@ -81,15 +82,17 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def data_error(exc: BaseException) -> BaseException | None:
-    """The stream's own error (store unreachable, corrupt samples over budget) inside whatever Ray wrapped
-    it in (exception chains, RayTaskError.cause, a training failure's per-worker errors), or None."""
+    """The stream's own error (store unreachable, corrupt samples over budget) or the store's (a worker that
+    Ray Train restarted after an outage fails opening the store: StoreError, one line naming the store)
+    inside whatever Ray wrapped it in (exception chains, RayTaskError.cause, a training failure's
+    per-worker errors), or None."""
     stack, seen = [exc], set()
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, (FetchError, CorruptSampleError)):
+        if isinstance(e, (FetchError, CorruptSampleError, StoreError)):
             return e
         stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
         for name in ("worker_failures", "worker_exceptions"):
