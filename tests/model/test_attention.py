@@ -40,6 +40,38 @@ def test_factored_keys_values_equal_per_token_projection_and_gradients(calcium, 
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rotate_values", [False, True])
+def test_calcium_gain_adds_a_per_unit_direction_times_the_value(rotate_values):
+    """calcium_gain: kv_t = W LN(a + f c) + f W_g LN(a) / s_t (s_t: the LayerNorm's scale of a + f c),
+    computed per unit in context_factored; values and gradients equal the direct per-token form."""
+    torch.manual_seed(1)
+    attn = RotaryCrossAttention(dim=32, heads=2, dim_head=8, dropout=0.0, rotate_values=rotate_values,
+                                calcium_gain=True)
+    torch.nn.init.normal_(attn.norm_kv.weight)
+    torch.nn.init.normal_(attn.norm_kv.bias)
+    rows = torch.randn(7, 32, requires_grad=True)
+    direction = torch.randn(32, requires_grad=True)
+    index, values = torch.randint(0, 7, (200,)), torch.randn(200) * 3
+    rope = RotaryTimeEmbedding(dim_head=8, t_min=1e-4, t_max=4.0)(torch.rand(200))
+    fast = attn.context_factored(rows, index, rope, values, direction)
+    x = rows[index] + values[:, None] * direction
+    k0, v0 = attn.to_kv(attn.norm_kv(x)).unflatten(-1, (2, 2, 8)).unbind(-3)
+    inv_s = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + attn.norm_kv.eps)
+    gk, gv = (attn.to_gain(attn.norm_kv(rows))[index] * values[:, None] * inv_s).unflatten(-1, (2, 2, 8)).unbind(-3)
+    k = rotate(k0 + gk, rope)
+    v = rotate(v0 + gv, rope) if rotate_values else v0 + gv
+    slow = (k, v)
+    weights = [torch.randn_like(t) for t in slow]
+    params = [rows, direction, attn.norm_kv.weight, attn.norm_kv.bias, attn.to_kv.weight, attn.to_gain.weight]
+    g_fast = torch.autograd.grad(sum((a * w).sum() for a, w in zip(fast, weights)), params)
+    g_slow = torch.autograd.grad(sum((a * w).sum() for a, w in zip(slow, weights)), params)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=3e-6, rtol=1e-5)
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert g_fast[-1].abs().sum() > 0  # the gain is trained
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # nested: prototype API; flex: eager (uncompiled) on CPU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: what the CUDA path runs in
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "flash"])

@@ -203,7 +203,7 @@ def test_yaml_then_flags_override_defaults(tmp_path, capsys):
     assert cfg.model_config().dim == 64 and cfg.weight_decay == 1e-4
     assert TrainConfig(workers=4).peak_lr == pytest.approx(3.125e-5 * 32 * 4)  # LAMB (paper preset): linear rule
     small = TrainConfig(workers=4, preset="small")
-    assert small.optimizer_name == "adamw" and small.peak_lr == pytest.approx(1e-3 * 2)  # AdamW: sqrt(128 / 32)
+    assert small.optimizer_name == "adamw" and small.peak_lr == pytest.approx(5e-4 * 2)  # AdamW: sqrt(128 / 32)
     assert TrainConfig(workers=4, preset="small", optimizer="lamb").peak_lr == pytest.approx(3.125e-5 * 32 * 4)
     with pytest.raises(SystemExit):
         parse_args(["--help"])

@@ -157,6 +157,7 @@ class _TokenKeysValues(torch.autograd.Function):
     """Per-token keys and values from per-unit rows, rotated, with a hand-written backward.
 
     kv_t = bias + scale_t * (table[index_t] + coef_t * direction);  k_t = R(t) kv_t[:Hd];  v_t = kv_t[Hd:]
+    (``direction`` is one (2Hd,) row, or a (U, 2Hd) table read at ``index_t``: a direction per unit)
     (also rotated when ``rotate_values``). Shapes: table (U, 2Hd), per-token (N,), k, v (N, H, d).
 
     Built from autograd ops, this costs several fresh N x 2Hd buffers (each a round of page faults
@@ -169,8 +170,8 @@ class _TokenKeysValues(torch.autograd.Function):
     def forward(ctx, table, index, coef, direction, scale, bias, rot, heads, rotate_values):
         inner = table.shape[1] // 2
         kv = table.index_select(0, index)
-        if coef is not None:
-            kv.addcmul_(coef[:, None], direction)
+        if coef is not None:  # direction (2Hd,) shared, or (U, 2Hd) per unit (the calcium gain)
+            kv.addcmul_(coef[:, None], direction if direction.dim() == 1 else direction.index_select(0, index))
         if scale is not None:
             kv.mul_(scale[:, None])
         if bias is not None:
@@ -180,6 +181,7 @@ class _TokenKeysValues(torch.autograd.Function):
         v = rotate_into(v, rot) if rotate_values else v
         ctx.save_for_backward(index, coef, scale, bias, kv if scale is not None else None, rot)
         ctx.table_rows, ctx.rotate_values, ctx.has_direction = table.shape[0], rotate_values, direction is not None
+        ctx.per_unit_direction = direction is not None and direction.dim() == 2
         return k, v
 
     @staticmethod
@@ -201,7 +203,13 @@ class _TokenKeysValues(torch.autograd.Function):
                 dot = _rowdot(dkv, kv)
                 d_scale = (dot - dkv @ bias if bias is not None else dot) / scale
             dkv.mul_(scale[:, None])
-        d_direction = coef @ dkv if ctx.has_direction and ctx.needs_input_grad[3] else None
+        d_direction = None
+        if ctx.has_direction and ctx.needs_input_grad[3]:
+            if ctx.per_unit_direction:
+                d_direction = torch.zeros(ctx.table_rows, dkv.shape[1], dtype=dkv.dtype, device=dkv.device)
+                d_direction.index_add_(0, index, dkv * coef[:, None])
+            else:
+                d_direction = coef @ dkv
         d_table = torch.zeros(ctx.table_rows, dkv.shape[1], dtype=dkv.dtype, device=dkv.device)
         d_table.index_add_(0, index, dkv)
         return d_table, None, None, d_direction, d_scale, d_bias, None, None, None
@@ -239,7 +247,8 @@ class RotaryCrossAttention(nn.Module):
     """
 
     def __init__(self, *, dim: int, heads: int, dim_head: int, dropout: float, rotate_values: bool,
-                 backend: str = "auto", time_prior: float = 0.0, omega: Tensor | None = None) -> None:
+                 backend: str = "auto", time_prior: float = 0.0, omega: Tensor | None = None,
+                 calcium_gain: bool = False) -> None:
         super().__init__()
         self.heads, self.dim_head, self.dropout = heads, dim_head, dropout
         self.rotate_values, self.backend = rotate_values, backend
@@ -249,6 +258,8 @@ class RotaryCrossAttention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim)
+        # calcium tokens: a per-unit key/value direction scaled by the token's dF/F (context_factored)
+        self.to_gain = nn.Linear(dim, 2 * inner, bias=False) if calcium_gain else None
         self.q_time = self.k_time = None
         if time_prior > 0:  # learned query/key offsets, initialised to a time-local kernel (time_prior_offsets)
             off = time_prior_offsets(heads, dim_head, omega, time_prior)
@@ -284,6 +295,12 @@ class RotaryCrossAttention(nn.Module):
         linear, so W LayerNorm(x) = (W(g a_c) + f W(g c_c)) / s + W beta. W(g a_c) and the three dot
         products are per unit; a token costs one gather and two multiply-adds of width 2*H*d, and the
         backward is a scatter-add into the unit rows (``_TokenKeysValues``).
+
+        With ``calcium_gain`` (``to_gain``) a token also gets ``f * W_g LayerNorm(a) / s``: a direction per
+        unit scaled by its dF/F. Added to the unit embedding, f reaches every unit's key and value along
+        the same direction W c_c, so a latent averaging tokens sees one weighted mean of dF/F, where a
+        linear decoder weighs each ROI's dF/F on its own; the per-unit direction is that weighting (an
+        EPhys token's value is its unit's row, counted once per spike: the same form with f = 1).
         """
         ln, w = self.norm_kv, self.to_kv.weight
         a_c = rows - rows.mean(-1, keepdim=True)
@@ -299,6 +316,8 @@ class RotaryCrossAttention(nn.Module):
         else:
             c_c = direction - direction.mean()
             per_value = F.linear(c_c * ln.weight, w).to(dt)  # (2Hd,)
+            if self.to_gain is not None:  # (U, 2Hd): each unit's own dF/F direction
+                per_value = per_value + self.to_gain(ln(rows)).to(dt)
             s_aa = a_c.float().pow(2).sum(-1)[index]
             s_ac = (a_c.float() @ c_c.float())[index]
             f = coef.float()

@@ -71,6 +71,7 @@ class ModelConfig:
     rotate_values: bool = False  # papers' eq. (1)-(3) rotate queries and keys only; torch_brain also rotates values
     time_prior: float = 0.0  # > 0: learned q/k offsets start as a time-local kernel, this many logits per pair
     zero_init_residual: bool = False  # residual branches' output projections start at 0 (blocks start as identity)
+    calcium_gain: bool = False  # calcium tokens also get a per-unit key/value direction times dF/F (attention.py)
     # architecture variant (trainer.model.variants)
     shared_encoder: bool = False  # True: one cross-attention encoder for both modalities ("common-ca")
     encoder_ca_depth: int = 1  # cross-attention layers per encoder

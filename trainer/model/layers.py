@@ -108,7 +108,7 @@ class Encoder(nn.Module):
         self.cross = nn.ModuleList(
             RotaryCrossAttention(dim=c.dim, heads=c.cross_heads, dim_head=c.dim_head, dropout=c.attn_dropout,
                                  rotate_values=c.rotate_values, backend=c.attn_backend,
-                                 time_prior=c.time_prior, omega=omega)
+                                 time_prior=c.time_prior, omega=omega, calcium_gain=calcium and c.calcium_gain)
             for _ in range(c.encoder_ca_depth))
         self.cross_ffn = nn.ModuleList(FeedForward(dim=c.dim, mult=c.ffn_mult, dropout=c.ffn_dropout)
                                        for _ in range(c.encoder_ca_depth))
