@@ -5,8 +5,10 @@ files from results.parquet; bad input is one line before any trial."""
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
+import math
 import os
 
 import matplotlib.image
@@ -21,6 +23,8 @@ from trainer.tune.cli import main
 from trainer.tune.heldout import choose_heldout, heldout_ids, session_table
 from trainer.tune.points import Point, grid_points, point_sessions
 from trainer.tune.spec import load_spec
+from trainer.tune.sweep import Resources, param_space, prepare, tune_config
+from trainer.tune.trial import point_of
 
 REGIONS = ["VISp", "VISp", "VISl", "VISl"]
 TINY = {"name": "tiny", "version": 1, "held_out": 1, "pretrain_steps": 6, "finetune_epochs": 1, "unfreeze_epoch": 0,
@@ -91,6 +95,12 @@ def test_tiny_sweep_writes_results_and_a_restore_runs_only_the_missing_trial(sto
     assert set(df.modality) == {"ophys"} and set(df.experiment) == {"tiny"} and df.accuracy.between(0, 1).all()
     assert df.trial_id.nunique() == 2 and set(df[df.ratio == 0.5].mix) == {"ephys=0.5,ophys=0.5"}
 
+    # what ASHA compares: each validation of the pretraining reported to Tune while the trial runs
+    reports = [json.loads(line) for f in glob.glob(os.path.join(sweep, "tune", "*", "result.json"))
+               for line in open(f) if line.strip()]
+    during = [r for r in reports if r["stage"] == "pretrain"]
+    assert during and all(math.isfinite(r["val_score"]) and r["validations"] >= 1 for r in during)
+
     md = open(os.path.join(sweep, "results.md")).read()
     assert "Static Gratings" in md and "OPhys all (r=0, n=all, main)" in md and " ± " in md
     pngs = {}
@@ -98,7 +108,9 @@ def test_tiny_sweep_writes_results_and_a_restore_runs_only_the_missing_trial(sto
         img = matplotlib.image.imread(os.path.join(sweep, name))
         assert img.shape[0] > 100 and img.shape[1] > 100
         pngs[name] = open(os.path.join(sweep, name), "rb").read()
-    assert len(os.listdir(os.path.join(sweep, "tb"))) == 2  # one hparams run per trial
+    for point in (only_ophys, mixed):  # one TensorBoard hparams run per trial (its axes and test accuracy)
+        events = b"".join(open(f, "rb").read() for f in glob.glob(os.path.join(sweep, "tb", point, "events.*")))
+        assert b"_hparams_/session_start_info" in events and b"test/ophys/static_gratings" in events
 
     # report rebuilds the same files from results.parquet alone
     for name in ("results.md", *pngs):
@@ -172,3 +184,28 @@ def test_report_lays_out_the_ablation_and_marks_changes_all_seeds_agree_on(tmp_p
     changes = report.transfer_changes(report.prepare(results.read(sweep)))
     assert len(changes) == 4  # (main, separate) x (VISl, VISp), each against its own variant's baseline
     assert all(abs(delta - 0.05) < 1e-9 and agree for delta, agree in changes.values())
+
+
+def test_asha_compares_validation_scores_and_bayes_searches_per_region_weights(store, spec_file, tmp_path):
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    def plan(search):
+        spec = load_spec(spec_file(), {"search": search, "samples": 3})
+        return prepare(spec, store, str(tmp_path / search), Resources()), spec
+
+    asha, _ = plan("asha")
+    cfg = tune_config(asha, Resources())
+    assert isinstance(cfg.scheduler, ASHAScheduler) and cfg.metric is None  # the scheduler carries its metric
+    assert cfg.scheduler._metric == "val_score" and cfg.scheduler._time_attr == "validations"
+    bayes, spec = plan("bayes")
+    cfg = tune_config(bayes, Resources())
+    assert isinstance(cfg.search_alg, OptunaSearch) and cfg.num_samples == 3
+    space = param_space(bayes)
+    assert sorted(k for k in space if k.startswith("w:")) == ["w:ephys:VISl", "w:ephys:VISp", "w:ophys:VISl",
+                                                              "w:ophys:VISp"]
+    point = point_of({"w:ephys:VISl": 1.0, "w:ephys:VISp": 1.0, "w:ophys:VISl": 2.0, "w:ophys:VISp": 0.0,
+                      "seed": 0}, spec)
+    assert point.weights == {"ephys/VISl": 0.25, "ephys/VISp": 0.25, "ophys/VISl": 0.5, "ophys/VISp": 0.0}
+    assert point.ratio == 0.5 and point.mix() == "ephys/VISl=0.25,ephys/VISp=0.25,ophys/VISl=0.5"
+    assert point.regions("ophys") == ["VISl"] and point.key.startswith("r0.5_s0_")

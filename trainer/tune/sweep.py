@@ -108,7 +108,8 @@ def trial_resources() -> dict:
 
 def param_space(plan: Plan) -> dict:
     if plan.spec.search == "bayes":
-        space = {f"w:{sel}": ray.tune.uniform(0.0, 1.0) for sel in plan.context["bayes_selectors"]}
+        # "w:ephys:VISp" (Tune flattens config keys on "/"): the trial's per-region weight, normalised there
+        space = {f"w:{sel.replace('/', ':')}": ray.tune.uniform(0.0, 1.0) for sel in plan.context["bayes_selectors"]}
         return {**space, "seed": plan.spec.seeds[0]}
     return {"point": ray.tune.grid_search([p.to_dict() for p in plan.points])}
 

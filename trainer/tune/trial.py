@@ -57,7 +57,7 @@ def point_of(config: dict, spec: ExperimentSpec) -> Point:
     """The trial's point from its Tune config: a grid point, or a searcher's per-region weights."""
     if "point" in config:
         return Point.from_dict(config["point"])
-    weights = {k[2:]: float(v) for k, v in config.items() if k.startswith("w:")}
+    weights = {k[2:].replace(":", "/", 1): float(v) for k, v in config.items() if k.startswith("w:")}
     total = sum(weights.values()) or 1.0
     weights = {k: round(v / total, 6) for k, v in weights.items()}
     ratio = round(sum(w for k, w in weights.items() if k.startswith("ephys/")), 6)
