@@ -158,10 +158,10 @@ def run_sweep(plan: Plan, res: Resources, progress=print) -> dict:
         if m.get("rows"):
             rows += json.loads(m["rows"])
         elif r.error is not None:
-            errors.append(f"{m.get('trial_id', '?')}: {type(r.error).__name__}: "
+            errors.append(f"{m.get('trial_id') or os.path.basename(str(r.path))}: {type(r.error).__name__}: "
                           f"{(str(r.error).strip().splitlines() or [''])[-1][:200]}")
         else:
-            stopped.append(m.get("trial_id", "?"))
+            stopped.append(m.get("trial_id") or os.path.basename(str(r.path)))
     summary = {"trials": len(grid), "finished": len(grid) - len(errors) - len(stopped), "errors": errors,
                "stopped": stopped, "rows": len(rows), "restored": restored}
     if rows:
