@@ -15,29 +15,41 @@ from trainer.model.network import MultiModalPOYO
 from trainer.model.rotary import RotaryTimeEmbedding, rotate
 
 
-@pytest.mark.parametrize("rotate_values", [False, True])
-@pytest.mark.parametrize("calcium", [False, True])
-def test_factored_keys_values_equal_per_token_projection_and_gradients(calcium, rotate_values):
-    torch.manual_seed(0)
-    attn = RotaryCrossAttention(dim=32, heads=2, dim_head=8, dropout=0.0, rotate_values=rotate_values)
+def _factored_case(rotate_values: bool, calcium_gain: bool = False):
+    """A cross-attention with non-trivial LayerNorm parameters, 7 unit rows, a W_f direction and 200 tokens."""
+    attn = RotaryCrossAttention(dim=32, heads=2, dim_head=8, dropout=0.0, rotate_values=rotate_values,
+                                calcium_gain=calcium_gain)
     torch.nn.init.normal_(attn.norm_kv.weight)
     torch.nn.init.normal_(attn.norm_kv.bias)
     rows = torch.randn(7, 32, requires_grad=True)
     direction = torch.randn(32, requires_grad=True)
     index, values = torch.randint(0, 7, (200,)), torch.randn(200) * 3
     rope = RotaryTimeEmbedding(dim_head=8, t_min=1e-4, t_max=4.0)(torch.rand(200))
-    coef, dirn = (values, direction) if calcium else (None, None)
-    fast = attn.context_factored(rows, index, rope, coef, dirn)
-    x = rows[index] + values[:, None] * direction if calcium else rows[index]
-    slow = attn.context(x, rope)
+    return attn, rows, direction, index, values, rope
+
+
+def _assert_same_outputs_and_gradients(fast, slow, params) -> list[torch.Tensor]:
     weights = [torch.randn_like(t) for t in slow]
-    params = [rows, attn.norm_kv.weight, attn.norm_kv.bias, attn.to_kv.weight] + ([direction] if calcium else [])
     g_fast = torch.autograd.grad(sum((a * w).sum() for a, w in zip(fast, weights)), params)
     g_slow = torch.autograd.grad(sum((a * w).sum() for a, w in zip(slow, weights)), params)
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, atol=3e-6, rtol=1e-5)
     for a, b in zip(g_fast, g_slow):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    return list(g_fast)
+
+
+@pytest.mark.parametrize("rotate_values", [False, True])
+@pytest.mark.parametrize("calcium", [False, True])
+def test_factored_keys_values_equal_per_token_projection_and_gradients(calcium, rotate_values):
+    torch.manual_seed(0)
+    attn, rows, direction, index, values, rope = _factored_case(rotate_values)
+    coef, dirn = (values, direction) if calcium else (None, None)
+    fast = attn.context_factored(rows, index, rope, coef, dirn)
+    x = rows[index] + values[:, None] * direction if calcium else rows[index]
+    slow = attn.context(x, rope)
+    params = [rows, attn.norm_kv.weight, attn.norm_kv.bias, attn.to_kv.weight] + ([direction] if calcium else [])
+    _assert_same_outputs_and_gradients(fast, slow, params)
 
 
 @pytest.mark.parametrize("rotate_values", [False, True])
@@ -45,14 +57,7 @@ def test_calcium_gain_adds_a_per_unit_direction_times_the_value(rotate_values):
     """calcium_gain: kv_t = W LN(a + f c) + f W_g LN(a) / s_t (s_t: the LayerNorm's scale of a + f c),
     computed per unit in context_factored; values and gradients equal the direct per-token form."""
     torch.manual_seed(1)
-    attn = RotaryCrossAttention(dim=32, heads=2, dim_head=8, dropout=0.0, rotate_values=rotate_values,
-                                calcium_gain=True)
-    torch.nn.init.normal_(attn.norm_kv.weight)
-    torch.nn.init.normal_(attn.norm_kv.bias)
-    rows = torch.randn(7, 32, requires_grad=True)
-    direction = torch.randn(32, requires_grad=True)
-    index, values = torch.randint(0, 7, (200,)), torch.randn(200) * 3
-    rope = RotaryTimeEmbedding(dim_head=8, t_min=1e-4, t_max=4.0)(torch.rand(200))
+    attn, rows, direction, index, values, rope = _factored_case(rotate_values, calcium_gain=True)
     fast = attn.context_factored(rows, index, rope, values, direction)
     x = rows[index] + values[:, None] * direction
     k0, v0 = attn.to_kv(attn.norm_kv(x)).unflatten(-1, (2, 2, 8)).unbind(-3)
@@ -60,16 +65,9 @@ def test_calcium_gain_adds_a_per_unit_direction_times_the_value(rotate_values):
     gk, gv = (attn.to_gain(attn.norm_kv(rows))[index] * values[:, None] * inv_s).unflatten(-1, (2, 2, 8)).unbind(-3)
     k = rotate(k0 + gk, rope)
     v = rotate(v0 + gv, rope) if rotate_values else v0 + gv
-    slow = (k, v)
-    weights = [torch.randn_like(t) for t in slow]
     params = [rows, direction, attn.norm_kv.weight, attn.norm_kv.bias, attn.to_kv.weight, attn.to_gain.weight]
-    g_fast = torch.autograd.grad(sum((a * w).sum() for a, w in zip(fast, weights)), params)
-    g_slow = torch.autograd.grad(sum((a * w).sum() for a, w in zip(slow, weights)), params)
-    for a, b in zip(fast, slow):
-        torch.testing.assert_close(a, b, atol=3e-6, rtol=1e-5)
-    for a, b in zip(g_fast, g_slow):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    assert g_fast[-1].abs().sum() > 0  # the gain is trained
+    grads = _assert_same_outputs_and_gradients(fast, (k, v), params)
+    assert grads[-1].abs().sum() > 0  # the gain is trained
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # nested: prototype API; flex: eager (uncompiled) on CPU
