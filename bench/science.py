@@ -156,13 +156,6 @@ def train_seed(work: Path, store: Path, held: list[str], cfg: BenchConfig, seed:
     return out
 
 
-def mean_sem(values: list[float]) -> tuple[float, float]:
-    v = np.asarray([x for x in values if not math.isnan(x)], dtype=float)
-    if not len(v):
-        return math.nan, math.nan
-    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
-
-
 def plot(path: Path, table: dict, ideal_acc: dict) -> None:
     import matplotlib
 
@@ -192,6 +185,8 @@ def plot(path: Path, table: dict, ideal_acc: dict) -> None:
 
 
 def main() -> None:
+    from trainer.tune.report import mean_sem  # the sweeps' mean +- SEM over seeds (NaN-free)
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
     p.add_argument("--seeds", default="0,1,2")

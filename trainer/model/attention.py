@@ -157,8 +157,8 @@ class _TokenKeysValues(torch.autograd.Function):
     """Per-token keys and values from per-unit rows, rotated, with a hand-written backward.
 
     kv_t = bias + scale_t * (table[index_t] + coef_t * direction);  k_t = R(t) kv_t[:Hd];  v_t = kv_t[Hd:]
-    (``direction`` is one (2Hd,) row, or a (U, 2Hd) table read at ``index_t``: a direction per unit)
-    (also rotated when ``rotate_values``). Shapes: table (U, 2Hd), per-token (N,), k, v (N, H, d).
+    (also rotated when ``rotate_values``). Shapes: table (U, 2Hd), per-token (N,), k, v (N, H, d);
+    ``direction`` is one (2Hd,) row, or a (U, 2Hd) table read at ``index_t`` (a direction per unit).
 
     Built from autograd ops, this costs several fresh N x 2Hd buffers (each a round of page faults
     on CPU), zero-filled select gradients and broadcast reductions. Here the forward is one gather
@@ -203,16 +203,13 @@ class _TokenKeysValues(torch.autograd.Function):
                 dot = _rowdot(dkv, kv)
                 d_scale = (dot - dkv @ bias if bias is not None else dot) / scale
             dkv.mul_(scale[:, None])
+        def per_row(x: Tensor) -> Tensor:  # the sum of x over each table row's tokens
+            return torch.zeros(ctx.table_rows, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, index, x)
+
         d_direction = None
         if ctx.has_direction and ctx.needs_input_grad[3]:
-            if ctx.per_unit_direction:
-                d_direction = torch.zeros(ctx.table_rows, dkv.shape[1], dtype=dkv.dtype, device=dkv.device)
-                d_direction.index_add_(0, index, dkv * coef[:, None])
-            else:
-                d_direction = coef @ dkv
-        d_table = torch.zeros(ctx.table_rows, dkv.shape[1], dtype=dkv.dtype, device=dkv.device)
-        d_table.index_add_(0, index, dkv)
-        return d_table, None, None, d_direction, d_scale, d_bias, None, None, None
+            d_direction = per_row(dkv * coef[:, None]) if ctx.per_unit_direction else coef @ dkv
+        return per_row(dkv), None, None, d_direction, d_scale, d_bias, None, None, None
 
 
 def time_prior_offsets(heads: int, dim_head: int, omega: Tensor | None, amplitude: float,
