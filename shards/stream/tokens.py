@@ -110,11 +110,18 @@ class TokenConfig:
     min_keep_frac: float = 0.5  # dropout keeps a uniform number of units in [frac * U, U]
     min_overlap: float = 0.5  # a presentation is queried if it overlaps the window by this fraction
     # of the shorter of (presentation, window)
+    calcium_lag_s: float = 0.0  # OPhys: read frames this much later than the window, stamped this much earlier
 
 
 def window_tokens(c: DecodedChunk, t0: float, config: TokenConfig, rng: np.random.Generator | None):
     """(unit_index, times, values, q_times, q_task, q_label, q_presentation) of one window
-    [t0, t0 + window_s)."""
+    [t0, t0 + window_s).
+
+    OPhys with ``calcium_lag_s`` = L: the frames of [t0 + L, t0 + window_s + L), stamped L earlier, so a
+    presentation's calcium response (GCaMP peaks a few hundred ms after the stimulus) lands at the
+    presentation's own time and inside the window that queries it. Frames past the chunk's end are
+    not there: a window ending within L of it reads fewer frames (evaluation merges the windows that
+    query a presentation, so an earlier window still sees its response)."""
     w = config.window_s
     i0, i1 = np.searchsorted(c.times, [t0, t0 + w], side="left")
     n_units = len(c.unit_index)
@@ -134,12 +141,15 @@ def window_tokens(c: DecodedChunk, t0: float, config: TokenConfig, rng: np.rando
         values = np.zeros(len(units), dtype=np.float32)
         rel = (times - t0).astype(np.float32)
     else:  # OPhys: one token per frame per ROI
+        lag = config.calcium_lag_s
+        if lag:
+            i0, i1 = np.searchsorted(c.times, [t0 + lag, t0 + w + lag], side="left")
         block = c.dff[i0:i1]  # type: ignore[index]
         cols = np.arange(n_units) if keep is None else np.nonzero(keep)[0]
         block = block[:, cols]
         n_frames = block.shape[0]
         units = np.tile(c.unit_index[cols], n_frames)
-        rel = np.repeat((c.times[i0:i1] - t0).astype(np.float32), len(cols))
+        rel = np.repeat((c.times[i0:i1] - (t0 + lag)).astype(np.float32), len(cols))
         values = block.reshape(-1)
     lo = np.maximum(c.q_start, t0)
     hi = np.minimum(c.q_end, t0 + w)
@@ -152,7 +162,8 @@ def window_tokens(c: DecodedChunk, t0: float, config: TokenConfig, rng: np.rando
 
 
 def pack(windows: list[tuple], modality: list[int], session: list[int], window_s: float,
-         pad: list[bool] | None = None, record: list[int] | None = None) -> dict[str, np.ndarray]:
+         pad: list[bool] | None = None, record: list[int] | None = None,
+         calcium_lag_s: float = 0.0) -> dict[str, np.ndarray]:
     """Concatenate per-window tokens into the packed batch of docs/batch.md (numpy; torch later).
     ``record``: each window's (session_id, region) record index (``record_index``; the key is left out
     when None)."""
@@ -181,6 +192,8 @@ def pack(windows: list[tuple], modality: list[int], session: list[int], window_s
         "output_cu_seqlens": cu_out,
         "window_s": np.float32(window_s),
     }
+    if calcium_lag_s:  # absent means 0 (batches without a lag are unchanged)
+        out["calcium_lag_s"] = np.float32(calcium_lag_s)
     if record is not None:
         out["record_index"] = np.asarray(record, dtype=np.int64)
     return out

@@ -72,6 +72,8 @@ class ModelConfig:
     time_prior: float = 0.0  # > 0: learned q/k offsets start as a time-local kernel, this many logits per pair
     zero_init_residual: bool = False  # residual branches' output projections start at 0 (blocks start as identity)
     calcium_gain: bool = False  # calcium tokens also get a per-unit key/value direction times dF/F (attention.py)
+    calcium_scale: float = 1.0  # dF/F is multiplied by this before the calcium encoder (layers.Encoder)
+    calcium_lag_s: float = 0.0  # OPhys windows read frames this much later, stamped back (shards.stream.tokens)
     # architecture variant (trainer.model.variants)
     shared_encoder: bool = False  # True: one cross-attention encoder for both modalities ("common-ca")
     encoder_ca_depth: int = 1  # cross-attention layers per encoder
@@ -94,6 +96,8 @@ class ModelConfig:
             raise ValueError("encoder_ca_depth >= 1, depth >= 0, modality_depth >= 0")
         if not self.tasks:
             raise ValueError("at least one task")
+        if not 0.0 <= self.calcium_lag_s < self.window_s:
+            raise ValueError(f"calcium_lag_s must be in [0, window_s={self.window_s}), got {self.calcium_lag_s}")
 
     @property
     def n_latent_steps(self) -> int:

@@ -105,6 +105,7 @@ class Encoder(nn.Module):
         self.n_steps, self.n_latents = c.n_latent_steps, c.n_latents
         self.latents = nn.Parameter(torch.randn(c.latents_per_step, c.dim) * c.emb_init_scale)
         self.value_proj = CalciumValueProjection(dim=c.dim, init_scale=c.emb_init_scale) if calcium else None
+        self.calcium_scale = c.calcium_scale
         self.cross = nn.ModuleList(
             RotaryCrossAttention(dim=c.dim, heads=c.cross_heads, dim_head=c.dim_head, dropout=c.attn_dropout,
                                  rotate_values=c.rotate_values, backend=c.attn_backend,
@@ -123,7 +124,8 @@ class Encoder(nn.Module):
             returns (S, M, D)
         """
         n_samples, m = cu.numel() - 1, self.n_latents
-        coef, direction = (values, self.value_proj.weight) if self.value_proj is not None else (None, None)
+        coef, direction = (values * self.calcium_scale, self.value_proj.weight) if self.value_proj is not None \
+            else (None, None)
         z0 = self.latents.repeat(self.n_steps, 1)  # (M, D): latent j sits at every latent time step
         z = None
         for layer, (attn, ffn) in enumerate(zip(self.cross, self.cross_ffn)):

@@ -115,6 +115,10 @@ class MultiModalPOYO(nn.Module):
         if "window_s" in batch and abs(float(batch["window_s"]) - self.config.window_s) > 1e-6:
             raise ValueError(f"batch windows are {float(batch['window_s'])} s; the model's latents span "
                              f"config.window_s = {self.config.window_s} s")
+        lag = float(batch.get("calcium_lag_s", 0.0))
+        if abs(lag - self.config.calcium_lag_s) > 1e-6:
+            raise ValueError(f"batch OPhys windows read {lag} s ahead; the model was "
+                             f"built for config.calcium_lag_s = {self.config.calcium_lag_s} s")
         cu = batch["input_cu_seqlens"].long()
         lens = torch.diff(cu)
         n_tokens = int(cu[-1])

@@ -1,0 +1,89 @@
+"""Calcium inputs: OPhys windows that read ahead (``calcium_lag_s``: which frames, which stamps, the batch that
+says so) and the dF/F scale the encoder reads (``calcium_scale``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from shards.stream.tokens import DecodedChunk, TokenConfig, pack, window_tokens
+from trainer.model.config import ModelConfig
+from trainer.model.network import MultiModalPOYO
+
+
+def _ophys_chunk() -> DecodedChunk:
+    frames = np.arange(0, 10, 1 / 30)
+    dff = np.arange(len(frames) * 2, dtype=np.float32).reshape(len(frames), 2)  # value = 2 * frame + roi
+    qs = np.arange(0, 10, 0.25)
+    return DecodedChunk("k", 1, 0, 0.0, 10.0, np.array([4, 9]), frames, None, dff, np.zeros(len(qs), np.int64),
+                        qs, qs + 0.25, np.arange(len(qs)) % 6)
+
+
+@pytest.mark.parametrize("lag", [0.0, 0.25, 0.5])
+def test_ophys_window_reads_frames_lag_later_and_stamps_them_lag_earlier(lag):
+    c = _ophys_chunk()
+    units, times, values, q_times, *_ = window_tokens(c, 3.0, TokenConfig(calcium_lag_s=lag), None)
+    frame = values.astype(np.int64) // 2  # the frame each token came from
+    expected = np.nonzero((c.times >= 3.0 + lag) & (c.times < 4.0 + lag))[0]
+    assert np.array_equal(np.unique(frame), expected)
+    np.testing.assert_allclose(times, c.times[frame] - 3.0 - lag, atol=1e-5)
+    assert times.min() >= -1e-6 and times.max() < 1.0
+    assert units.tolist() == [4, 9] * len(expected)
+    # the queries do not move: presentations of [3, 4) at their midpoints
+    np.testing.assert_allclose(q_times, np.arange(3.125, 4.0, 0.25) - 3.0, atol=1e-6)
+
+
+def test_a_window_near_the_chunk_end_reads_only_the_frames_there():
+    c = _ophys_chunk()
+    _, times, values, *_ = window_tokens(c, 9.0, TokenConfig(calcium_lag_s=0.5), None)
+    frame = values.astype(np.int64) // 2
+    assert c.times[frame].min() >= 9.5 - 1e-9 and frame.max() == len(c.times) - 1
+    assert times.max() < 0.5
+
+
+def test_spikes_ignore_the_lag():
+    rng = np.random.default_rng(0)
+    spikes = np.sort(rng.uniform(0, 10, 300))
+    c = DecodedChunk("k", 0, 0, 0.0, 10.0, np.arange(3), spikes, rng.integers(0, 3, 300).astype(np.int32), None,
+                     np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0, np.int64))
+    a = window_tokens(c, 2.0, TokenConfig(), None)
+    b = window_tokens(c, 2.0, TokenConfig(calcium_lag_s=0.25), None)
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y)
+
+
+def test_the_batch_carries_a_lag_and_a_model_built_for_another_refuses_it():
+    c = _ophys_chunk()
+    wins = [window_tokens(c, t, TokenConfig(calcium_lag_s=0.25), None) for t in (1.0, 5.0)]
+    assert "calcium_lag_s" not in pack(wins, [1, 1], [0, 0], 1.0)  # no lag: the batch is as before
+    batch = {k: torch.as_tensor(v) for k, v in pack(wins, [1, 1], [0, 0], 1.0, calcium_lag_s=0.25).items()}
+    assert float(batch["calcium_lag_s"]) == 0.25
+    batch["input_unit_index"] = batch["input_unit_index"] % 10
+    batch["input_values"] = batch["input_values"] / 1000
+    matched = MultiModalPOYO(config=ModelConfig.small(calcium_lag_s=0.25), n_units=10, n_sessions=1)
+    assert torch.isfinite(matched(batch)["loss"])
+    other = MultiModalPOYO(config=ModelConfig.small(), n_units=10, n_sessions=1)
+    with pytest.raises(ValueError, match="calcium_lag_s = 0.0"):
+        other(batch)
+
+
+def test_a_lag_outside_the_window_is_a_config_error():
+    with pytest.raises(ValueError, match="calcium_lag_s"):
+        ModelConfig.small(calcium_lag_s=1.0)
+
+
+def test_calcium_scale_is_the_same_as_scaling_the_dff():
+    c = _ophys_chunk()
+    wins = [window_tokens(c, t, TokenConfig(), None) for t in (1.0, 5.0)]
+    batch = {k: torch.as_tensor(v) for k, v in pack(wins, [1, 1], [0, 0], 1.0).items()}
+    batch["input_unit_index"] = batch["input_unit_index"] % 10
+    batch["input_values"] = batch["input_values"] / 1000
+    torch.manual_seed(0)
+    scaled = MultiModalPOYO(config=ModelConfig.small(calcium_scale=7.0), n_units=10, n_sessions=1)
+    plain = MultiModalPOYO(config=ModelConfig.small(), n_units=10, n_sessions=1)
+    plain.load_state_dict(scaled.state_dict())
+    a = scaled(batch)["logits"]["static_gratings"]
+    b = plain({**batch, "input_values": batch["input_values"] * 7.0})["logits"]["static_gratings"]
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, plain(batch)["logits"]["static_gratings"])
