@@ -121,6 +121,34 @@ def test_tiny_sweep_writes_results_and_a_restore_runs_only_the_missing_trial(sto
         assert open(os.path.join(sweep, name), "rb").read() == data
 
 
+def test_a_sweep_on_object_storage_keeps_results_and_tune_state_in_the_bucket_and_restores(store, spec_file, tmp_path,
+                                                                                          ray_cluster, s3_bucket,
+                                                                                          monkeypatch):
+    """--out s3://...: Ray's storage_path and the sweep's files on the S3 server; only trial runs are local."""
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    out, work = f"s3://{s3_bucket}/sweeps/tiny", tmp_path / "work"
+    args = ["--experiment", spec_file(), "--ratios", "0", "--seeds", "0", "--shards", store, "--out", out,
+            "--work", str(work), "--workers", "0", "--cpus-per-worker", "0.5", "--concurrent", "1",
+            "--max-failures", "0"]
+    first = main(args)
+    assert first["finished"] == 1 and not first["restored"] and first["hparams"] == 1
+    bucket = Store(out)
+    df = results.read(bucket)
+    held = json.loads(bucket.read_bytes("heldout.json"))["sessions"]
+    assert set(zip(df.session, df.task)) == {(s, t) for ids in held["ophys"].values() for s in ids
+                                             for t in ("static_gratings", "drifting_gratings", "natural_scenes")}
+    names = set(bucket.list())
+    assert {"results.parquet", "results.md", "sweep.json", "heldout.json", "scaling.png"} <= names
+    assert any(n.startswith("tune/") for n in names)  # Tune's experiment state: what a restore reads
+    assert any(n.startswith("tb/") and "events." in n for n in names)
+    assert not (tmp_path / "s3:").exists() and not os.path.exists("s3:")
+    again = main(args)  # the same command restores from the bucket; the finished trial does not run again
+    assert again["restored"] and again["finished"] == 1
+    assert pretraining_runs(str(work), Point(ratio=0.0, seed=0).key) == 1
+    assert attempts(str(work), Point(ratio=0.0, seed=0).key) == 1
+    assert results.read(bucket).equals(df)
+
+
 def test_heldout_draw_is_deterministic_and_never_pretrained_on(store):
     table = session_table(store)
     a, b = choose_heldout(table, 1, seed=3), choose_heldout(table, 1, seed=3)

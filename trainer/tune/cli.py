@@ -108,13 +108,28 @@ def sweep_main(argv: list[str]) -> dict:
     written = []
     if summary["rows"]:
         written = report.build(plan.sweep)
-        if not is_remote(args.out):
-            summary["hparams"] = write_hparams(read(plan.sweep), os.path.join(plan.storage_path, "tb"))
+        summary["hparams"] = hparams_to(plan, is_remote(args.out))
     summary["wall_s"] = round(time.time() - t0, 1)
     print_summary(plan.sweep, summary, written)
     if summary["errors"]:
         raise SystemExit(f"error: {len(summary['errors'])} trial(s) failed; rerun the same command to retry them")
     return summary
+
+
+def hparams_to(plan, remote: bool) -> int:
+    """SWEEP/tb: written in place for a local sweep; for one on object storage, written under the work
+    folder and uploaded (TensorBoard's writer only writes local files), replacing the runs there."""
+    if not remote:
+        return write_hparams(read(plan.sweep), os.path.join(plan.storage_path, "tb"))
+    local = os.path.join(plan.context["work"], "tb")
+    n = write_hparams(read(plan.sweep), local)
+    for rel in plan.sweep.list("tb"):
+        plan.sweep.remove(rel)
+    for root, _, files in os.walk(local):
+        for name in files:
+            path = os.path.join(root, name)
+            plan.sweep.put_file(path, "tb/" + os.path.relpath(path, local).replace(os.sep, "/"))
+    return n
 
 
 def print_summary(sweep: Store, summary: dict, written: list[str]) -> None:
