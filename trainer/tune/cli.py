@@ -25,7 +25,7 @@ from trainer.tune import report
 from trainer.tune.hparams import write_hparams
 from trainer.tune.results import read
 from trainer.tune.spec import SEARCHES, load_spec
-from trainer.tune.sweep import Resources, prepare, run_sweep
+from trainer.tune.sweep import Plan, Resources, prepare, run_sweep
 from trainer.typecheck import ConfigError
 
 # flag -> spec field, how the text becomes its value
@@ -116,7 +116,7 @@ def sweep_main(argv: list[str]) -> dict:
     return summary
 
 
-def hparams_to(plan, remote: bool) -> int:
+def hparams_to(plan: Plan, remote: bool) -> int:
     """SWEEP/tb: written in place for a local sweep; for one on object storage, written under the work
     folder and uploaded (TensorBoard's writer only writes local files), replacing the runs there."""
     if not remote:
