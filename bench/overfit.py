@@ -3,7 +3,7 @@
     python bench/overfit.py --store STORE --mix ophys=1 [--batches 4] [--steps 300] [--set calcium_gain=true]
 
 Takes the first ``--batches`` batches of the training stream, trains the small preset on them in turn
-(AdamW 5e-4, the small preset's recipe) and prints the training loss and the accuracy (all tasks pooled) on
+(the small preset's optimizer at its rate: AdamW 5e-4 at batch 32) and prints the training loss and the accuracy (all tasks pooled) on
 those same batches every 50 steps. A model that cannot drive this loss down has a broken path from its inputs
 to its loss; one that can, but stays at chance on held-out windows, memorises instead of learning
 (docs/model.md, section 4). Prints a table and writes JSON (``--out``) like the other benchmarks;
@@ -23,19 +23,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from shards import manifest  # noqa: E402
-from shards.store import Store  # noqa: E402
-from shards.stream.dataset import MixtureStream, StreamConfig  # noqa: E402
-from trainer.model.config import ModelConfig  # noqa: E402
+from shards.stream.dataset import MixtureStream  # noqa: E402
+from trainer.build import build_model, make_optimizer  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
 from trainer.model.network import MultiModalPOYO  # noqa: E402
-
-
-def parse_set(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        k, _, v = item.partition("=")
-        out[k] = json.loads(v) if v not in ("true", "false") else v == "true"
-    return out
 
 
 def accuracy(model: MultiModalPOYO, batches: list[dict]) -> float:
@@ -59,25 +50,23 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=None, help="default: the small preset's AdamW rate at this batch size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sessions-exclude", default="")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="a ModelConfig field")
     p.add_argument("--out", default=None, help="JSON file for the curve")
     a = p.parse_args()
     torch.manual_seed(a.seed)
-    overrides = parse_set(a.set)
-    cfg = ModelConfig.small(**overrides)
-    stream = MixtureStream(StreamConfig(store=a.store, mix=a.mix, batch_size=a.batch_size, seed=a.seed,
-                                        calcium_lag_s=cfg.calcium_lag_s,
-                                        sessions_exclude=tuple(s for s in a.sessions_exclude.split(",") if s)))
+    overrides = {k: json.loads(v) for k, _, v in (item.partition("=") for item in a.set)}
+    # the run's own config: its stream (calcium lag included), its fresh model and its optimizer
+    cfg = TrainConfig(shards=a.store, mix=a.mix, batch_size=a.batch_size, seed=a.seed, preset="small",
+                      model_overrides=overrides, lr=a.lr,
+                      sessions_exclude=[s for s in a.sessions_exclude.split(",") if s])
+    stream = MixtureStream(cfg.stream_config("train"))
     it = iter(stream)
     batches = [{k: torch.as_tensor(v) for k, v in next(it).items()} for _ in range(a.batches)]
-    store = Store(a.store)
-    n_units = manifest.read_table(store, manifest.UNITS).num_rows
-    n_sessions = len(set(manifest.read_table(store, manifest.SESSIONS).column("session_id").to_pylist()))
-    model = MultiModalPOYO(config=cfg, n_units=n_units, n_sessions=n_sessions)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=1e-4)
+    model = build_model(cfg, stream).model
+    opt = make_optimizer(cfg, model.parameters())
     curve, t0 = [], time.time()
     print(f"{'step':>5} {'loss':>7} {'accuracy (these batches)':>25} {'s':>5}")
     for step in range(a.steps + 1):
@@ -92,7 +81,7 @@ def main() -> None:
             opt.step()
             opt.zero_grad()
     if a.out:
-        Path(a.out).write_text(json.dumps({"args": vars(a), "model_overrides": overrides, "curve": curve,
+        Path(a.out).write_text(json.dumps({"args": vars(a), "lr": cfg.peak_lr, "model_overrides": overrides, "curve": curve,
                                            "final_loss": curve[-1]["loss"], "first_loss": curve[0]["loss"]},
                                           indent=1) + "\n")
     print(f"loss {curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f} over {a.steps} steps on {a.batches} fixed "
