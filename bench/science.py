@@ -44,6 +44,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 TASKS = ("static_gratings", "drifting_gratings", "natural_scenes")
 CHANCE = {"static_gratings": 1 / 6, "drifting_gratings": 1 / 8, "natural_scenes": 1 / 119}
 MODALITIES = ("ephys", "ophys")
+GAIN_KEYS = ("mixture_gain", "control_gain", "gains")  # written by bench/gains.py, kept by a rerun of this one
 
 
 @dataclass
@@ -81,11 +82,14 @@ def sh(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"{' '.join(cmd[:4])} ... failed (exit {rc}); {log}:\n" + "\n".join(tail))
 
 
-def build_corpus(work: Path, cfg: BenchConfig) -> tuple[Path, Path]:
+def build_corpus(work: Path, cfg: BenchConfig, synth_flags: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """The benchmark corpus (NWB + truth) and its store under ``work``, reused when already ingested;
+    ``synth_flags`` go to ``ingest synth`` (bench/gains.py's control corpus)."""
     nwb, store = work / "nwb", work / "store"
     if not (store / "manifest.parquet").exists():
+        work.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "ingest", "synth", "--preset", "science", "--out", str(nwb),
-               "--sessions", str(cfg.sessions), "--seed", str(cfg.corpus_seed), "--quiet"]
+               "--sessions", str(cfg.sessions), "--seed", str(cfg.corpus_seed), "--quiet", *synth_flags]
         if cfg.duration_s:
             cmd += ["--duration", str(cfg.duration_s)]
         sh(cmd, work / "synth.log")
@@ -129,31 +133,45 @@ def ideal(store: Path, nwb: Path, sessions: list[str]) -> tuple[dict, dict]:
     return mean(acc), mean(upper)
 
 
-def train_seed(work: Path, store: Path, held: list[str], cfg: BenchConfig, seed: int) -> dict[str, dict]:
-    """Pretrain on the other sessions, then finetune / scratch / MLP on the held-out ones; test headline of each."""
-    py = sys.executable
+PRETRAIN_MIX = "ephys=1,ophys=1"  # the pretraining mixture: half the windows from each modality
+
+
+def pretrain(run: Path, name: str, store: Path, held: list[str], cfg: BenchConfig, seed: int,
+             mix: str = PRETRAIN_MIX) -> Path:
+    """``trainer.train`` on ``mix`` of every session but the held-out ones, into ``run/name`` (reused when done)."""
     common = ["--shards", str(store), "--workers", "0", "--seed", str(seed), "--batch-size", str(cfg.batch_size),
               "--preset", cfg.preset, "--loader-workers", "1", "--log-every", "200"]
     common += [f"--model-override={k}={v}" for k, v in cfg.model_overrides.items()]
     if cfg.lr is not None:
         common += ["--lr", str(cfg.lr)]
-    run = work / f"seed{seed}"
-    run.mkdir(parents=True, exist_ok=True)
-    pre = run / "pretrain"
+    pre = run / name
     if not (pre / "metrics.json").exists():
-        sh([py, "-m", "trainer.train", *common, "--mix", "ephys=1,ophys=1", "--sessions-exclude", ",".join(held),
+        run.mkdir(parents=True, exist_ok=True)
+        sh([sys.executable, "-m", "trainer.train", *common, "--mix", mix, "--sessions-exclude", ",".join(held),
             "--max-steps", str(cfg.pretrain_steps), "--out", str(pre), "--early-stop-patience", "0", *cfg.extra],
-           run / "pretrain.log")
-    out = {}
-    for mode in ("pretrained", "scratch", "mlp"):
-        ft = run / mode
-        if not (ft / "metrics.json").exists():
-            sh([py, "-m", "trainer.finetune", "--from", str(pre), "--shards", str(store), "--sessions", ",".join(held),
-                "--out", str(ft), "--mode", mode, "--epochs", str(cfg.finetune_epochs),
-                "--unfreeze-epoch", str(cfg.unfreeze_epoch if mode == "pretrained" else 0), "--workers", "0",
-                "--seed", str(seed)], run / f"{mode}.log")
-        out[mode] = headline(ft / "metrics.json")
-    return out
+           run / f"{name}.log")
+    return pre
+
+
+def finetune(run: Path, name: str, pre: Path, store: Path, held: list[str], cfg: BenchConfig, seed: int,
+             mode: str = "pretrained") -> dict[str, dict[str, float]]:
+    """``trainer.finetune`` of ``pre`` on the held-out sessions (every modality among them weighted equally) into
+    ``run/name`` (reused when done); its test headline."""
+    ft = run / name
+    if not (ft / "metrics.json").exists():
+        sh([sys.executable, "-m", "trainer.finetune", "--from", str(pre), "--shards", str(store),
+            "--sessions", ",".join(held), "--out", str(ft), "--mode", mode,
+            "--epochs", str(cfg.finetune_epochs),
+            "--unfreeze-epoch", str(cfg.unfreeze_epoch if mode == "pretrained" else 0), "--workers", "0",
+            "--seed", str(seed)], run / f"{name}.log")
+    return headline(ft / "metrics.json")
+
+
+def train_seed(work: Path, store: Path, held: list[str], cfg: BenchConfig, seed: int) -> dict[str, dict]:
+    """Pretrain on the other sessions, then finetune / scratch / MLP on the held-out ones; test headline of each."""
+    run = work / f"seed{seed}"
+    pre = pretrain(run, "pretrain", store, held, cfg, seed)
+    return {mode: finetune(run, mode, pre, store, held, cfg, seed, mode) for mode in ("pretrained", "scratch", "mlp")}
 
 
 def plot(path: Path, table: dict, ideal_acc: dict) -> None:
@@ -185,6 +203,7 @@ def plot(path: Path, table: dict, ideal_acc: dict) -> None:
 
 
 def main() -> None:
+    from shards.atomic import write_atomic
     from trainer.tune.report import mean_sem  # the sweeps' mean +- SEM over seeds (NaN-free)
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -230,8 +249,12 @@ def main() -> None:
         "chance": CHANCE, "held_out": held, "seeds": seeds, "config": {"name": a.config, **asdict(cfg)},
         "per_seed": per_seed, "wall_s": round(time.time() - t0, 1),
     }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1))
+    out = Path(a.out)
+    old = json.loads(out.read_text()) if out.exists() else {}
+    if old.get("config") == result["config"]:  # bench/gains.py's keys, measured on this same protocol
+        result.update({k: old[k] for k in GAIN_KEYS if k in old})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, json.dumps(result, indent=1))
     plot(Path(a.plot), table, ideal_acc)
     print(f"{'modality':8} {'task':18} {'chance':>7} {'ideal':>7} {'logreg':>7} {'mlp':>13} {'scratch':>13} "
           f"{'model':>13} {'model/ideal':>11}")

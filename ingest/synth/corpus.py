@@ -40,6 +40,7 @@ from ingest.synth.generative import (
     dff_traces,
     draw_corpus_model,
     draw_units,
+    ephys_model,
     expected_counts,
     frame_times,
     piecewise_rates,
@@ -233,7 +234,7 @@ def synthesize_session(out_dir: str | Path, index: int, *, seed: int = 0, ophys_
                               blocks_per_task=config.blocks_per_task, blank_fraction=config.blank_fraction,
                               time_share=config.time_share)
     if index % 2 == 0:
-        summary, truth = _ephys_session(out, index, seed, config, model, schedule)
+        summary, truth = _ephys_session(out, index, seed, config, ephys_model(model, config), schedule)
     else:
         summary, truth = _ophys_session(out, index, seed, config, model, schedule, ophys_format)
     truth.seed, truth.session_index = int(seed), int(index)
@@ -288,9 +289,13 @@ def main(argv: list[str] | None = None) -> int:
                            f"{n} {getattr(c, field_name):g}" for n, c in PRESETS.items()) + ")")
     p.add_argument("--regions", default=argparse.SUPPRESS, help="comma-separated region acronyms (default: the preset's, "
                                                    f"{','.join(PRESETS['default'].regions)})")
+    p.add_argument("--ephys-code-seed", type=int, default=argparse.SUPPRESS, dest="ephys_code_seed",
+                   help="a control corpus: EPhys sessions draw their stimulus code from this seed, unrelated to "
+                        "the OPhys sessions' (default: one code for both)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    overrides = {k: getattr(a, k) for k in ("duration_s", "units_per_region", "rois_per_plane") if hasattr(a, k)}
+    overrides = {k: getattr(a, k) for k in ("duration_s", "units_per_region", "rois_per_plane", "ephys_code_seed")
+                 if hasattr(a, k)}
     if hasattr(a, "regions"):
         overrides["regions"] = tuple(r.strip() for r in a.regions.split(",") if r.strip())
     try:

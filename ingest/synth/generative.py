@@ -92,6 +92,10 @@ class SynthConfig:
     # share of the non-gap time each task gets (schedule.TIME_SHARE by default)
     time_share: dict[str, float] = field(default_factory=lambda: dict(TIME_SHARE))
     preset: str = "default"  # name of the preset this config came from (recorded in the truth files)
+    # a control corpus: EPhys sessions draw their stimulus code from this seed instead of the corpus seed, so
+    # the two modalities share regions, schedules and rates but not what a stimulus means (the papers'
+    # mixture benefit should vanish on it); None: one code for both modalities
+    ephys_code_seed: int | None = None
 
     def __post_init__(self) -> None:
         self.regions = tuple(self.regions)
@@ -147,17 +151,29 @@ def _angle_code(angles_deg: Sequence[float], period: float, dim: int, rng: np.ra
     return code / np.linalg.norm(code, axis=1, keepdims=True)
 
 
-def draw_corpus_model(seed: int, config: SynthConfig) -> CorpusModel:
-    """The stimulus code and per-region tuning of a corpus (depends on seed, regions, code_dim, region_spread)."""
+def draw_codes(seed: int, dim: int) -> dict[str, np.ndarray]:
+    """The stimulus code of a corpus seed: task -> (n_classes, dim) unit vectors."""
     rng = rng_for(seed, STREAM_CORPUS)
-    d = config.code_dim
-    ns = rng.normal(size=(len(TASKS["natural_scenes"].values), d))
-    codes = {
-        "static_gratings": _angle_code(TASKS["static_gratings"].values, 180.0, d, rng),
-        "drifting_gratings": _angle_code(TASKS["drifting_gratings"].values, 360.0, d, rng),
+    ns = rng.normal(size=(len(TASKS["natural_scenes"].values), dim))
+    return {
+        "static_gratings": _angle_code(TASKS["static_gratings"].values, 180.0, dim, rng),
+        "drifting_gratings": _angle_code(TASKS["drifting_gratings"].values, 360.0, dim, rng),
         "natural_scenes": ns / np.linalg.norm(ns, axis=1, keepdims=True),
     }
-    model = CorpusModel(codes=codes)
+
+
+def ephys_model(model: CorpusModel, config: SynthConfig) -> CorpusModel:
+    """The corpus model EPhys sessions use: ``model`` itself, or (``config.ephys_code_seed`` set) the same
+    regions with the stimulus code of that seed (a control corpus)."""
+    if config.ephys_code_seed is None:
+        return model
+    return CorpusModel(codes=draw_codes(config.ephys_code_seed, config.code_dim), regions=model.regions)
+
+
+def draw_corpus_model(seed: int, config: SynthConfig) -> CorpusModel:
+    """The stimulus code and per-region tuning of a corpus (depends on seed, regions, code_dim, region_spread)."""
+    d = config.code_dim
+    model = CorpusModel(codes=draw_codes(seed, d))
     names = list(dict.fromkeys(list(REGIONS) + list(config.regions)))  # a region's params never depend on the list
     for name in names + [UNASSIGNED]:
         r = rng_for(seed, STREAM_CORPUS, 1 + zlib.crc32(name.encode()))

@@ -253,3 +253,28 @@ def test_science_preset_puts_the_ideal_observer_in_its_target_band(tmp_path):
         assert 0.5 - tol <= np.mean(eph) <= 0.9 + tol, (task, np.mean(eph), len(eph))
         assert 0.5 - tol <= low and up <= 0.95 + tol, (task, low, up, len(oph))
         assert low <= np.mean(eph) + tol, (task, low, np.mean(eph))  # 200 ROIs no easier than 60 units
+
+
+def test_a_control_corpus_gives_ephys_an_unrelated_stimulus_code_and_leaves_ophys_untouched(tmp_path):
+    """``--ephys-code-seed``: the EPhys sessions' truth holds the other seed's code (so their ideal observer
+    stays exact), the OPhys session is byte for byte the one of the shared-code corpus, and the option is
+    recorded in every truth file."""
+    args = ["--sessions", "2", "--seed", "3", "--duration", "40", "--units", "4", "--rois", "6", "--quiet"]
+    assert synth_main(["--out", str(tmp_path / "shared"), *args]) == 0
+    assert synth_main(["--out", str(tmp_path / "control"), *args, "--ephys-code-seed", "11"]) == 0
+    load = lambda corpus, stem: SessionTruth.load(tmp_path / corpus / stem)  # noqa: E731
+    e_shared, e_control = load("shared", "ephys_synth-ephys-000"), load("control", "ephys_synth-ephys-000")
+    o_shared, o_control = load("shared", "ophys_synth-ophys-001"), load("control", "ophys_synth-ophys-001")
+    for task in TASK_NAMES:
+        assert np.array_equal(e_shared.model.codes[task], o_shared.model.codes[task])
+        assert np.array_equal(o_control.model.codes[task], o_shared.model.codes[task])
+        assert not np.allclose(e_control.model.codes[task], o_control.model.codes[task])
+        # what a stimulus means to EPhys units no longer predicts what it means to OPhys ROIs
+        assert not np.allclose(class_rates(e_control.units, e_control.model, task),
+                               class_rates(e_shared.units, e_shared.model, task))
+    assert (e_control.config.ephys_code_seed, o_control.config.ephys_code_seed, e_shared.config.ephys_code_seed) \
+        == (11, 11, None)
+    assert (tmp_path / "control" / "ophys_synth-ophys-001.nwb").read_bytes() \
+        == (tmp_path / "shared" / "ophys_synth-ophys-001.nwb").read_bytes()
+    assert (tmp_path / "control" / "ephys_synth-ephys-000.nwb").read_bytes() \
+        != (tmp_path / "shared" / "ephys_synth-ephys-000.nwb").read_bytes()
