@@ -24,7 +24,6 @@ measured with the same configuration, draws docs/gains.png, and prints the table
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -42,10 +41,12 @@ from bench.science import (  # noqa: E402
     CONFIGS,
     TASKS,
     BenchConfig,
+    bench_parser,
     build_corpus,
     finetune,
     held_out_sessions,
     pretrain,
+    save_figure,
 )
 
 CONTROL_CODE_SEED = 1_000_003  # the control corpus's EPhys code: any seed other than the corpus seed
@@ -91,23 +92,16 @@ def plot(path: Path, table: dict[str, dict[str, tuple[float, float]]]) -> None:
     ax.set_ylabel("OPhys test accuracy (held-out)")
     ax.set_title("pretraining mixture: OPhys only, + EPhys, + EPhys with an unrelated code")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
     from shards.atomic import write_atomic
     from trainer.tune.report import mean_sem
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--work", default=str(REPO / "bench" / ".science"), help="bench/science.py's --work (reused)")
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "gains.json"))
+    p = bench_parser(__doc__, "gains", "bench/science.py's --work (its corpus and mixture runs are reused)")
     p.add_argument("--science", default=str(REPO / "bench" / "results" / "science.json"),
                    help="bench/science.py's result, which gains the keys when its configuration is this one")
-    p.add_argument("--plot", default=str(REPO / "docs" / "gains.png"))
     a = p.parse_args()
     cfg = CONFIGS[a.config]
     seeds = [int(s) for s in a.seeds.split(",") if s]

@@ -65,8 +65,8 @@ class BenchConfig:
 
 CONFIGS = {
     "smoke": BenchConfig(sessions=4, duration_s=300, pretrain_steps=40, finetune_epochs=2, unfreeze_epoch=1),
-    # what fits in about an hour for 3 seeds on 2 CPU cores (measured: 21 min per seed on a loaded host with
-    # 8 finetuning epochs; 10 since the AdamW rate fell to 5e-4)
+    # what fits in an hour for 3 seeds on 2 CPU cores (measured 2026-12-02: 2,857 s for 3 seeds, ~16 min each,
+    # on an idle host; bench/gains.py adds ~25 min per seed on top)
     "cpu": BenchConfig(pretrain_steps=1500, finetune_epochs=10, unfreeze_epoch=2),
     "gpu": BenchConfig(sessions=12, held_out=2, preset="paper", pretrain_steps=20000, finetune_epochs=50,
                        unfreeze_epoch=25, batch_size=64),
@@ -197,21 +197,33 @@ def plot(path: Path, table: dict, ideal_acc: dict) -> None:
         ax.set_title(f"{mod}: test accuracy / ideal observer")
     axes[0].set_ylabel("fraction of the ideal observer")
     axes[1].legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def bench_parser(doc: str, name: str, work_help: str) -> argparse.ArgumentParser:
+    """The flags this bench and bench/gains.py share (results/NAME.json, docs/NAME.png, one --work)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--work", default=str(REPO / "bench" / ".science"), help=work_help)
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / f"{name}.json"))
+    p.add_argument("--plot", default=str(REPO / "docs" / f"{name}.png"))
+    return p
 
 
 def main() -> None:
     from shards.atomic import write_atomic
     from trainer.tune.report import mean_sem  # the sweeps' mean +- SEM over seeds (NaN-free)
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--work", default=str(REPO / "bench" / ".science"), help="corpus, store and runs (reused)")
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "science.json"))
-    p.add_argument("--plot", default=str(REPO / "docs" / "science.png"))
+    p = bench_parser(__doc__, "science", "corpus, store and runs (reused)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="override a BenchConfig field")
     a = p.parse_args()
     cfg = CONFIGS[a.config]
