@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 from bench.science import (  # noqa: E402
     CHANCE,
     CONFIGS,
+    PRETRAIN_MIX,
     TASKS,
     BenchConfig,
     bench_parser,
@@ -48,9 +49,11 @@ from bench.science import (  # noqa: E402
     pretrain,
     save_figure,
 )
+from trainer.tune.report import mean_sem  # noqa: E402  (the sweeps' mean +- SEM over seeds, NaN-free)
 
 CONTROL_CODE_SEED = 1_000_003  # the control corpus's EPhys code: any seed other than the corpus seed
-ARMS = ("ophys_only", "mixture", "control")
+ARM_MIX = {"ophys_only": "ophys=1", "mixture": PRETRAIN_MIX, "control": PRETRAIN_MIX}  # pretraining --mix
+ARMS = tuple(ARM_MIX)
 
 
 def run_seed(work: Path, stores: dict[str, Path], held: list[str], cfg: BenchConfig, seed: int) -> dict[str, dict]:
@@ -61,7 +64,8 @@ def run_seed(work: Path, stores: dict[str, Path], held: list[str], cfg: BenchCon
         "mixture": finetune(run, "pretrained", pretrain(run, "pretrain", stores["benchmark"], held, cfg, seed),
                             stores["benchmark"], held, cfg, seed),
         "ophys_only": finetune(run, "ophys_only", pretrain(run, "pretrain_ophys", stores["benchmark"], held, cfg,
-                                                           seed, mix="ophys=1"), stores["benchmark"], held, cfg, seed),
+                                                           seed, mix=ARM_MIX["ophys_only"]),
+                               stores["benchmark"], held, cfg, seed),
         "control": finetune(control, "pretrained", pretrain(control, "pretrain", stores["control"], held, cfg, seed),
                             stores["control"], held, cfg, seed),
     }
@@ -70,8 +74,6 @@ def run_seed(work: Path, stores: dict[str, Path], held: list[str], cfg: BenchCon
 
 def gain(per_seed: dict, arm: str, seeds: list[int]) -> dict[str, tuple[float, float]]:
     """{task: (mean, SEM)} over seeds of arm - ophys_only (paired by seed)."""
-    from trainer.tune.report import mean_sem
-
     return {t: mean_sem([per_seed[s][arm].get(t, math.nan) - per_seed[s]["ophys_only"].get(t, math.nan)
                          for s in seeds]) for t in TASKS}
 
@@ -97,7 +99,6 @@ def plot(path: Path, table: dict[str, dict[str, tuple[float, float]]]) -> None:
 
 def main() -> None:
     from shards.atomic import write_atomic
-    from trainer.tune.report import mean_sem
 
     p = bench_parser(__doc__, "gains", "bench/science.py's --work (its corpus and mixture runs are reused)")
     p.add_argument("--science", default=str(REPO / "bench" / "results" / "science.json"),
@@ -126,7 +127,7 @@ def main() -> None:
         "ophys_accuracy": {arm: {t: v[0] for t, v in ts.items()} for arm, ts in table.items()},
         "ophys_sem": {arm: {t: v[1] for t, v in ts.items()} for arm, ts in table.items()},
         "chance": CHANCE, "held_out": held, "control_ephys_code_seed": CONTROL_CODE_SEED,
-        "mixtures": {"mixture": "ephys=1,ophys=1", "ophys_only": "ophys=1", "control": "ephys=1,ophys=1"},
+        "mixtures": ARM_MIX,
         "seeds": seeds, "config": config, "per_seed": per_seed, "wall_s": round(time.time() - t0, 1),
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,7 @@ class BenchConfig:
 CONFIGS = {
     "smoke": BenchConfig(sessions=4, duration_s=300, pretrain_steps=40, finetune_epochs=2, unfreeze_epoch=1),
     # what fits in an hour for 3 seeds on 2 CPU cores (measured 2026-12-02: 2,857 s for 3 seeds, ~16 min each,
-    # on an idle host; bench/gains.py adds ~25 min per seed on top)
+    # on an idle host; bench/gains.py adds its 2 arms: 5,643 s for 3 seeds, partly beside the test suite)
     "cpu": BenchConfig(pretrain_steps=1500, finetune_epochs=10, unfreeze_epoch=2),
     "gpu": BenchConfig(sessions=12, held_out=2, preset="paper", pretrain_steps=20000, finetune_epochs=50,
                        unfreeze_epoch=25, batch_size=64),
