@@ -136,7 +136,8 @@ class TrainConfig:
                             window_s=self.window_s, seed=self.seed, epoch_windows=self.epoch_windows,
                             shuffle_window=self.shuffle_window, sessions_include=tuple(self.sessions_include),
                             sessions_exclude=tuple(self.sessions_exclude), check_shards=False,
-                            eval_stride_s=self.eval_stride_s, calcium_lag_s=self.model_config().calcium_lag_s)
+                            eval_stride_s=self.eval_stride_s, calcium_lag_s=self.model_config().calcium_lag_s,
+                            calcium_bin=self.model_config().calcium_bin)
 
     # ---- plain dicts ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -73,6 +73,7 @@ class StreamConfig:
     check_shards: bool = True  # verify every planned shard exists before training starts
     check_checksums: bool = True  # check each sample's xxh3 (chunks.parquet) before decoding it
     calcium_lag_s: float = 0.0  # OPhys windows read their frames this much later (shards.stream.tokens)
+    calcium_bin: int = 1  # OPhys frames averaged per token (shards.stream.tokens)
 
     def plan_config(self) -> PlanConfig:
         return PlanConfig(window_s=self.window_s, epoch_windows=self.epoch_windows, shuffle_window=self.shuffle_window,
@@ -227,7 +228,7 @@ class MixtureStream(IterableDataset):
         train = self.config.split == "train"
         dropout = train if self.config.unit_dropout is None else self.config.unit_dropout
         tcfg = TokenConfig(window_s=self.config.window_s, unit_dropout=dropout,
-                           calcium_lag_s=self.config.calcium_lag_s)
+                           calcium_lag_s=self.config.calcium_lag_s, calcium_bin=self.config.calcium_bin)
         windows, modality, session, record, pads, skipped = [], [], [], [], [], 0
         for p in pos:
             row = int(plan.chunk[p])
@@ -253,7 +254,8 @@ class MixtureStream(IterableDataset):
             pads.append(bool(plan.pad[p]))
         if not windows:
             raise CorruptSampleError(f"every sample of batch at position {int(pos[0])} is corrupt")
-        arrays = pack(windows, modality, session, self.config.window_s, pads, record, self.config.calcium_lag_s)
+        arrays = pack(windows, modality, session, self.config.window_s, pads, record, self.config.calcium_lag_s,
+                      self.config.calcium_bin)
         arrays["position"] = np.int64(pos[0])
         arrays["n_skipped"] = np.int64(skipped)
         return arrays

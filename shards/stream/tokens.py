@@ -1,7 +1,8 @@
 """Windows -> tokens -> one packed batch (docs/batch.md), as in the papers.
 
 EPhys: one token per spike (global unit index, time). OPhys: one token per frame
-per ROI (unit index, time, dF/F value), POYO+'s tokenizer for regular series.
+per ROI (unit index, time, dF/F value), POYO+'s tokenizer for regular series, or one per
+``calcium_bin`` frames (their mean) per ROI.
 Output queries are the labelled stimulus presentations in the window; each carries its
 presentation id (``presentation_id``: the start time in integer microseconds), so evaluation
 can merge the windows that query the same presentation.
@@ -111,6 +112,7 @@ class TokenConfig:
     min_overlap: float = 0.5  # a presentation is queried if it overlaps the window by this fraction
     # of the shorter of (presentation, window)
     calcium_lag_s: float = 0.0  # OPhys: read frames this much later than the window, stamped this much earlier
+    calcium_bin: int = 1  # OPhys: this many consecutive frames averaged into one token per ROI
 
 
 def window_tokens(c: DecodedChunk, t0: float, config: TokenConfig, rng: np.random.Generator | None):
@@ -121,7 +123,13 @@ def window_tokens(c: DecodedChunk, t0: float, config: TokenConfig, rng: np.rando
     presentation's calcium response (GCaMP peaks a few hundred ms after the stimulus) lands at the
     presentation's own time and inside the window that queries it. Frames past the chunk's end are
     not there: a window ending within L of it reads fewer frames (evaluation merges the windows that
-    query a presentation, so an earlier window still sees its response)."""
+    query a presentation, so an earlier window still sees its response).
+
+    OPhys with ``calcium_bin`` = K: each ROI's frames, counted from the window's first, are averaged K at a
+    time (the last group may be shorter) and stamped at their mean time. Calcium tokens are ~94 % of a
+    mixed batch's tokens (200 ROIs x 30 frames against ~360 spikes per EPhys window), and GCaMP's
+    response rises over ~0.1 s and decays over 0.4-0.7 s, so 3 frames (0.1 s) carry nearly what their
+    mean does while costing the encoder 3x the keys (docs/model.md section 6 measures both)."""
     w = config.window_s
     i0, i1 = np.searchsorted(c.times, [t0, t0 + w], side="left")
     n_units = len(c.unit_index)
@@ -140,16 +148,23 @@ def window_tokens(c: DecodedChunk, t0: float, config: TokenConfig, rng: np.rando
         units = c.unit_index[su]
         values = np.zeros(len(units), dtype=np.float32)
         rel = (times - t0).astype(np.float32)
-    else:  # OPhys: one token per frame per ROI
+    else:  # OPhys: one token per frame (or per calcium_bin frames) per ROI
         lag = config.calcium_lag_s
         if lag:
             i0, i1 = np.searchsorted(c.times, [t0 + lag, t0 + w + lag], side="left")
         block = c.dff[i0:i1]  # type: ignore[index]
         cols = np.arange(n_units) if keep is None else np.nonzero(keep)[0]
         block = block[:, cols]
+        stamps = c.times[i0:i1] - (t0 + lag)
+        k = config.calcium_bin
+        if k > 1 and block.shape[0]:
+            starts = np.arange(0, block.shape[0], k)
+            counts = np.diff(np.append(starts, block.shape[0])).astype(np.float64)
+            block = (np.add.reduceat(block.astype(np.float64), starts, axis=0) / counts[:, None]).astype(np.float32)
+            stamps = np.add.reduceat(stamps, starts) / counts
         n_frames = block.shape[0]
         units = np.tile(c.unit_index[cols], n_frames)
-        rel = np.repeat((c.times[i0:i1] - (t0 + lag)).astype(np.float32), len(cols))
+        rel = np.repeat(stamps.astype(np.float32), len(cols))
         values = block.reshape(-1)
     lo = np.maximum(c.q_start, t0)
     hi = np.minimum(c.q_end, t0 + w)
@@ -163,7 +178,7 @@ def window_tokens(c: DecodedChunk, t0: float, config: TokenConfig, rng: np.rando
 
 def pack(windows: list[tuple], modality: list[int], session: list[int], window_s: float,
          pad: list[bool] | None = None, record: list[int] | None = None,
-         calcium_lag_s: float = 0.0) -> dict[str, np.ndarray]:
+         calcium_lag_s: float = 0.0, calcium_bin: int = 1) -> dict[str, np.ndarray]:
     """Concatenate per-window tokens into the packed batch of docs/batch.md (numpy; torch later).
     ``record``: each window's (session_id, region) record index (``record_index``; the key is left out
     when None)."""
@@ -194,6 +209,7 @@ def pack(windows: list[tuple], modality: list[int], session: list[int], window_s
     }
     if calcium_lag_s:  # absent means 0 (batches without a lag are unchanged)
         out["calcium_lag_s"] = np.float32(calcium_lag_s)
+    out["calcium_bin"] = np.int64(calcium_bin)  # always: a model built for other bins refuses the batch
     if record is not None:
         out["record_index"] = np.asarray(record, dtype=np.int64)
     return out

@@ -61,9 +61,9 @@ def test_the_batch_carries_a_lag_and_a_model_built_for_another_refuses_it():
     assert float(batch["calcium_lag_s"]) == 0.25
     batch["input_unit_index"] = batch["input_unit_index"] % 10
     batch["input_values"] = batch["input_values"] / 1000
-    matched = MultiModalPOYO(config=ModelConfig.small(calcium_lag_s=0.25), n_units=10, n_sessions=1)
+    matched = MultiModalPOYO(config=ModelConfig.small(calcium_lag_s=0.25, calcium_bin=1), n_units=10, n_sessions=1)
     assert torch.isfinite(matched(batch)["loss"])
-    other = MultiModalPOYO(config=ModelConfig.small(), n_units=10, n_sessions=1)
+    other = MultiModalPOYO(config=ModelConfig.small(calcium_bin=1), n_units=10, n_sessions=1)
     with pytest.raises(ValueError, match="calcium_lag_s = 0.0"):
         other(batch)
 
@@ -80,10 +80,41 @@ def test_calcium_scale_is_the_same_as_scaling_the_dff():
     batch["input_unit_index"] = batch["input_unit_index"] % 10
     batch["input_values"] = batch["input_values"] / 1000
     torch.manual_seed(0)
-    scaled = MultiModalPOYO(config=ModelConfig.small(calcium_scale=7.0), n_units=10, n_sessions=1)
-    plain = MultiModalPOYO(config=ModelConfig.small(), n_units=10, n_sessions=1)
+    scaled = MultiModalPOYO(config=ModelConfig.small(calcium_scale=7.0, calcium_bin=1), n_units=10, n_sessions=1)
+    plain = MultiModalPOYO(config=ModelConfig.small(calcium_bin=1), n_units=10, n_sessions=1)
     plain.load_state_dict(scaled.state_dict())
     a = scaled(batch)["logits"]["static_gratings"]
     b = plain({**batch, "input_values": batch["input_values"] * 7.0})["logits"]["static_gratings"]
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, plain(batch)["logits"]["static_gratings"])
+
+
+@pytest.mark.parametrize("k", [2, 3, 7])
+def test_calcium_bin_averages_k_frames_per_roi_at_their_mean_time(k):
+    c = _ophys_chunk()
+    plain = window_tokens(c, 3.0, TokenConfig(), None)
+    units, times, values, q_times, *_ = window_tokens(c, 3.0, TokenConfig(calcium_bin=k), None)
+    frames = np.nonzero((c.times >= 3.0) & (c.times < 4.0))[0]
+    groups = [frames[i:i + k] for i in range(0, len(frames), k)]  # the last one may be shorter
+    assert len(units) == 2 * len(groups) and units.tolist() == [4, 9] * len(groups)
+    want_v = np.array([[c.dff[g, r].mean() for r in (0, 1)] for g in groups]).reshape(-1)
+    want_t = np.repeat([c.times[g].mean() - 3.0 for g in groups], 2)
+    np.testing.assert_allclose(values, want_v, rtol=1e-6)
+    np.testing.assert_allclose(times, want_t, atol=1e-6)
+    np.testing.assert_array_equal(q_times, plain[3])  # queries do not depend on the binning
+
+
+def test_a_binned_batch_says_so_and_a_model_built_for_other_bins_refuses_it():
+    c = _ophys_chunk()
+    wins = [window_tokens(c, t, TokenConfig(calcium_bin=3), None) for t in (1.0, 5.0)]
+    assert int(pack(wins, [1, 1], [0, 0], 1.0)["calcium_bin"]) == 1  # every packed batch says how it was binned
+    batch = {k: torch.as_tensor(v) for k, v in pack(wins, [1, 1], [0, 0], 1.0, calcium_bin=3).items()}
+    assert int(batch["calcium_bin"]) == 3
+    batch["input_values"] = batch["input_values"] / 1000
+    torch.manual_seed(0)
+    matched = MultiModalPOYO(config=ModelConfig.small(calcium_bin=3), n_units=10, n_sessions=1)
+    assert torch.isfinite(matched(batch)["loss"])
+    with pytest.raises(ValueError, match="calcium_bin = 1"):
+        MultiModalPOYO(config=ModelConfig.small(calcium_bin=1), n_units=10, n_sessions=1)(batch)
+    with pytest.raises(ValueError, match="calcium_bin"):
+        ModelConfig.small(calcium_bin=0)

@@ -74,6 +74,7 @@ class ModelConfig:
     calcium_gain: bool = False  # calcium tokens also get a per-unit key/value direction times dF/F (attention.py)
     calcium_scale: float = 1.0  # dF/F is multiplied by this before the calcium encoder (layers.Encoder)
     calcium_lag_s: float = 0.0  # OPhys windows read frames this much later, stamped back (shards.stream.tokens)
+    calcium_bin: int = 1  # OPhys frames averaged into one token per ROI (shards.stream.tokens)
     # architecture variant (trainer.model.variants)
     shared_encoder: bool = False  # True: one cross-attention encoder for both modalities ("common-ca")
     encoder_ca_depth: int = 1  # cross-attention layers per encoder
@@ -98,6 +99,8 @@ class ModelConfig:
             raise ValueError("at least one task")
         if not 0.0 <= self.calcium_lag_s < self.window_s:
             raise ValueError(f"calcium_lag_s must be in [0, window_s={self.window_s}), got {self.calcium_lag_s}")
+        if self.calcium_bin < 1:
+            raise ValueError(f"calcium_bin must be >= 1 (frames per token), got {self.calcium_bin}")
 
     @property
     def n_latent_steps(self) -> int:
@@ -122,12 +125,13 @@ class ModelConfig:
         Width 32, not 64, by measurement: 64 lifts natural scenes on one ``science``-corpus session after
         3,000 steps (0.48 vs 0.36, ideal 0.72) but, at the benchmark's CPU budget (1,500 pretraining
         steps, 8 finetuning epochs), finetuned static gratings fell from 0.41 to 0.17 (seed 0), and it
-        costs 1.4x the step time (docs/model.md, section 3)."""
+        costs 1.4x the step time (docs/model.md, section 3). OPhys tokens average 3 frames (``calcium_bin``):
+        half the step time of a mixed batch at the same accuracy (docs/model.md, section 6)."""
         base = dict(
             dim=32, depth=2, dim_head=32, cross_heads=2, self_heads=2, ffn_mult=2,
             latent_step=0.125, latents_per_step=4,
             ffn_dropout=0.0, attn_dropout=0.0, residual_dropout=0.0,
-            t_min=1e-2, rotate_frac=0.5, time_prior=1.0, zero_init_residual=True,
+            t_min=1e-2, rotate_frac=0.5, time_prior=1.0, zero_init_residual=True, calcium_bin=3,
         )
         base.update(changes)
         return cls(**base)

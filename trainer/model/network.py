@@ -119,6 +119,10 @@ class MultiModalPOYO(nn.Module):
         if abs(lag - self.config.calcium_lag_s) > 1e-6:
             raise ValueError(f"batch OPhys windows read {lag} s ahead; the model was "
                              f"built for config.calcium_lag_s = {self.config.calcium_lag_s} s")
+        frames = int(batch.get("calcium_bin", self.config.calcium_bin))  # absent: a hand-made batch (synthetic.py)
+        if frames != self.config.calcium_bin:
+            raise ValueError(f"batch OPhys tokens average {frames} frame(s); the model was "
+                             f"built for config.calcium_bin = {self.config.calcium_bin}")
         cu = batch["input_cu_seqlens"].long()
         lens = torch.diff(cu)
         n_tokens = int(cu[-1])
