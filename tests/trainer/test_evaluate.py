@@ -266,7 +266,7 @@ def test_bad_eval_stride_is_an_error():
 
 
 def test_the_training_plan_and_tokens_are_those_of_before():
-    """Checksums of the training plan and of a training batch (all keys but the new one) as the code before
+    """Checksums of the training plan and of a training batch (all keys but the new ones) as the code before
     overlapping evaluation windows made them; the evaluation stride does not touch training."""
     c = chunks_table(CHUNKS[:7])  # the table the checksum was taken on
     for stride in (None, 0.25):
@@ -296,8 +296,9 @@ def test_the_training_plan_and_tokens_are_those_of_before():
     assert list(b)[:-1] == list(pack(wins, [0, 1] * 12, [0] * 24, 1.0, [False] * 23 + [True]))
     crc = 0
     for k, v in b.items():
-        if k not in ("output_presentation", "record_index"):
+        if k not in ("output_presentation", "record_index", "calcium_bin"):
             crc = zlib.crc32(k.encode() + np.ascontiguousarray(v).tobytes(), crc)
     assert crc == 3642167818
+    assert int(b["calcium_bin"]) == 1  # the default: one token per frame, the tokens of before
     assert b["output_presentation"].dtype == np.int64 and len(b["output_presentation"]) == len(b["output_labels"])
     assert set(b["output_presentation"].tolist()) <= set(presentation_id(qs).tolist())  # start, in microseconds
