@@ -165,6 +165,18 @@ def test_heldout_draw_is_deterministic_and_never_pretrained_on(store):
         choose_heldout(table, 3, seed=0, store="S")
 
 
+def test_labels_that_name_no_area_get_no_held_out_session():
+    """Every probe has grey / unknown channels: holding a session out for them would empty the EPhys pool."""
+    rows = [(f"e{i}", "ephys", r) for i in range(4) for r in ("VISp", "VISl", "grey", "unknown")]
+    rows += [(f"o{i}", "ophys", r) for i, r in enumerate(["VISp", "VISl", "VISp", "VISl"])]
+    table = pd.DataFrame(rows, columns=["session_id", "modality", "region"])
+    held = choose_heldout(table, 1, seed=0)
+    assert set(held["ephys"]) == {"VISl", "VISp"} and set(held["ophys"]) == {"VISl", "VISp"}
+    pool = {s for s, _, _ in rows if s.startswith("e")} - set(heldout_ids(held, "ephys"))
+    assert len(pool) == 2  # two EPhys sessions left to pretrain on (none would be with grey and unknown held out)
+    assert point_sessions(Point(ratio=1.0, seed=0), table, held, 0) == sorted(pool)
+
+
 @pytest.mark.parametrize("flags, spec, message", [
     (["--ratios", "0,1.5"], {}, "ratios = \\[0.0, 1.5\\]: each ratio .* within \\[0, 1\\]"),
     (["--seeds", ""], {}, "command line \\(--seeds\\): seeds = \\[\\]: give at least one seed"),

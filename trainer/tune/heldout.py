@@ -6,6 +6,11 @@ VISp and VISl) is held out for the first region that draws it and is no candidat
 every region gets ``n`` distinct sessions. A region with fewer than ``n`` candidates is one ValueError
 line, before any trial starts. ``SWEEP/heldout.json`` records the draw.
 
+Labels that name no brain area (``NOT_AREAS``: a probe's channels outside any annotated structure,
+Allen's ``grey`` and ``root``, and ingest's ``unknown``) are no region to hold out for: every probe has
+them, so holding a session out for each would take two more EPhys sessions out of pretraining per sweep
+without adding an area to evaluate (the held-out sessions' records of them are still scored).
+
 The pretraining pool is every session not held out; a pretraining set of ``k`` sessions per region takes
 the first ``k`` of a seeded order of that region's pool, so smaller sets are nested in larger ones
 (Fig. 2's scaling curves add sessions, they do not resample them).
@@ -22,6 +27,7 @@ from shards import manifest
 from shards.store import Store
 
 MODALITIES = ("ephys", "ophys")
+NOT_AREAS = frozenset({"grey", "root", "unknown"})  # region labels that name no brain area (module docstring)
 
 
 def session_table(store: str) -> pd.DataFrame:
@@ -41,7 +47,7 @@ def choose_heldout(table: pd.DataFrame, n: int, seed: int, store: str = "the sto
     for mod in MODALITIES:
         taken: set[str] = set()
         out[mod] = {}
-        for region in regions_of(table, mod):
+        for region in (r for r in regions_of(table, mod) if r not in NOT_AREAS):
             rows = table[(table.modality == mod) & (table.region == region)]
             candidates = sorted(set(rows.session_id) - taken)
             if len(candidates) < n:
