@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 demo: setup
 	rm -rf $(DEMO)
-	$(PY) -m ingest synth --out $(DEMO)/nwb --sessions 6 --seed 0
+	$(PY) -m ingest synth --out $(DEMO)/nwb --sessions 8 --seed 0 --regions VISp,VISl
 	$(PY) -m ingest run --src $(DEMO)/nwb --out $(DEMO)/store --workers 2
 	$(PY) -m shards ls $(DEMO)/store
 	$(PY) -m shards verify $(DEMO)/store
@@ -29,6 +29,10 @@ demo: setup
 	$(PY) -m trainer.train --shards $(DEMO)/store --mix ephys=0.5,ophys=0.5 --out $(DEMO)/run --workers 2 \
 		--preset small --epochs 25 --log-every 100
 	$(PY) bench/vs_ideal.py --run $(DEMO)/run --store $(DEMO)/store --truth $(DEMO)/nwb --split valid
+# the papers' experiment in small: pretrain on EPhys fractions 0 (OPhys only), 0.5 and 1 (EPhys only) x 2 seeds,
+# finetune on one held-out session per area and modality, print the table (docs/sweeps.md)
+	$(PY) -m trainer.tune --ratios 0,0.5,1 --seeds 0,1 --shards $(DEMO)/store --out $(DEMO)/sweep --held-out 1 \
+		--pretrain-steps 600 --finetune-epochs 10 --unfreeze-epoch 2 --workers 0 --concurrent 2
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -66,7 +66,8 @@ class BenchConfig:
 CONFIGS = {
     "smoke": BenchConfig(sessions=4, duration_s=300, pretrain_steps=40, finetune_epochs=2, unfreeze_epoch=1),
     # what fits in an hour for 3 seeds on 2 CPU cores: with calcium_bin 3 a seed of the earlier 1,500 steps /
-    # 10 epochs took 463 s instead of ~950 s, and the time saved went into training longer (docs/model.md section 6)
+    # 10 epochs took 463 s instead of ~950 s, and the time saved went into training longer (docs/model.md section 6):
+    # 1,885 s for 3 seeds on an idle host; bench/gains.py's 2 arms add 3,319 s (partly beside the test suite)
     "cpu": BenchConfig(pretrain_steps=2500, finetune_epochs=20, unfreeze_epoch=2),
     "gpu": BenchConfig(sessions=12, held_out=2, preset="paper", pretrain_steps=20000, finetune_epochs=50,
                        unfreeze_epoch=25, batch_size=64),
