@@ -128,8 +128,8 @@ def window_tokens(c: DecodedChunk, t0: float, config: TokenConfig, rng: np.rando
     OPhys with ``calcium_bin`` = K: each ROI's frames, counted from the window's first, are averaged K at a
     time (the last group may be shorter) and stamped at their mean time. Calcium tokens are ~94 % of a
     mixed batch's tokens (200 ROIs x 30 frames against ~360 spikes per EPhys window), and GCaMP's
-    response rises over ~0.1 s and decays over 0.4-0.7 s, so 3 frames (0.1 s) carry nearly what their
-    mean does while costing the encoder 3x the keys (docs/model.md section 6 measures both)."""
+    response rises over ~0.1 s and decays over 0.4-0.7 s, so 3 frames (0.1 s) tell the encoder little
+    more than their mean does, at 3x the keys (docs/model.md section 6 measures both)."""
     w = config.window_s
     i0, i1 = np.searchsorted(c.times, [t0, t0 + w], side="left")
     n_units = len(c.unit_index)
