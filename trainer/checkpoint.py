@@ -62,11 +62,14 @@ def read_meta(path: str) -> dict:
 
 
 def check_same_model(meta: dict, variant: str, model_config, what: str) -> None:
-    """Clear error when a checkpoint was made by another architecture variant or config."""
+    """Clear error when a checkpoint was made by another architecture variant or config. A field the
+    checkpoint's config lacks (saved before the field existed) is that field's default, which is what the
+    model it was saved from had."""
     if meta["variant"] != variant:
         raise ValueError(f"{what} holds a {meta['variant']!r} model, but this run builds {variant!r} "
                          f"(--model {meta['variant']} to continue it)")
-    theirs, ours = meta["model_config"], model_config.to_dict()
+    theirs = {**type(model_config)().to_dict(), **meta["model_config"]}
+    ours = model_config.to_dict()
     diff = sorted(k for k in set(theirs) | set(ours)
                   if k not in ("amp", "amp_on_cpu", "compile", "attn_backend") and theirs.get(k) != ours.get(k))
     if diff:

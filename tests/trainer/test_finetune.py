@@ -109,3 +109,16 @@ def test_pretrained_run_of_another_variant_is_refused(store, pretrained, tmp_pat
         finetune(ft_args(store, pretrained, tmp_path / "x", "--model", "separate"))
     with pytest.raises(SystemExit, match="not in"):
         finetune(["--from", str(pretrained), "--shards", store.uri, "--sessions", "nope", "--out", str(tmp_path / "y")])
+
+
+def test_a_checkpoint_saved_before_a_config_field_existed_reads_it_as_that_fields_default():
+    """Small-preset checkpoints from before ``calcium_bin`` hold no such key: they had one token per frame."""
+    from trainer.checkpoint import check_same_model
+    from trainer.model.config import ModelConfig
+
+    old = ModelConfig.small(calcium_bin=1).to_dict()
+    del old["calcium_bin"]
+    meta = {"variant": "main", "model_config": old}
+    check_same_model(meta, "main", ModelConfig.small(calcium_bin=1), "old.pt")  # the same model: accepted
+    with pytest.raises(ValueError, match="calcium_bin: checkpoint 1 vs run 3"):
+        check_same_model(meta, "main", ModelConfig.small(), "old.pt")
