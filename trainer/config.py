@@ -132,12 +132,13 @@ class TrainConfig:
 
     def stream_config(self, split: str) -> StreamConfig:
         """The StreamConfig of one split (what every rank streams; tests rebuild it to compare batches)."""
+        model = self.model_config()
         return StreamConfig(store=self.shards, mix=self.mix, split=split, batch_size=self.batch_size,
                             window_s=self.window_s, seed=self.seed, epoch_windows=self.epoch_windows,
                             shuffle_window=self.shuffle_window, sessions_include=tuple(self.sessions_include),
                             sessions_exclude=tuple(self.sessions_exclude), check_shards=False,
-                            eval_stride_s=self.eval_stride_s, calcium_lag_s=self.model_config().calcium_lag_s,
-                            calcium_bin=self.model_config().calcium_bin)
+                            eval_stride_s=self.eval_stride_s, calcium_lag_s=model.calcium_lag_s,
+                            calcium_bin=model.calcium_bin)
 
     # ---- plain dicts ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

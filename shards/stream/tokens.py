@@ -209,7 +209,7 @@ def pack(windows: list[tuple], modality: list[int], session: list[int], window_s
     }
     if calcium_lag_s:  # absent means 0 (batches without a lag are unchanged)
         out["calcium_lag_s"] = np.float32(calcium_lag_s)
-    if 1 in modality:  # every batch holding OPhys windows says how they were binned (EPhys-only ones are as before)
+    if MODALITY_INDEX["ophys"] in modality:  # batches holding OPhys windows say how they were binned (EPhys-only: as before)
         out["calcium_bin"] = np.int64(calcium_bin)
     if record is not None:
         out["record_index"] = np.asarray(record, dtype=np.int64)
