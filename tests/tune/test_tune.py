@@ -24,7 +24,7 @@ from trainer.tune.heldout import choose_heldout, heldout_ids, session_table
 from trainer.tune.points import Point, grid_points, point_sessions
 from trainer.tune.spec import load_spec
 from trainer.tune.sweep import Resources, param_space, prepare, tune_config
-from trainer.tune.trial import point_of
+from trainer.tune.trial import point_of, trial_score
 
 REGIONS = ["VISp", "VISp", "VISl", "VISl"]
 TINY = {"name": "tiny", "version": 1, "held_out": 1, "pretrain_steps": 6, "finetune_epochs": 1, "unfreeze_epoch": 0,
@@ -177,6 +177,14 @@ def test_labels_that_name_no_area_get_no_held_out_session():
     assert point_sessions(Point(ratio=1.0, seed=0), table, held, 0) == sorted(pool)
 
 
+def test_a_trials_score_leaves_out_records_that_name_no_area():
+    rows = [{"modality": "ophys", "region": "VISp", "accuracy": 0.4}, {"modality": "ophys", "region": "VISl",
+            "accuracy": 0.2}, {"modality": "ophys", "region": "unknown", "accuracy": 1.0},
+            {"modality": "ephys", "region": "VISp", "accuracy": 0.9}]
+    assert trial_score(rows) == pytest.approx(0.3)  # OPhys areas only: not 0.533 with the unknown record
+    assert trial_score([r for r in rows if r["modality"] == "ephys"]) == pytest.approx(0.9)
+
+
 @pytest.mark.parametrize("flags, spec, message", [
     (["--ratios", "0,1.5"], {}, "ratios = \\[0.0, 1.5\\]: each ratio .* within \\[0, 1\\]"),
     (["--seeds", ""], {}, "command line \\(--seeds\\): seeds = \\[\\]: give at least one seed"),
@@ -208,8 +216,10 @@ def test_named_experiments_load_and_collapse_axes_that_do_not_apply(name, trials
 
 def test_report_lays_out_the_ablation_and_marks_changes_all_seeds_agree_on(tmp_path):
     rows = []
-    for variant, ratio, seed, region in itertools.product(("main", "separate"), (0.0, 0.5), (0, 1), ("VISl", "VISp")):
-        acc = 0.3 + 0.1 * ratio + (0.05 if variant == "main" else 0.0) + 0.01 * seed
+    for variant, ratio, seed, region in itertools.product(("main", "separate"), (0.0, 0.5), (0, 1),
+                                                          ("VISl", "VISp", "grey")):
+        # a probe's unannotated channels (grey) decode perfectly here: the tables must not count them
+        acc = 1.0 if region == "grey" else 0.3 + 0.1 * ratio + (0.05 if variant == "main" else 0.0) + 0.01 * seed
         p = Point(ratio=ratio, seed=seed, variant=variant)
         rows.append({**p.to_dict(), "weights": "", "mix": p.mix(), "point": p.key, "trial_id": p.key,
                      "session": f"o-{region}", "region": region, "modality": "ophys", "task": "static_gratings",
@@ -221,6 +231,8 @@ def test_report_lays_out_the_ablation_and_marks_changes_all_seeds_agree_on(tmp_p
     assert "| main | **0.3800 ± 0.0050** |" in md and "| separate | 0.3300 ± 0.0050 |" in md  # mean over both ratios
     assert "| OPhys all (r=0, n=all, main) | 0.3550 ± 0.0050 | 0.3550 ± 0.0050 |" in md
     assert "| EPhys all + OPhys all (r=0.5, n=all, separate) | 0.3550 ± 0.0050 | 0.3550 ± 0.0050 |" in md
+    assert "OPhys grey" not in md and "Left out: 8 row(s) of records labelled grey (no brain area)." in md
+    assert len(results.read(sweep)) == 24  # the parquet keeps them
     changes = report.transfer_changes(report.prepare(results.read(sweep)))
     assert len(changes) == 4  # (main, separate) x (VISl, VISp), each against its own variant's baseline
     assert all(abs(delta - 0.05) < 1e-9 and agree for delta, agree in changes.values())

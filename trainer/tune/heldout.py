@@ -9,7 +9,8 @@ line, before any trial starts. ``SWEEP/heldout.json`` records the draw.
 Labels that name no brain area (``NOT_AREAS``: a probe's channels outside any annotated structure,
 Allen's ``grey`` and ``root``, and ingest's ``unknown``) are no region to hold out for: every probe has
 them, so holding a session out for each would take two more EPhys sessions out of pretraining per sweep
-without adding an area to evaluate (the held-out sessions' records of them are still scored).
+without adding an area to evaluate. The held-out sessions' records of them are still tested and kept in
+results.parquet, but no score, table or plot counts them (``is_area``).
 
 The pretraining pool is every session not held out; a pretraining set of ``k`` sessions per region takes
 the first ``k`` of a seeded order of that region's pool, so smaller sets are nested in larger ones
@@ -30,6 +31,11 @@ MODALITIES = ("ephys", "ophys")
 NOT_AREAS = frozenset({"grey", "root", "unknown"})  # region labels that name no brain area (module docstring)
 
 
+def is_area(region: str) -> bool:
+    """Whether a record's region label names a brain area, i.e. counts in a sweep's scores and tables."""
+    return region not in NOT_AREAS
+
+
 def session_table(store: str) -> pd.DataFrame:
     """(session_id, modality, region) rows of the store's sessions table, one per recorded region."""
     t = manifest.read_table(Store(store), manifest.SESSIONS).to_pandas()
@@ -47,7 +53,7 @@ def choose_heldout(table: pd.DataFrame, n: int, seed: int, store: str = "the sto
     for mod in MODALITIES:
         taken: set[str] = set()
         out[mod] = {}
-        for region in (r for r in regions_of(table, mod) if r not in NOT_AREAS):
+        for region in filter(is_area, regions_of(table, mod)):
             rows = table[(table.modality == mod) & (table.region == region)]
             candidates = sorted(set(rows.session_id) - taken)
             if len(candidates) < n:

@@ -14,6 +14,11 @@ the evaluation sessions across seeds"). The pretraining set of a row is its poin
   ``*`` marks a change whose sign all paired seeds agree on. With the baseline itself as the first row.
 - ``ablation.png`` (Table 1, when several variants): bars per variant and task with SEM.
 
+Records of labels that name no brain area (``trainer.tune.heldout.NOT_AREAS``: Allen's ``grey`` and ``root``,
+ingest's ``unknown``) stay in the parquet but not in the tables, means or plots: they are no area to put in a
+column, and averaging them in would let a probe's unannotated channels move a set's score. results.md says
+how many rows it left out.
+
 The same parquet gives the same bytes: rows are sorted, numbers formatted at fixed precision, PNGs
 written without a timestamp or version in their metadata.
 """
@@ -27,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from shards.store import Store
+from trainer.tune.heldout import NOT_AREAS, is_area
 from trainer.tune.results import read
 
 TASK_ORDER = ("static_gratings", "drifting_gratings", "natural_scenes")
@@ -83,8 +89,13 @@ def summarise(df: pd.DataFrame, by: list[str]) -> dict[tuple, tuple[float, float
     return out
 
 
+def area_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of records in a brain area (module docstring: the others are left out of the report)."""
+    return df[df.region.map(is_area)]
+
+
 def prepare(df: pd.DataFrame) -> pd.DataFrame:
-    df = df.copy()
+    df = area_rows(df).copy()
     df["weights"] = df["weights"].fillna("")
     df["label"] = [set_label(r) for _, r in df.iterrows()]
     return df
@@ -140,13 +151,17 @@ def ablation_table(df: pd.DataFrame) -> list[str]:
 
 
 def markdown(df: pd.DataFrame) -> str:
+    left_out = sorted(set(df.region) & NOT_AREAS)
+    n_left = len(df) - len(area_rows(df))
     df = prepare(df)
     exp = ", ".join(f"{e} v{v}" for e, v in sorted(set(zip(df.experiment, df.version))))
     seeds = sorted(df.seed.unique())
     lines = [f"# Sweep results: {exp}", "",
              f"{df.label.nunique()} pretraining set(s) x {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), "
              f"{df.session.nunique()} held-out session(s), {len(df)} rows. Test accuracy per record (one "
-             f"prediction per presentation), mean over records per seed, then mean ± SEM over seeds.", "",
+             f"prediction per presentation), mean over records per seed, then mean ± SEM over seeds."
+             + (f" Left out: {n_left} row(s) of records labelled {', '.join(left_out)} (no brain area)."
+                if n_left else ""), "",
              "## Transfer tables (the papers' Tables 2-4)", ""]
     lines += transfer_tables(df)
     if df.variant.nunique() > 1:
@@ -311,6 +326,9 @@ def build(sweep: Store) -> list[str]:
     df = read(sweep)
     if not len(df):
         raise ValueError(f"{sweep.uri}/results.parquet has no rows (no trial finished)")
+    if not len(area_rows(df)):
+        raise ValueError(f"{sweep.uri}/results.parquet: every row is a record labelled "
+                         f"{', '.join(sorted(set(df.region)))}, which names no brain area: nothing to report")
     written = {"results.md": markdown(df).encode()}
     pdf = prepare(df)
     for name, data in (("scaling.png", scaling_plot(pdf)), ("transfer.png", transfer_plot(pdf)),

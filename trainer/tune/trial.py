@@ -37,7 +37,7 @@ from trainer.checkpoint import latest_checkpoint
 from trainer.config import TrainConfig
 from trainer.finetune import finetune_config
 from trainer.train import run
-from trainer.tune.heldout import heldout_ids, session_table
+from trainer.tune.heldout import heldout_ids, is_area, session_table
 from trainer.tune.points import Point, point_sessions
 from trainer.tune.spec import ExperimentSpec
 
@@ -151,7 +151,9 @@ def test_rows(metrics: dict) -> list[dict]:
 
 
 def trial_score(rows: list[dict]) -> float:
-    """Mean test accuracy over the OPhys rows (the papers' target), else over all rows."""
+    """Mean test accuracy over the OPhys rows (the papers' target), else over all rows; records of labels that
+    name no brain area do not count (``trainer.tune.heldout.is_area``)."""
+    rows = [r for r in rows if is_area(r["region"])]
     pick = [r["accuracy"] for r in rows if r["modality"] == "ophys"] or [r["accuracy"] for r in rows]
     return float(sum(pick) / len(pick)) if pick else math.nan
 
