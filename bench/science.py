@@ -68,6 +68,8 @@ CONFIGS = {
     # what fits in an hour for 3 seeds on 2 CPU cores: with calcium_bin 3 a seed of the earlier 1,500 steps /
     # 10 epochs took 463 s instead of ~950 s, and the time saved went into training longer (docs/model.md section 6):
     # 1,885 s for 3 seeds on an idle host; bench/gains.py's 2 arms add 3,319 s (partly beside the test suite)
+    # width 64 (--set 'model_overrides={"dim":64}') beats it on every task at about the same step time
+    # (bench/results/science_dim64.json, docs/model.md section 7); it becomes this config with bench/gains.py's rerun
     "cpu": BenchConfig(pretrain_steps=2500, finetune_epochs=20, unfreeze_epoch=2),
     "gpu": BenchConfig(sessions=12, held_out=2, preset="paper", pretrain_steps=20000, finetune_epochs=50,
                        unfreeze_epoch=25, batch_size=64),
