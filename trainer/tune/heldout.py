@@ -36,6 +36,11 @@ def is_area(region: str) -> bool:
     return region not in NOT_AREAS
 
 
+def area_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a results frame whose record is in a brain area (what sweep scores, tables and plots count)."""
+    return df[df.region.map(is_area)]
+
+
 def session_table(store: str) -> pd.DataFrame:
     """(session_id, modality, region) rows of the store's sessions table, one per recorded region."""
     t = manifest.read_table(Store(store), manifest.SESSIONS).to_pandas()

@@ -1,7 +1,7 @@
 """TensorBoard hparams, one run per trial under SWEEP/tb/<point>/: the point's axes next to its test
 accuracy per evaluated modality and task, so ``tensorboard --logdir SWEEP/tb`` (HPARAMS tab) lays the
 trials side by side. Written by the driver from the results rows (the same rows results.parquet holds), less
-the records of labels that name no brain area (``trainer.tune.heldout.is_area``), as in results.md."""
+the records of labels that name no brain area (``trainer.tune.heldout.area_rows``), as in results.md."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import shutil
 
 import pandas as pd
 
-from trainer.tune.heldout import is_area
+from trainer.tune.heldout import area_rows
 
 
 def write_hparams(df: pd.DataFrame, log_dir: str) -> int:
@@ -20,7 +20,7 @@ def write_hparams(df: pd.DataFrame, log_dir: str) -> int:
     if os.path.isdir(log_dir):
         shutil.rmtree(log_dir)
     n = 0
-    for point, g in df[df.region.map(is_area)].groupby("point", sort=True):
+    for point, g in area_rows(df).groupby("point", sort=True):
         first = g.iloc[0]
         hparams = {"ratio": float(first.ratio), "seed": int(first.seed),
                    "set_size": "all" if pd.isna(first.set_size) else int(first.set_size),

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from shards.store import Store
-from trainer.tune.heldout import NOT_AREAS, is_area
+from trainer.tune.heldout import NOT_AREAS, area_rows
 from trainer.tune.results import read
 
 TASK_ORDER = ("static_gratings", "drifting_gratings", "natural_scenes")
@@ -87,11 +87,6 @@ def summarise(df: pd.DataFrame, by: list[str]) -> dict[tuple, tuple[float, float
         m, s = mean_sem(g.accuracy.tolist())
         out[key if isinstance(key, tuple) else (key,)] = (m, s, len(g))
     return out
-
-
-def area_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows of records in a brain area (module docstring: the others are left out of the report)."""
-    return df[df.region.map(is_area)]
 
 
 def prepare(df: pd.DataFrame) -> pd.DataFrame:
