@@ -68,9 +68,9 @@ CONFIGS = {
     # what fits in an hour for 3 seeds on 2 CPU cores: with calcium_bin 3 a seed of the earlier 1,500 steps /
     # 10 epochs took 463 s instead of ~950 s, and the time saved went into training longer (docs/model.md section 6):
     # 1,885 s for 3 seeds on an idle host; bench/gains.py's 2 arms add 3,319 s (partly beside the test suite)
-    # width 64 (--set 'model_overrides={"dim":64}') beats it on every task at about the same step time
-    # (bench/results/science_dim64.json, docs/model.md section 7); it becomes this config with bench/gains.py's rerun
-    "cpu": BenchConfig(pretrain_steps=2500, finetune_epochs=20, unfreeze_epoch=2),
+    # width 64 beats width 32 on every task at about the same step time (docs/model.md section 7): NS 0.325 vs
+    # 0.139 (EPhys), 0.216 vs 0.094 (OPhys); 2,394 s for 3 seeds, partly loaded
+    "cpu": BenchConfig(pretrain_steps=2500, finetune_epochs=20, unfreeze_epoch=2, model_overrides={"dim": 64}),
     "gpu": BenchConfig(sessions=12, held_out=2, preset="paper", pretrain_steps=20000, finetune_epochs=50,
                        unfreeze_epoch=25, batch_size=64),
 }
@@ -139,6 +139,12 @@ def ideal(store: Path, nwb: Path, sessions: list[str]) -> tuple[dict, dict]:
 PRETRAIN_MIX = "ephys=1,ophys=1"  # the pretraining mixture: half the windows from each modality
 
 
+def resume_flag(out: Path) -> list[str]:
+    """``--resume`` for a run an interrupted benchmark left unfinished (its folder without metrics.json), so a
+    rerun continues it from its last checkpoint instead of refusing to write over it."""
+    return ["--resume"] if out.exists() else []
+
+
 def pretrain(run: Path, name: str, store: Path, held: list[str], cfg: BenchConfig, seed: int,
              mix: str = PRETRAIN_MIX) -> Path:
     """``trainer.train`` on ``mix`` of every session but the held-out ones, into ``run/name`` (reused when done)."""
@@ -151,8 +157,8 @@ def pretrain(run: Path, name: str, store: Path, held: list[str], cfg: BenchConfi
     if not (pre / "metrics.json").exists():
         run.mkdir(parents=True, exist_ok=True)
         sh([sys.executable, "-m", "trainer.train", *common, "--mix", mix, "--sessions-exclude", ",".join(held),
-            "--max-steps", str(cfg.pretrain_steps), "--out", str(pre), "--early-stop-patience", "0", *cfg.extra],
-           run / f"{name}.log")
+            "--max-steps", str(cfg.pretrain_steps), "--out", str(pre), "--early-stop-patience", "0", *cfg.extra,
+            *resume_flag(pre)], run / f"{name}.log")
     return pre
 
 
@@ -166,7 +172,7 @@ def finetune(run: Path, name: str, pre: Path, store: Path, held: list[str], cfg:
             "--sessions", ",".join(held), "--out", str(ft), "--mode", mode,
             "--epochs", str(cfg.finetune_epochs),
             "--unfreeze-epoch", str(cfg.unfreeze_epoch if mode == "pretrained" else 0), "--workers", "0",
-            "--seed", str(seed)], run / f"{name}.log")
+            "--seed", str(seed), *resume_flag(ft)], run / f"{name}.log")
     return headline(ft / "metrics.json")
 
 
