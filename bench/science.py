@@ -11,6 +11,8 @@ On exactly the test presentations of those sessions, per record (session x regio
 - ``ideal``: the Bayes-optimal observer from the generator's ground truth (``ingest.synth.ideal``;
   EPhys exact, OPhys bracketed: the lower bound is reported as the ideal, the upper bound beside it);
 - ``logreg``: per-record logistic regression on presentation-aligned counts / dF/F (``trainer.logreg``);
+- ``naive_bayes``: the ideal observer's form with its parameters fit on the record's train split
+  (``trainer.naive_bayes``: Poisson counts / Gaussian dF/F): what one session's data allow;
 - ``mlp``: the per-session MLP (``trainer.finetune --mode mlp``);
 - ``scratch``: the model trained from scratch on the held-out sessions only (``--mode scratch``);
 - ``model``: the model pretrained on the other sessions (``trainer.train``), then finetuned on the held-out
@@ -189,7 +191,8 @@ def plot(path: Path, table: dict, ideal_acc: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = ["logreg", "mlp", "scratch", "model"]
+    methods = ["logreg", "naive_bayes", "mlp", "scratch", "model"]
+    width = 0.8 / len(methods)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, mod in zip(axes, MODALITIES):
         x = np.arange(len(TASKS))
@@ -198,7 +201,7 @@ def plot(path: Path, table: dict, ideal_acc: dict) -> None:
             sems = [table[m].get(mod, {}).get(t, (math.nan, math.nan))[1] for t in TASKS]
             frac = [a / ideal_acc.get(mod, {}).get(t, math.nan) for a, t in zip(means, TASKS)]
             err = [s / ideal_acc.get(mod, {}).get(t, math.nan) for s, t in zip(sems, TASKS)]
-            ax.bar(x + (i - 1.5) * 0.2, frac, 0.2, yerr=err, label=m, capsize=2)
+            ax.bar(x + (i - (len(methods) - 1) / 2) * width, frac, width, yerr=err, label=m, capsize=2)
         chance = [CHANCE[t] / ideal_acc.get(mod, {}).get(t, math.nan) for t in TASKS]
         ax.scatter(x, chance, marker="_", s=400, color="k", label="chance", zorder=3)
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
@@ -251,10 +254,13 @@ def main() -> None:
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
     from trainer.logreg import logreg_baseline
+    from trainer.naive_bayes import naive_bayes_baseline
 
-    logreg = logreg_baseline(str(store), held_all, {t: n for t, n in zip(TASKS, (6, 8, 119))})
+    n_classes = {t: n for t, n in zip(TASKS, (6, 8, 119))}
+    fixed = {"logreg": logreg_baseline(str(store), held_all, n_classes),  # no training seed: one fit each
+             "naive_bayes": naive_bayes_baseline(str(store), held_all, n_classes)}
     per_seed = {s: train_seed(work, store, held_all, cfg, s) for s in seeds}
-    table: dict = {"logreg": {m: {t: (v, 0.0) for t, v in logreg.get(m, {}).items()} for m in MODALITIES}}
+    table: dict = {k: {m: {t: (v, 0.0) for t, v in b.get(m, {}).items()} for m in MODALITIES} for k, b in fixed.items()}
     for name, mode in (("model", "pretrained"), ("scratch", "scratch"), ("mlp", "mlp")):
         table[name] = {m: {t: mean_sem([per_seed[s][mode].get(m, {}).get(t, math.nan) for s in seeds]) for t in TASKS}
                        for m in MODALITIES}
@@ -266,7 +272,7 @@ def main() -> None:
         "model_sem": {m: {t: v[1] for t, v in ts.items()} for m, ts in table["model"].items()},
         "fraction_of_ideal": frac,
         "baselines": {k: {m: {t: v[0] for t, v in ts.items()} for m, ts in table[k].items()}
-                      for k in ("logreg", "mlp", "scratch")},
+                      for k in ("logreg", "naive_bayes", "mlp", "scratch")},
         "chance": CHANCE, "held_out": held, "seeds": seeds, "config": {"name": a.config, **asdict(cfg)},
         "per_seed": per_seed, "wall_s": round(time.time() - t0, 1),
     }
@@ -277,13 +283,13 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, json.dumps(result, indent=1))
     plot(Path(a.plot), table, ideal_acc)
-    print(f"{'modality':8} {'task':18} {'chance':>7} {'ideal':>7} {'logreg':>7} {'mlp':>13} {'scratch':>13} "
+    print(f"{'modality':8} {'task':18} {'chance':>7} {'ideal':>7} {'logreg':>7} {'nbayes':>7} {'mlp':>13} {'scratch':>13} "
           f"{'model':>13} {'model/ideal':>11}")
     for m in MODALITIES:
         for t in TASKS:
             f = lambda k, m=m, t=t: "{:.3f}±{:.3f}".format(*table[k][m][t])  # noqa: E731
             print(f"{m:8} {t:18} {CHANCE[t]:7.3f} {ideal_acc.get(m, {}).get(t, math.nan):7.3f} "
-                  f"{table['logreg'][m].get(t, (math.nan,))[0]:7.3f} {f('mlp'):>13} {f('scratch'):>13} {f('model'):>13} "
+                  f"{table['logreg'][m].get(t, (math.nan,))[0]:7.3f} {table['naive_bayes'][m].get(t, (math.nan,))[0]:7.3f} {f('mlp'):>13} {f('scratch'):>13} {f('model'):>13} "
                   f"{frac[m].get(t, math.nan):11.3f}")
     print(f"wall {result['wall_s']:.0f} s -> {a.out}, {a.plot}")
 

@@ -21,12 +21,16 @@ import torch
 import torch.nn.functional as F
 
 from ingest.records import Intervals, SessionRecord
+from shards import manifest
 from shards.schema import TASKS
+from shards.store import Store
 from shards.stream.dataset import MixtureStream, StreamConfig
 from tests.support.storegen import make_store
 from trainer.logreg import logreg_baseline
 from trainer.model.config import ModelConfig
 from trainer.model.network import MultiModalPOYO
+from trainer.naive_bayes import naive_bayes_baseline
+from trainer.presentations import record_features
 
 THRESHOLD = 0.5  # drifting gratings, chance 0.125
 SG_THRESHOLD = 0.75  # static gratings, chance 0.167
@@ -45,15 +49,21 @@ def tuned_record(dur: float = 900.0, n_units: int = 20, gain_hz: float = 6.0, se
                              other=("static_gratings", 0.25))
 
 
-def static_record(dur: float = 600.0, n_units: int = 30, gain_hz: float = 12.0, seed: int = 0) -> SessionRecord:
-    """Static gratings back to back (0.25 s each, 6 orientations); units orientation-tuned (2 Hz baseline,
-    up to +12 Hz), responding 50 ms after onset for the presentation's 0.25 s."""
+def static_tuning(dur: float, n_units: int, gain_hz: float, seed: int):
+    """(rng, onsets, labels, rates (6 orientations, units) in Hz) of ``static_record``."""
     rng = np.random.default_rng(seed)
     on = np.arange(1.0, dur - 1.0, 0.25)
     label = rng.integers(0, 6, len(on))
     pref = rng.uniform(0, np.pi, n_units)
-    rates = 2.0 + gain_hz * np.exp(2.0 * (np.cos(2 * (label[:, None] * np.pi / 6 - pref[None, :])) - 1))
-    return responding_record(rng, "sg", dur, "static_gratings", on, 0.25, label, rates,
+    rates = 2.0 + gain_hz * np.exp(2.0 * (np.cos(2 * (np.arange(6)[:, None] * np.pi / 6 - pref[None, :])) - 1))
+    return rng, on, label, rates
+
+
+def static_record(dur: float = 600.0, n_units: int = 30, gain_hz: float = 12.0, seed: int = 0) -> SessionRecord:
+    """Static gratings back to back (0.25 s each, 6 orientations); units orientation-tuned (2 Hz baseline,
+    up to +12 Hz), responding 50 ms after onset for the presentation's 0.25 s."""
+    rng, on, label, rates = static_tuning(dur, n_units, gain_hz, seed)
+    return responding_record(rng, "sg", dur, "static_gratings", on, 0.25, label, rates[label],
                              other=("drifting_gratings", 2.0))
 
 
@@ -176,3 +186,21 @@ def test_small_model_reads_the_spikes_of_its_own_presentation(static_store):
     assert total >= 200
     assert logreg_acc >= SG_THRESHOLD, f"the corpus is not easy enough: logistic regression {logreg_acc:.2f}"
     assert model_acc >= SG_THRESHOLD, f"model {model_acc:.2f} on held-out windows (logistic regression {logreg_acc:.2f})"
+
+
+def test_plug_in_naive_bayes_reaches_the_true_rate_decoder_on_a_store(static_store):
+    """1,400 train presentations (233 per orientation): the rates are learnt, so the plug-in decoder read from
+    the store's train split matches the Bayes decoder that knows them, on the same test presentations."""
+    nb = naive_bayes_baseline(static_store, ["sg"], {t: spec.n_classes for t, spec in TASKS.items()})
+    row = nb["record"]["sg/VISp"]["static_gratings"]
+    store = Store(static_store)
+    tables = manifest.load(store)
+    test = list(manifest.record_samples(store, tables.chunks.to_pandas(), "sg", "VISp", "test"))
+    columns = {str(100 + u): u for u in range(30)}
+    x, y = record_features(test, columns, "static_gratings", 0.05)  # the response window exactly
+    lam = static_tuning(600.0, 30, 12.0, 0)[3] * 0.25  # expected counts in it
+    true = (x @ np.log(lam).T - lam.sum(1)).argmax(1)
+    ideal = float((true == y).mean())
+    assert row["n"] == len(y) >= 200
+    assert ideal > 0.8
+    assert row["acc"] >= ideal - 0.03, f"plug-in {row['acc']:.3f} vs true-rate Bayes {ideal:.3f}"
