@@ -2,24 +2,27 @@
 mixture help held-out OPhys sessions, and only when both modalities share what a stimulus means?
 
     python bench/gains.py                        # CPU configuration of bench/science.py, seeds 0,1,2
+    python bench/gains.py --ratios 0.5           # one mixture only (bench/science.py's; a third of the time)
     python bench/gains.py --config smoke --seeds 0 --work /tmp/g   # minutes: checks the pipeline
 
-Three arms, each pretrained for the same number of steps of the same batch size (the same number of
-windows, the papers' "same data budget"), then finetuned with bench/science.py's protocol on the same
-held-out sessions (gradual unfreezing), scored on their test split per record:
+Arms, each pretrained for the same number of steps of the same batch size (the same number of windows, the
+papers' "same data budget"), then finetuned with bench/science.py's protocol on the same held-out sessions
+(gradual unfreezing), scored on their test split per record:
 
-- ``mixture``    bench/science.py's pretraining (``ephys=1,ophys=1``: half the windows EPhys); its runs are
-                 reused from the same ``--work`` when bench/science.py made them;
-- ``ophys_only`` the same corpus, ``--mix ophys=1`` (every window OPhys);
-- ``control``    the mixture on the control corpus (``ingest synth --ephys-code-seed``): its OPhys sessions
-                 are byte for byte the benchmark's, its EPhys sessions have the same units and schedules
-                 but an unrelated stimulus code, so EPhys can teach the trunk nothing about OPhys's classes.
+- ``ophys_only``  every window OPhys (``--mix ophys=1``);
+- ``mixture@R``   EPhys a share R of the windows (``--ratios``; R = 0.5 is bench/science.py's pretraining, whose
+                  runs are reused from the same ``--work``);
+- ``control@R``   the same mixtures on the control corpus (``ingest synth --ephys-code-seed``): its OPhys sessions
+                  are byte for byte the benchmark's, its EPhys sessions have the same units and schedules but an
+                  unrelated stimulus code, so EPhys can teach the trunk nothing about OPhys's classes.
 
-``mixture_gain[task]`` is the OPhys test accuracy of the mixture minus OPhys-only (paired by seed, mean
-over seeds; SEM beside it), ``control_gain`` the same for the control arm: the papers' Observation 2
-predicts mixture_gain > 0 and control_gain about 0. Writes bench/results/gains.json, merges
-``mixture_gain``, ``control_gain`` and ``gains`` into bench/results/science.json when that file was
-measured with the same configuration, draws docs/gains.png, and prints the table.
+The best mixture of each corpus is the ratio whose finetuned model scores best on the held-out OPhys session's
+*valid* split (mean over seeds), so the test split picks nothing. ``mixture_gain[task]`` is its OPhys test
+accuracy minus OPhys-only (paired by seed, mean over seeds; SEM beside it), ``control_gain`` the same for the
+control corpus's best mixture: the papers' Observation 2 predicts mixture_gain > 0 and control_gain about 0.
+Writes bench/results/gains.json, merges ``mixture_gain``, ``control_gain`` and ``gains`` into
+bench/results/science.json when that file was measured with the same configuration, draws docs/gains.png, and
+prints the table.
 """
 
 from __future__ import annotations
@@ -38,12 +41,12 @@ sys.path.insert(0, str(REPO))
 
 from bench.science import (  # noqa: E402
     CHANCE,
-    CONFIGS,
     PRETRAIN_MIX,
     TASKS,
     BenchConfig,
     bench_parser,
     build_corpus,
+    config_of,
     finetune,
     held_out_sessions,
     pretrain,
@@ -52,49 +55,93 @@ from bench.science import (  # noqa: E402
 from trainer.tune.report import mean_sem  # noqa: E402  (the sweeps' mean +- SEM over seeds, NaN-free)
 
 CONTROL_CODE_SEED = 1_000_003  # the control corpus's EPhys code: any seed other than the corpus seed
-ARM_MIX = {"ophys_only": "ophys=1", "mixture": PRETRAIN_MIX, "control": PRETRAIN_MIX}  # pretraining --mix
-ARMS = tuple(ARM_MIX)
+FAMILIES = ("mixture", "control")
 
 
-def run_seed(work: Path, stores: dict[str, Path], held: list[str], cfg: BenchConfig, seed: int) -> dict[str, dict]:
-    """The three arms' OPhys test headline ({arm: {task: acc}}) for one training seed."""
-    run = work / f"seed{seed}"  # bench/science.py's folder: its pretrain/ and pretrained/ are the mixture arm
+def mix_of(ratio: float) -> str:
+    """Pretraining ``--mix`` with EPhys a share ``ratio`` of the windows (0.5: bench/science.py's own)."""
+    return PRETRAIN_MIX if ratio == 0.5 else f"ephys={ratio:g},ophys={1 - ratio:g}"
+
+
+def suffix(ratio: float) -> str:
+    """Run-folder suffix of a ratio; none at 0.5, so bench/science.py's pretrain/ and pretrained/ are reused."""
+    return "" if ratio == 0.5 else f"_e{ratio:g}"
+
+
+def valid_score(run: Path) -> float:
+    """The finetuned model's OPhys score on the held-out session's valid split (what picks the best ratio)."""
+    best = json.loads((run / "metrics.json").read_text())["best"]
+    return float(best["modality"].get("ophys", {}).get("score", math.nan))
+
+
+def run_seed(work: Path, stores: dict[str, Path], held: list[str], cfg: BenchConfig, seed: int,
+             ratios: dict[str, list[float]]) -> dict[str, dict]:
+    """{arm: {"test": {task: OPhys test acc}, "valid": OPhys valid score}} of every arm for one training seed."""
+    run = work / f"seed{seed}"  # bench/science.py's folder: its pretrain/ and pretrained/ are mixture@0.5
     control = work / "control" / f"seed{seed}"
-    arms = {
-        "mixture": finetune(run, "pretrained", pretrain(run, "pretrain", stores["benchmark"], held, cfg, seed),
-                            stores["benchmark"], held, cfg, seed),
-        "ophys_only": finetune(run, "ophys_only", pretrain(run, "pretrain_ophys", stores["benchmark"], held, cfg,
-                                                           seed, mix=ARM_MIX["ophys_only"]),
-                               stores["benchmark"], held, cfg, seed),
-        "control": finetune(control, "pretrained", pretrain(control, "pretrain", stores["control"], held, cfg, seed),
-                            stores["control"], held, cfg, seed),
-    }
-    return {arm: arms[arm].get("ophys", {}) for arm in ARMS}
+    out: dict[str, dict] = {}
+
+    def arm(name: str, folder: Path, store: Path, mix: str, pre_name: str, ft_name: str) -> None:
+        pre = pretrain(folder, pre_name, store, held, cfg, seed, mix=mix)
+        test = finetune(folder, ft_name, pre, store, held, cfg, seed)
+        out[name] = {"test": test.get("ophys", {}), "valid": valid_score(folder / ft_name)}
+
+    arm("ophys_only", run, stores["benchmark"], "ophys=1", "pretrain_ophys", "ophys_only")
+    for family, folder, store in (("mixture", run, stores["benchmark"]), ("control", control, stores["control"])):
+        for r in ratios[family]:
+            arm(f"{family}@{r:g}", folder, store, mix_of(r), f"pretrain{suffix(r)}", f"pretrained{suffix(r)}")
+    return out
+
+
+def best_ratio(per_seed: dict, family: str, ratios: list[float], seeds: list[int]) -> float:
+    """The ratio of ``family`` whose mean valid score over seeds is highest."""
+    return max(ratios, key=lambda r: float(np.nanmean([per_seed[s][f"{family}@{r:g}"]["valid"] for s in seeds])))
 
 
 def gain(per_seed: dict, arm: str, seeds: list[int]) -> dict[str, tuple[float, float]]:
     """{task: (mean, SEM)} over seeds of arm - ophys_only (paired by seed)."""
-    return {t: mean_sem([per_seed[s][arm].get(t, math.nan) - per_seed[s]["ophys_only"].get(t, math.nan)
+    return {t: mean_sem([per_seed[s][arm]["test"].get(t, math.nan) - per_seed[s]["ophys_only"]["test"].get(t, math.nan)
                          for s in seeds]) for t in TASKS}
 
 
-def plot(path: Path, table: dict[str, dict[str, tuple[float, float]]]) -> None:
+def plot(path: Path, table: dict[str, dict[str, tuple[float, float]]], best: dict[str, float]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    arms = list(table)
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(arms), 3.8))
     x = np.arange(len(TASKS))
-    for i, arm in enumerate(ARMS):
-        ax.bar(x + (i - 1) * 0.26, [table[arm][t][0] for t in TASKS], 0.26, yerr=[table[arm][t][1] for t in TASKS],
-               capsize=2, label=arm.replace("_", "-"))
+    width = 0.84 / len(arms)
+    oranges, greens = plt.cm.Oranges, plt.cm.Greens
+    n = {f: sum(a.startswith(f) for a in arms) for f in FAMILIES}
+    for i, arm in enumerate(arms):
+        fam, _, r = arm.partition("@")
+        k = sum(a.startswith(fam) for a in arms[:i])
+        color = "tab:blue" if fam == "ophys_only" else (oranges if fam == "mixture" else greens)(0.4 + 0.5 * k / max(n[fam], 1))
+        label = arm.replace("_", "-") + (" (best)" if r and float(r) == best.get(fam) else "")
+        ax.bar(x + (i - (len(arms) - 1) / 2) * width, [table[arm][t][0] for t in TASKS], width,
+               yerr=[table[arm][t][1] for t in TASKS], capsize=2, label=label, color=color,
+               hatch="//" if label.endswith("(best)") else None)
     ax.scatter(x, [CHANCE[t] for t in TASKS], marker="_", s=500, color="k", label="chance", zorder=3)
     ax.set_xticks(x, [t.replace("_", " ") for t in TASKS])
     ax.set_ylabel("OPhys test accuracy (held-out)")
-    ax.set_title("pretraining mixture: OPhys only, + EPhys, + EPhys with an unrelated code")
-    ax.legend(fontsize=8)
+    ax.set_title("pretraining: OPhys only, + EPhys (mixture@EPhys share), + EPhys with an unrelated code (control)",
+                 fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
     save_figure(fig, path)
+
+
+def parse_ratios(flag: str, text: str) -> list[float]:
+    """EPhys shares in (0, 1) from ``0.25,0.5``; a one-line error otherwise."""
+    try:
+        ratios = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise SystemExit(f"error: {flag} {text!r}: give numbers like 0.25,0.5,0.75") from None
+    if not ratios or any(not 0 < r < 1 for r in ratios):
+        raise SystemExit(f"error: {flag} {text!r}: each EPhys share must be in (0, 1) (0 is ophys_only)")
+    return ratios
 
 
 def main() -> None:
@@ -103,9 +150,13 @@ def main() -> None:
     p = bench_parser(__doc__, "gains", "bench/science.py's --work (its corpus and mixture runs are reused)")
     p.add_argument("--science", default=str(REPO / "bench" / "results" / "science.json"),
                    help="bench/science.py's result, which gains the keys when its configuration is this one")
+    p.add_argument("--ratios", default="0.25,0.5,0.75", help="EPhys shares of the mixture pretraining")
+    p.add_argument("--control-ratios", default=None, help="EPhys shares of the control pretraining (default: --ratios)")
     a = p.parse_args()
-    cfg = CONFIGS[a.config]
+    cfg = config_of(a)
     seeds = [int(s) for s in a.seeds.split(",") if s]
+    ratios = {"mixture": parse_ratios("--ratios", a.ratios),
+              "control": parse_ratios("--control-ratios", a.control_ratios or a.ratios)}
     t0 = time.time()
     work = Path(a.work) / a.config
     stores = {"benchmark": build_corpus(work, cfg)[1],
@@ -115,19 +166,29 @@ def main() -> None:
         raise SystemExit(f"error: {stores['control']}: the control corpus holds out other sessions than "
                          f"{stores['benchmark']}")
     held_all = [s for mod in ("ephys", "ophys") for s in held[mod]]
-    per_seed = {s: run_seed(work, stores, held_all, cfg, s) for s in seeds}
-    table = {arm: {t: mean_sem([per_seed[s][arm].get(t, math.nan) for s in seeds]) for t in TASKS} for arm in ARMS}
-    gains = {arm: gain(per_seed, arm, seeds) for arm in ("mixture", "control")}
+    per_seed = {s: run_seed(work, stores, held_all, cfg, s, ratios) for s in seeds}
+    arms = list(per_seed[seeds[0]])
+    table = {arm: {t: mean_sem([per_seed[s][arm]["test"].get(t, math.nan) for s in seeds]) for t in TASKS}
+             for arm in arms}
+    best = {f: best_ratio(per_seed, f, ratios[f], seeds) for f in FAMILIES}
+    gains = {f: gain(per_seed, f"{f}@{best[f]:g}", seeds) for f in FAMILIES}
     config = {"name": a.config, **asdict(cfg)}
     result = {
         "mixture_gain": {t: v[0] for t, v in gains["mixture"].items()},
         "control_gain": {t: v[0] for t, v in gains["control"].items()},
         "mixture_gain_sem": {t: v[1] for t, v in gains["mixture"].items()},
         "control_gain_sem": {t: v[1] for t, v in gains["control"].items()},
+        "best_ratio": best, "ratios": ratios,
+        # the same mixture on both corpora: what a shared stimulus code is worth at each ratio both ran
+        "mixture_minus_control": {f"{r:g}": {t: mean_sem([per_seed[s][f"mixture@{r:g}"]["test"].get(t, math.nan)
+                                                          - per_seed[s][f"control@{r:g}"]["test"].get(t, math.nan)
+                                                          for s in seeds]) for t in TASKS}
+                                  for r in ratios["mixture"] if r in ratios["control"]},
         "ophys_accuracy": {arm: {t: v[0] for t, v in ts.items()} for arm, ts in table.items()},
         "ophys_sem": {arm: {t: v[1] for t, v in ts.items()} for arm, ts in table.items()},
+        "ophys_valid_score": {arm: float(np.nanmean([per_seed[s][arm]["valid"] for s in seeds])) for arm in arms},
         "chance": CHANCE, "held_out": held, "control_ephys_code_seed": CONTROL_CODE_SEED,
-        "mixtures": ARM_MIX,
+        "mixtures": {"ophys_only": "ophys=1", **{f"{f}@{r:g}": mix_of(r) for f in FAMILIES for r in ratios[f]}},
         "seeds": seeds, "config": config, "per_seed": per_seed, "wall_s": round(time.time() - t0, 1),
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -141,13 +202,15 @@ def main() -> None:
                        gains={k: v for k, v in result.items() if k not in ("mixture_gain", "control_gain", "config")})
             write_atomic(science, json.dumps(doc, indent=1))
             merged = True
-    plot(Path(a.plot), table)
-    print(f"{'task':18} {'chance':>7} " + " ".join(f"{arm:>13}" for arm in ARMS) + f" {'mixture gain':>14} "
+    plot(Path(a.plot), table, best)
+    print(f"{'task':18} {'chance':>7} " + " ".join(f"{arm:>13}" for arm in arms) + f" {'mixture gain':>14} "
           f"{'control gain':>14}")
     for t in TASKS:
         cell = lambda m, s: f"{m:.3f}±{s:.3f}"  # noqa: E731
-        print(f"{t:18} {CHANCE[t]:7.3f} " + " ".join(f"{cell(*table[arm][t]):>13}" for arm in ARMS)
+        print(f"{t:18} {CHANCE[t]:7.3f} " + " ".join(f"{cell(*table[arm][t]):>13}" for arm in arms)
               + f" {cell(*gains['mixture'][t]):>14} {cell(*gains['control'][t]):>14}")
+    print(f"{'valid score':18} {'':7} " + " ".join(f"{result['ophys_valid_score'][arm]:13.3f}" for arm in arms)
+          + f"   best: mixture@{best['mixture']:g}, control@{best['control']:g}")
     print(f"wall {result['wall_s']:.0f} s -> {a.out}" + (f", {science}" if merged else
                                                           f" ({science} not updated: another configuration)")
           + f", {a.plot}")
