@@ -275,12 +275,14 @@ def main() -> None:
         ideal_acc, ideal_upper = ideal(store, nwb, held_all)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    from trainer.logreg import logreg_baseline
-    from trainer.naive_bayes import naive_bayes_baseline
+    from shards.schema import TASKS as TASK_SPECS
+    from trainer.logreg import logreg_record
+    from trainer.naive_bayes import naive_bayes_record
+    from trainer.presentations import per_record
 
-    n_classes = {t: n for t, n in zip(TASKS, (6, 8, 119))}
-    fixed = {"logreg": logreg_baseline(str(store), held_all, n_classes),  # no training seed: one fit each
-             "naive_bayes": naive_bayes_baseline(str(store), held_all, n_classes)}
+    # no training seed: one fit each, every record's chunks read once for both
+    fixed = per_record(str(store), held_all, {t: spec.n_classes for t, spec in TASK_SPECS.items()},
+                       {"logreg": logreg_record, "naive_bayes": naive_bayes_record})
     per_seed = {s: train_seed(work, store, held_all, cfg, s) for s in seeds}
     table: dict = {k: {m: {t: (v, 0.0) for t, v in b.get(m, {}).items()} for m in MODALITIES} for k, b in fixed.items()}
     for name, mode in (("model", "pretrained"), ("scratch", "scratch"), ("mlp", "mlp")):

@@ -64,4 +64,4 @@ def logreg_record(samples: dict[str, list], columns: dict[str, int], task: str, 
 def logreg_baseline(store_uri: str, sessions: list[str], n_classes: dict[str, int]) -> dict:
     """{modality: {task: mean over records of test accuracy}} plus per-record rows under "record"
     ("session/region" keys) for the records of ``sessions``."""
-    return per_record(store_uri, sessions, n_classes, logreg_record)
+    return per_record(store_uri, sessions, n_classes, {"logreg": logreg_record})["logreg"]

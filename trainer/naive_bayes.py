@@ -87,4 +87,4 @@ def naive_bayes_record(samples: dict[str, list], columns: dict[str, int], task: 
 
 def naive_bayes_baseline(store_uri: str, sessions: list[str], n_classes: dict[str, int]) -> dict:
     """{modality: {task: mean over records of test accuracy}} plus per-record rows under "record"."""
-    return per_record(store_uri, sessions, n_classes, naive_bayes_record)
+    return per_record(store_uri, sessions, n_classes, {"naive_bayes": naive_bayes_record})["naive_bayes"]

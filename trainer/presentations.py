@@ -21,11 +21,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from shards import manifest
+from shards.schema import TASKS as SCHEMA_TASKS
 from shards.store import Store
 
 LATENCIES_S = (0.0, 0.05, 0.1)
 OPHYS_MIN_SPAN_S = 0.75
-TASKS = ("static_gratings", "drifting_gratings", "natural_scenes")
+TASKS = tuple(SCHEMA_TASKS)  # the store's tasks, in its order
 
 # fit(x_train, y_train, n_classes, param) -> model; predict(model, x) -> predicted classes
 Fit = Callable[[np.ndarray, np.ndarray, int, float], object]
@@ -103,30 +104,32 @@ def pick_and_score(samples: dict[str, list], columns: dict[str, int], task: str,
 RecordFn = Callable[[dict[str, list], dict[str, int], str, int, str], dict]
 
 
-def per_record(store_uri: str, sessions: list[str], n_classes: dict[str, int], record_fn: RecordFn) -> dict:
-    """{modality: {task: mean over records of test accuracy}} plus per-record rows under "record"
-    ("session/region" keys) for the records of ``sessions``; ``record_fn(samples, columns, task, n_classes,
-    modality)`` scores one record and task (e.g. with ``pick_and_score``)."""
+def per_record(store_uri: str, sessions: list[str], n_classes: dict[str, int],
+               decoders: dict[str, RecordFn]) -> dict[str, dict]:
+    """For each named decoder, {modality: {task: mean over records of test accuracy}} plus per-record rows
+    under "record" ("session/region" keys) for the records of ``sessions``. ``decoder(samples, columns, task,
+    n_classes, modality)`` scores one record and task (e.g. with ``pick_and_score``); every record's chunks are
+    read once for all decoders and tasks."""
     store = Store(store_uri)
     tables = manifest.load(store)
     st = tables.sessions.to_pandas()
     st = st[st.session_id.isin(sessions)]
     chunks, units = tables.chunks.to_pandas(), tables.units.to_pandas()  # once, not per record and task
-    per: dict = {}
-    rows = {}
+    per: dict = {name: {} for name in decoders}
+    rows: dict = {name: {} for name in decoders}
     for sid, region, mod in zip(st.session_id, st.region, st.modality):
         key = f"{sid}/{region}"
-        rows[key] = {}
         mine = units[(units.session_id == sid) & (units.region == region)]
         # a chunk names its units by the part of unit_id after "session/" (unique within the session)
         columns = {k: i for i, k in enumerate(mine.unit_id.str.split("/", n=1).str[1])}
         samples = {sp: list(manifest.record_samples(store, chunks, sid, region, sp))
                    for sp in ("train", "valid", "test")}
-        for task in TASKS:  # the record's chunks are read once for its three tasks
-            r = record_fn(samples, columns, task, n_classes[task], mod)
-            rows[key][task] = r
-            if r["n"]:
-                per.setdefault(mod, {}).setdefault(task, []).append(r["acc"])
-    out = {mod: {t: float(np.mean(v)) for t, v in tasks.items()} for mod, tasks in per.items()}
-    out["record"] = rows
-    return out
+        for name, decoder in decoders.items():
+            rows[name][key] = {}
+            for task in TASKS:
+                r = decoder(samples, columns, task, n_classes[task], mod)
+                rows[name][key][task] = r
+                if r["n"]:
+                    per[name].setdefault(mod, {}).setdefault(task, []).append(r["acc"])
+    return {name: {**{mod: {t: float(np.mean(v)) for t, v in tasks.items()} for mod, tasks in per[name].items()},
+                   "record": rows[name]} for name in decoders}
