@@ -66,7 +66,7 @@ def main() -> None:
     it = iter(stream)
     batches = [{k: torch.as_tensor(v) for k, v in next(it).items()} for _ in range(a.batches)]
     model = build_model(cfg, stream).model
-    opt = make_optimizer(cfg, model.parameters())
+    opt = make_optimizer(cfg, model)
     curve, t0 = [], time.time()
     print(f"{'step':>5} {'loss':>7} {'accuracy (these batches)':>25} {'s':>5}")
     for step in range(a.steps + 1):

@@ -52,8 +52,16 @@ def build_model(cfg: TrainConfig, stream: MixtureStream) -> Built:
     return Built(model, meta, same_rows)
 
 
-def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    """LAMB (torch-optimizer, the papers') or AdamW, at the run's peak rate (``TrainConfig.optimizer_name``)."""
+def make_optimizer(cfg: TrainConfig, net: torch.nn.Module) -> torch.optim.Optimizer:
+    """LAMB (torch-optimizer, the papers') or AdamW, at the run's peak rate (``TrainConfig.optimizer_name``).
+    With ``embed_lr_scale`` != 1 the unit and session embeddings are their own group at that multiple of the
+    rate: finetuning's new rows start from noise while the rest arrives trained (docs/model.md section 9)."""
+    params: list = list(net.parameters())
+    if cfg.embed_lr_scale != 1.0:
+        emb = net.param_groups()["embeddings"]
+        ids = {id(p) for p in emb}
+        params = [{"params": [p for p in params if id(p) not in ids], "lr": cfg.peak_lr},
+                  {"params": emb, "lr": cfg.peak_lr * cfg.embed_lr_scale}]
     if cfg.optimizer_name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
     return torch_optimizer.Lamb(params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
@@ -61,9 +69,10 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> OneCycleLR:
     """OneCycle, cosine: held at the peak for ``pct_start`` of the run (``div_factor`` 1: no warm-up), then
-    decayed to peak / (div_factor x final_div_factor)."""
-    return OneCycleLR(optimizer, max_lr=cfg.peak_lr, total_steps=max(1, total_steps), pct_start=cfg.pct_start,
-                      div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor, anneal_strategy="cos")
+    decayed to peak / (div_factor x final_div_factor); each parameter group keeps its own peak."""
+    return OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(1, total_steps),
+                      pct_start=cfg.pct_start, div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor,
+                      anneal_strategy="cos")
 
 
 def restore_schedule(scheduler: OneCycleLR, state: dict, step: int, total_steps: int, say) -> None:

@@ -167,7 +167,7 @@ def setup(cfg: TrainConfig) -> Worker:
 
     built = build_model(cfg, train_stream)
     model = ray.train.torch.prepare_model(built.model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    optimizer = make_optimizer(cfg, model.parameters())
+    optimizer = make_optimizer(cfg, unwrap(model))
     return Worker(cfg=cfg, hooks=testhooks.from_env(), rank=rank, world=world, device=device,
                   say=RunLog(cfg.out, rank), train_stream=train_stream, valid_stream=valid_stream, loader=loader,
                   steps_per_epoch=steps_per_epoch, total_steps=total_steps,

@@ -93,6 +93,26 @@ def test_frozen_parameters_are_all_but_the_embeddings():
     assert frozen_parameters(m, epoch=1, unfreeze_epoch=1) == []
 
 
+def test_embeddings_train_at_their_own_multiple_of_the_rate_through_the_whole_schedule():
+    from trainer.build import make_optimizer, make_scheduler
+    from trainer.model.config import ModelConfig
+
+    m = MultiModalPOYO(config=ModelConfig.small(), n_units=5, n_sessions=2)
+    one = make_optimizer(TrainConfig(preset="small", lr=1e-3), m)
+    assert len(one.param_groups) == 1
+    cfg = TrainConfig(preset="small", lr=1e-3, embed_lr_scale=4.0)
+    opt = make_optimizer(cfg, m)
+    rest, emb = opt.param_groups
+    assert {id(p) for p in emb["params"]} == {id(m.unit_emb.weight), id(m.session_emb.weight)}
+    assert len(rest["params"]) + 2 == len(list(m.parameters()))
+    sched = make_scheduler(cfg, opt, total_steps=10)
+    for _ in range(7):  # into the cosine decay
+        opt.step()
+        sched.step()
+    assert rest["lr"] < 1e-3
+    assert emb["lr"] == pytest.approx(4.0 * rest["lr"])
+
+
 def test_scratch_and_mlp_baselines_report_test_accuracy(store, pretrained, tmp_path, capsys):
     scratch = finetune(ft_args(store, pretrained, tmp_path / "scratch", "--mode", "scratch", "--epochs", "1"))
     m, meta = model_of(tmp_path / "scratch" / "model_last.pt")
