@@ -32,6 +32,7 @@ import math
 import sys
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +47,13 @@ from bench.science import (  # noqa: E402
     BenchConfig,
     bench_parser,
     build_corpus,
+    concurrently,
     config_of,
     finetune,
     held_out_sessions,
     pretrain,
     save_figure,
+    set_jobs,
 )
 from trainer.tune.report import mean_sem  # noqa: E402  (the sweeps' mean +- SEM over seeds, NaN-free)
 
@@ -79,18 +82,18 @@ def run_seed(work: Path, stores: dict[str, Path], held: list[str], cfg: BenchCon
     """{arm: {"test": {task: OPhys test acc}, "valid": OPhys valid score}} of every arm for one training seed."""
     run = work / f"seed{seed}"  # bench/science.py's folder: its pretrain/ and pretrained/ are mixture@0.5
     control = work / "control" / f"seed{seed}"
-    out: dict[str, dict] = {}
 
-    def arm(name: str, folder: Path, store: Path, mix: str, pre_name: str, ft_name: str) -> None:
+    def arm(folder: Path, store: Path, mix: str, pre_name: str, ft_name: str) -> dict:
         pre = pretrain(folder, pre_name, store, held, cfg, seed, mix=mix)
         test = finetune(folder, ft_name, pre, store, held, cfg, seed)
-        out[name] = {"test": test.get("ophys", {}), "valid": valid_score(folder / ft_name)}
+        return {"test": test.get("ophys", {}), "valid": valid_score(folder / ft_name)}
 
-    arm("ophys_only", run, stores["benchmark"], "ophys=1", "pretrain_ophys", "ophys_only")
+    arms = {"ophys_only": partial(arm, run, stores["benchmark"], "ophys=1", "pretrain_ophys", "ophys_only")}
     for family, folder, store in (("mixture", run, stores["benchmark"]), ("control", control, stores["control"])):
         for r in ratios[family]:
-            arm(f"{family}@{r:g}", folder, store, mix_of(r), f"pretrain{suffix(r)}", f"pretrained{suffix(r)}")
-    return out
+            arms[f"{family}@{r:g}"] = partial(arm, folder, store, mix_of(r), f"pretrain{suffix(r)}",
+                                              f"pretrained{suffix(r)}")
+    return concurrently(arms)  # each arm's runs in order, the arms side by side (--jobs at once)
 
 
 def best_ratio(per_seed: dict, family: str, ratios: list[float], seeds: list[int]) -> float:
@@ -166,7 +169,8 @@ def main() -> None:
         raise SystemExit(f"error: {stores['control']}: the control corpus holds out other sessions than "
                          f"{stores['benchmark']}")
     held_all = [s for mod in ("ephys", "ophys") for s in held[mod]]
-    per_seed = {s: run_seed(work, stores, held_all, cfg, s, ratios) for s in seeds}
+    set_jobs(a.jobs)
+    per_seed = concurrently({s: partial(run_seed, work, stores, held_all, cfg, s, ratios) for s in seeds})
     arms = list(per_seed[seeds[0]])
     table = {arm: {t: mean_sem([per_seed[s][arm]["test"].get(t, math.nan) for s in seeds]) for t in TASKS}
              for arm in arms}
