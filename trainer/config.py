@@ -62,7 +62,7 @@ class TrainConfig:
     base_lr: float = 3.125e-5  # scaled linearly by the global batch
     lr: float | None = None  # absolute peak learning rate (overrides base_lr scaling)
     weight_decay: float = 1e-4
-    embed_lr_scale: float = 1.0  # unit/session embeddings train at this multiple of the peak rate (docs/model.md s. 9)
+    embed_lr_scale: float = 1.0  # unit/session embeddings train at this multiple of the peak rate (docs/model.md section 9)
     optimizer: str | None = None  # lamb | adamw; None: LAMB for the paper preset, AdamW for small (docs/model.md)
     epochs: int = 300
     max_steps: int | None = None  # global optimizer steps; overrides epochs when set
@@ -211,6 +211,8 @@ class TrainConfig:
         for name in ("workers", "loader_workers"):
             if getattr(self, name) < 0:
                 raise self._bad(name, "must be >= 0")
+        if not self.embed_lr_scale > 0:
+            raise self._bad("embed_lr_scale", "must be > 0 (1: the embeddings at the rate of everything else)")
         if self.max_steps is None and self.epochs < 1:
             raise self._bad("epochs", "must be >= 1 (or give --max-steps)")
         try:

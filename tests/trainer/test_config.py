@@ -100,6 +100,9 @@ def test_flags_are_named_as_the_command_line(tmp_path):
     cfg = parse_args(["--config", str(path), "--batch-size", "0", "--shards", "s", "--out", str(tmp_path / "r")])
     with pytest.raises(ConfigError, match=r"command line \(--batch-size\): batch_size = 0: must be >= 1"):
         cfg.absolute().validate()
+    cfg = parse_args(["--embed-lr-scale", "0", "--shards", "s", "--out", str(tmp_path / "r")])
+    with pytest.raises(ConfigError, match=r"embed_lr_scale = 0.0: must be > 0"):
+        cfg.absolute().validate()
 
 
 def test_check_value_follows_the_annotation():
