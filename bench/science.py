@@ -48,9 +48,11 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-TASKS = ("static_gratings", "drifting_gratings", "natural_scenes")
-CHANCE = {"static_gratings": 1 / 6, "drifting_gratings": 1 / 8, "natural_scenes": 1 / 119}
-MODALITIES = ("ephys", "ophys")
+from shards.schema import MODALITIES  # noqa: E402
+from shards.schema import TASKS as TASK_SPECS  # noqa: E402
+
+TASKS = tuple(TASK_SPECS)
+CHANCE = {t: 1 / spec.n_classes for t, spec in TASK_SPECS.items()}
 GAIN_KEYS = ("mixture_gain", "control_gain", "gains")  # written by bench/gains.py, kept by a rerun of this one
 
 
@@ -80,7 +82,10 @@ CONFIGS = {
     # 0.139 (EPhys), 0.216 vs 0.094 (OPhys); 2,394 s for 3 seeds, partly loaded
     # finetuning at 1e-3 instead of the preset's 5e-4: seed 0, the same 20 epochs, NS 0.391 vs 0.313 (EPhys),
     # 0.323 vs 0.264 (OPhys), no task lower; 2e-3 the same on test, lower on valid (docs/model.md section 8)
-    "cpu": BenchConfig(pretrain_steps=2500, finetune_epochs=20, unfreeze_epoch=2, model_overrides={"dim": 64},
+    # --jobs 2 (two runs side by side at the speed of one) paid for twice the steps of both phases: seed 0,
+    # 5,000 pretraining steps then 20 epochs: NS 0.499 vs 0.391 (EPhys), 0.416 vs 0.323 (OPhys); 40 epochs
+    # after 2,500 steps: NS 0.504 / 0.367 (docs/model.md section 9)
+    "cpu": BenchConfig(pretrain_steps=5000, finetune_epochs=40, unfreeze_epoch=2, model_overrides={"dim": 64},
                        finetune_lr=1e-3),
     "gpu": BenchConfig(sessions=12, held_out=2, preset="paper", pretrain_steps=20000, finetune_epochs=50,
                        unfreeze_epoch=25, batch_size=64),
@@ -92,8 +97,9 @@ _SLOTS = threading.BoundedSemaphore(1)  # how many of sh's command lines run at 
 
 def set_jobs(n: int) -> None:
     """Let ``n`` command lines run at once. A training run here holds one torch thread (``cpus_per_worker``
-    1) and a loader process that mostly waits, so on 2 cores two runs go at the speed of one alone
-    (a finetuning run: 8.0 steps/s beside another, 8.3 alone): ``--jobs 2`` halves the wall."""
+    1) and a loader process that mostly waits, so one run alone leaves much of a second core idle: on 2
+    cores a pretraining ran at 11.6 steps/s alone and at 8.5 beside a finetuning at 8.9 (~1.45x the
+    steps per second of the machine; docs/model.md section 9)."""
     global _SLOTS
     _SLOTS = threading.BoundedSemaphore(max(1, n))
 
@@ -175,6 +181,18 @@ def lr_flag(cfg: BenchConfig, mode: str) -> list[str]:
     return ["--lr", str(cfg.finetune_lr)] if cfg.finetune_lr is not None and mode != "mlp" else []
 
 
+REUSED: list[str] = []  # runs found finished and not retrained: wall_s does not include them
+
+
+def reuse(out: Path) -> bool:
+    """Whether ``out`` is a finished run (its metrics.json written); noted in ``REUSED`` so the result says that
+    its ``wall_s`` left that run's time out."""
+    done = (out / "metrics.json").exists()
+    if done:
+        REUSED.append(f"{out.parent.name}/{out.name}")
+    return done
+
+
 def resume_flag(out: Path) -> list[str]:
     """``--resume`` for a run an interrupted benchmark left unfinished (its folder without metrics.json), so a
     rerun continues it from its last checkpoint instead of refusing to write over it."""
@@ -190,7 +208,7 @@ def pretrain(run: Path, name: str, store: Path, held: list[str], cfg: BenchConfi
     if cfg.lr is not None:
         common += ["--lr", str(cfg.lr)]
     pre = run / name
-    if not (pre / "metrics.json").exists():
+    if not reuse(pre):
         run.mkdir(parents=True, exist_ok=True)
         sh([sys.executable, "-m", "trainer.train", *common, "--mix", mix, "--sessions-exclude", ",".join(held),
             "--max-steps", str(cfg.pretrain_steps), "--out", str(pre), "--early-stop-patience", "0", *cfg.extra,
@@ -203,7 +221,7 @@ def finetune(run: Path, name: str, pre: Path, store: Path, held: list[str], cfg:
     """``trainer.finetune`` of ``pre`` on the held-out sessions (every modality among them weighted equally) into
     ``run/name`` (reused when done); its test headline."""
     ft = run / name
-    if not (ft / "metrics.json").exists():
+    if not reuse(ft):
         sh([sys.executable, "-m", "trainer.finetune", "--from", str(pre), "--shards", str(store),
             "--sessions", ",".join(held), "--out", str(ft), "--mode", mode,
             "--epochs", str(cfg.finetune_epochs),
@@ -302,7 +320,6 @@ def main() -> None:
         ideal_acc, ideal_upper = ideal(store, nwb, held_all)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    from shards.schema import TASKS as TASK_SPECS
     from trainer.logreg import logreg_record
     from trainer.naive_bayes import naive_bayes_record
     from trainer.presentations import per_record
@@ -326,7 +343,7 @@ def main() -> None:
         "baselines": {k: {m: {t: v[0] for t, v in ts.items()} for m, ts in table[k].items()}
                       for k in ("logreg", "naive_bayes", "mlp", "scratch")},
         "chance": CHANCE, "held_out": held, "seeds": seeds, "config": {"name": a.config, **asdict(cfg)},
-        "per_seed": per_seed, "wall_s": round(time.time() - t0, 1),
+        "per_seed": per_seed, "wall_s": round(time.time() - t0, 1), "reused_runs": sorted(REUSED),
     }
     out = Path(a.out)
     old = json.loads(out.read_text()) if out.exists() else {}
