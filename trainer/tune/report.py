@@ -31,11 +31,12 @@ import math
 import numpy as np
 import pandas as pd
 
+from shards.schema import TASKS
 from shards.store import Store
 from trainer.tune.heldout import NOT_AREAS, area_rows
 from trainer.tune.results import read
 
-TASK_ORDER = ("static_gratings", "drifting_gratings", "natural_scenes")
+TASK_ORDER = tuple(TASKS)  # the order the papers' tables use
 TASK_TITLE = {"static_gratings": "Static Gratings", "drifting_gratings": "Drifting Gratings",
               "natural_scenes": "Natural Scenes"}
 MOD_TITLE = {"ephys": "EPhys", "ophys": "OPhys"}
