@@ -82,9 +82,10 @@ CONFIGS = {
     # 0.139 (EPhys), 0.216 vs 0.094 (OPhys); 2,394 s for 3 seeds, partly loaded
     # finetuning at 1e-3 instead of the preset's 5e-4: seed 0, the same 20 epochs, NS 0.391 vs 0.313 (EPhys),
     # 0.323 vs 0.264 (OPhys), no task lower; 2e-3 the same on test, lower on valid (docs/model.md section 8)
-    # --jobs 2 (two runs side by side at the speed of one) paid for twice the steps of both phases: seed 0,
-    # 5,000 pretraining steps then 20 epochs: NS 0.499 vs 0.391 (EPhys), 0.416 vs 0.323 (OPhys); 40 epochs
-    # after 2,500 steps: NS 0.504 / 0.367 (docs/model.md section 9)
+    # --jobs 2 (two runs side by side, ~1.45x the machine's steps per second) paid for twice the steps of both
+    # phases: seed 0, 5,000 pretraining steps then 20 epochs: NS 0.499 vs 0.391 (EPhys), 0.416 vs 0.323 (OPhys);
+    # 40 epochs after 2,500 steps: NS 0.504 / 0.367. Over 3 seeds scratch at 40 epochs is level with the model
+    # (docs/model.md section 9)
     "cpu": BenchConfig(pretrain_steps=5000, finetune_epochs=40, unfreeze_epoch=2, model_overrides={"dim": 64},
                        finetune_lr=1e-3),
     "gpu": BenchConfig(sessions=12, held_out=2, preset="paper", pretrain_steps=20000, finetune_epochs=50,
