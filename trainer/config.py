@@ -79,6 +79,7 @@ class TrainConfig:
     # ---- finetuning (trainer.finetune) ----
     init_from: str | None = None  # a pretrained model file (RUN/model_best.pt)
     unfreeze_epoch: int = 0  # before this epoch only unit and session embeddings train
+    unit_init: str = "random"  # new units' rows: random (N(0, 0.02)) | tuning (from their train responses, trainer.unit_init)
     save_epoch_models: bool = False  # RUN/model_epoch{e}.pt after each epoch
     # ---- run ----
     out: str = ""  # the run folder: config.yaml, metrics.json, tb/, checkpoints in ray/
@@ -211,6 +212,8 @@ class TrainConfig:
         for name in ("workers", "loader_workers"):
             if getattr(self, name) < 0:
                 raise self._bad(name, "must be >= 0")
+        if self.unit_init not in ("random", "tuning"):
+            raise self._bad("unit_init", "random or tuning")
         if not self.embed_lr_scale > 0:
             raise self._bad("embed_lr_scale", "must be > 0 (1: the embeddings at the rate of everything else)")
         if self.max_steps is None and self.epochs < 1:

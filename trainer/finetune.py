@@ -30,6 +30,7 @@ from trainer.config import TrainConfig, build_parser, load_yaml, resolve
 from trainer.report import print_test
 from trainer.sessions import session_modalities
 from trainer.train import run
+from trainer.unit_init import check_store
 
 FINETUNE_DEFAULTS = dict(epochs=50, unfreeze_epoch=25, test_at_end=True, early_stop_patience=0, max_steps=None,
                          epoch_windows=None, sessions_exclude=[], resume=False, save_epoch_models=False)
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
             theirs = load_model_file(cfg.init_from)["meta"]["variant"]
             if theirs != requested:
                 raise ValueError(f"--from {source} holds a {theirs!r} model, but --model asks for {requested!r}")
+        if mode == "pretrained" and cfg.unit_init == "tuning":
+            check_store(cfg.shards, load_model_file(cfg.init_from)["meta"]["trained_sessions"], sessions)
         if mode == "mlp":
             metrics = run_mlp_baseline(cfg)
         else:

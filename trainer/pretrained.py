@@ -15,6 +15,7 @@ from trainer.checkpoint import load_model_file, make_meta
 from trainer.config import TrainConfig
 from trainer.model.config import ModelConfig
 from trainer.model.io import grow_vocab, model_from_checkpoint
+from trainer.unit_init import predict_rows, response_features
 
 
 def load_pretrained(cfg: TrainConfig, vocab, sessions_here: list[str]):
@@ -35,6 +36,9 @@ def load_pretrained(cfg: TrainConfig, vocab, sessions_here: list[str]):
     unit_new, session_new = grow_vocab(model, n_units=len(new_units), n_sessions=len(new_sessions))
     unit_row.update(zip(new_units, unit_new.tolist()))
     session_row.update(zip(new_sessions, session_new.tolist()))
+    init = {}
+    if cfg.unit_init == "tuning" and new_units:
+        init = init_from_responses(cfg, model, unit_row, session_row, new_units, new_sessions, seen | here)
 
     unit_map = torch.zeros(max(1, len(vocab.units)), dtype=torch.int64)
     for u, i in vocab.units.items():
@@ -46,8 +50,31 @@ def load_pretrained(cfg: TrainConfig, vocab, sessions_here: list[str]):
                          unit_ids=list(meta["unit_ids"]) + new_units,
                          session_ids=list(meta["session_ids"]) + new_sessions,
                          trained_sessions=sorted(seen | here), finetuned_from=cfg.init_from,
-                         new_units=len(new_units), new_sessions=new_sessions)
+                         new_units=len(new_units), new_sessions=new_sessions, **init)
     return model, meta_out, unit_map, session_map
+
+
+@torch.no_grad()
+def init_from_responses(cfg: TrainConfig, model, unit_row: dict[str, int], session_row: dict[str, int],
+                        new_units: list[str], new_sessions: list[str], sessions: set[str]) -> dict:
+    """Overwrite the new units' rows with their predicted rows and each new session's row with the mean
+    trained row of its modality (trainer.unit_init); returns {"unit_init": the fits} for the meta."""
+    n_classes = {t.name: t.out_dim for t in model.config.tasks}
+    features, session_of, modality_of = response_features(cfg.shards, sessions, n_classes)
+    new_set = set(new_units)
+    weight = model.unit_emb.weight
+    known = {u: weight[r].float().numpy() for u, r in unit_row.items() if u not in new_set}
+    rows, fits = predict_rows(features, known, new_units, session_of, modality_of, cfg.shards)
+    for u, row in rows.items():
+        weight[unit_row[u]] = torch.as_tensor(row, dtype=weight.dtype)
+    mod_of_session = {session_of[u]: m for u, m in modality_of.items()}
+    table = model.session_emb.weight
+    for s in new_sessions:
+        same = [r for t, r in session_row.items()
+                if t not in new_sessions and mod_of_session.get(t) == mod_of_session.get(s)]
+        if same:
+            table[session_row[s]] = table[same].mean(0)
+    return {"unit_init": fits}
 
 
 def session_of(unit_id: str, sessions: set[str]) -> str | None:

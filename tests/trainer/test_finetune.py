@@ -10,13 +10,13 @@ import os
 import pytest
 import torch
 
+from tests.support.runs import short_pretraining
 from tests.support.storegen import make_store, uneven_records
 from trainer.build import frozen_parameters
 from trainer.checkpoint import load_model_file
 from trainer.config import TrainConfig
 from trainer.finetune import main as finetune
 from trainer.model.network import MultiModalPOYO
-from trainer.train import run
 
 HELD_OUT = ["e2", "o2"]
 
@@ -29,10 +29,7 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pretrained(store, tmp_path_factory):
     """A short pretraining run that never sees the held-out sessions."""
-    out = tmp_path_factory.mktemp("pre") / "run"
-    run(TrainConfig(shards=store.uri, out=str(out), preset="small", batch_size=8, epoch_windows=80, max_steps=12,
-                    workers=0, loader_workers=0, sessions_exclude=HELD_OUT, log_every=4, report_every=100))
-    return out
+    return short_pretraining(store.uri, tmp_path_factory.mktemp("pre") / "run", HELD_OUT)
 
 
 def ft_args(store, pretrained, out, *extra):

@@ -1,0 +1,99 @@
+"""New units' rows from their train-split responses (``unit_init=tuning``): the ridge map recovers a linear
+map and picks its strength without the new sessions; the features see one unit's preferred class; a
+finetuning run writes the predicted rows (old rows bit for bit), and a store without enough pretraining
+sessions of a modality is refused in one line before training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.support.runs import short_pretraining
+from tests.support.storegen import ephys, make_store, ophys
+from trainer.checkpoint import load_model_file
+from trainer.finetune import main as finetune
+from trainer.unit_init import _tuning, fit_ridge, predict_rows, response_features
+
+HELD_OUT = ["e2", "o2"]
+
+
+def test_ridge_recovers_a_linear_map_and_is_scored_on_sessions_it_did_not_fit():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 10))
+    w = rng.normal(size=(10, 4))
+    groups = np.repeat(["a", "b", "c"], 100)
+    y = x @ w + 0.5 + 0.01 * rng.normal(size=(300, 4))
+    weights, lam, r2 = fit_ridge(x, y, groups)
+    assert r2 > 0.99 and lam == 1.0  # noiseless: the weakest strength of the grid wins
+    assert np.allclose(weights[:-1], w, atol=0.05) and np.allclose(weights[-1], 0.5, atol=0.05)
+    # pure noise targets: no strength predicts a held-out session, and the strongest shrinkage is picked
+    _, lam_noise, r2_noise = fit_ridge(x, rng.normal(size=(300, 4)), groups)
+    assert r2_noise < 0.05 and lam_noise == 1000.0
+
+
+def test_tuning_features_mark_the_preferred_class_and_ignore_absent_presentations():
+    y = np.array([0, 1, 2, 0, 1, 2])
+    x = np.array([[1.0, 5.0], [9.0, 5.0], [1.0, 5.0], [1.0, np.nan], [9.0, 5.0], [1.0, 5.0]])
+    z, stats = _tuning(x, y, k=4)  # class 3 is never shown
+    assert z.shape == (2, 4) and stats.shape == (2, 2)
+    assert z[0].argmax() == 1 and z[0, 0] < 0 and z[0, 3] == 0.0
+    assert np.allclose(z[1], 0.0, atol=1e-3)  # a flat unit, its NaN presentation counting for nothing
+    assert stats[1, 0] == pytest.approx(5.0)
+
+
+def records():
+    """Two pretraining sessions per modality, one held out each."""
+    return [ephys("e0", "VISp", 200.0, seed=1), ephys("e1", "VISp", 200.0, seed=2, first_id=100),
+            ephys("e2", "VISp", 120.0, seed=3, first_id=200),
+            ophys("o0", "VISp", 200.0, seed=4), ophys("o1", "VISl", 200.0, seed=5), ophys("o2", "VISal", 120.0, seed=6)]
+
+
+@pytest.fixture(scope="module")
+def store_and_run(tmp_path_factory):
+    """The store and a short pretraining on its sessions but the held-out ones."""
+    tmp = tmp_path_factory.mktemp("ui")
+    st = make_store(str(tmp / "store"), records())
+    return st, short_pretraining(st.uri, tmp / "pre", HELD_OUT)
+
+
+def test_finetuning_starts_the_new_units_at_their_predicted_rows(store_and_run, tmp_path):
+    store, pretrained = store_and_run
+    out = tmp_path / "ft"
+    finetune(["--from", str(pretrained), "--shards", store.uri, "--sessions", ",".join(HELD_OUT), "--out", str(out),
+              "--workers", "0", "--batch-size", "8", "--loader-workers", "0", "--epochs", "1",
+              "--unfreeze-epoch", "1", "--save-epoch-models", "--unit-init", "tuning", "--lr", "1e-12"])
+    pre = load_model_file(str(pretrained / "model_best.pt"))
+    ft = load_model_file(str(out / "model_epoch0.pt"))
+    meta = ft["meta"]
+    assert set(meta["unit_init"]) == {"ephys", "ophys"} and meta["unit_init"]["ephys"]["new_units"] == 6
+    old_w, new_w = pre["state_dict"]["unit_emb.weight"], ft["state_dict"]["unit_emb.weight"]
+    n_old = len(old_w)
+    assert torch.equal(new_w[:n_old], old_w)  # the pretraining's rows, bit for bit (the rate is ~0)
+    # the new rows are the map's prediction from the pretraining's units, recomputed here independently
+    n_classes = {"static_gratings": 6, "drifting_gratings": 8, "natural_scenes": 119}
+    features, session_of, modality_of = response_features(store.uri, ["e0", "e1", "e2", "o0", "o1", "o2"],
+                                                          n_classes)
+    ids = meta["unit_ids"]
+    known = {u: old_w[i].numpy() for i, u in enumerate(pre["meta"]["unit_ids"])
+             if session_of.get(u) in {"e0", "e1", "o0", "o1"}}
+    rows, _ = predict_rows(features, known, ids[n_old:], session_of, modality_of, store.uri)
+    for i, u in enumerate(ids[n_old:], start=n_old):
+        assert np.allclose(new_w[i].numpy(), rows[u], atol=1e-5), u
+    # the new sessions' rows start at the mean trained row of their modality
+    s_old = pre["state_dict"]["session_emb.weight"]
+    s_new = ft["state_dict"]["session_emb.weight"]
+    sid = meta["session_ids"]  # the pretraining's (untrained rows of e2, o2 included), then the new rows
+    ephys_rows = [i for i, s in enumerate(pre["meta"]["session_ids"]) if s in {"e0", "e1"}]
+    assert torch.allclose(s_new[len(sid) - 1 - sid[::-1].index("e2")], s_old[ephys_rows].mean(0), atol=1e-6)
+
+
+def test_a_store_with_one_pretraining_session_of_a_modality_is_refused_before_training(store_and_run, tmp_path):
+    store = store_and_run[0]
+    pre = short_pretraining(store.uri, tmp_path / "pre1", ["e1", "e2", "o2"], steps=4)
+    out = tmp_path / "ft"
+    with pytest.raises(SystemExit, match=r"^error: .*store: unit_init=tuning needs the train split of at least 2 "
+                                         r"pretraining sessions of ephys in this store, found 1$"):
+        finetune(["--from", str(pre), "--shards", store.uri, "--sessions", "e2,o2", "--out", str(out),
+                  "--workers", "0", "--loader-workers", "0", "--unit-init", "tuning"])
+    assert not (out / "metrics.json").exists()
