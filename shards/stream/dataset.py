@@ -74,11 +74,13 @@ class StreamConfig:
     check_checksums: bool = True  # check each sample's xxh3 (chunks.parquet) before decoding it
     calcium_lag_s: float = 0.0  # OPhys windows read their frames this much later (shards.stream.tokens)
     calcium_bin: int = 1  # OPhys frames averaged per token (shards.stream.tokens)
+    train_fraction: float = 1.0  # this share of each record's train chunks (shards.stream.plan.train_subset)
 
     def plan_config(self) -> PlanConfig:
         return PlanConfig(window_s=self.window_s, epoch_windows=self.epoch_windows, shuffle_window=self.shuffle_window,
                           seed=self.seed, sessions_include=tuple(self.sessions_include),
-                          sessions_exclude=tuple(self.sessions_exclude), eval_stride_s=self.eval_stride_s)
+                          sessions_exclude=tuple(self.sessions_exclude), eval_stride_s=self.eval_stride_s,
+                          train_fraction=self.train_fraction)
 
 
 class CorruptSampleError(RuntimeError):

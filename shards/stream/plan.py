@@ -82,6 +82,7 @@ class PlanConfig:
     sessions_include: tuple[str, ...] = ()
     sessions_exclude: tuple[str, ...] = ()  # e.g. held-out sessions for transfer
     eval_stride_s: float | None = None  # evaluation windows start this far apart (None: window_s / 2)
+    train_fraction: float = 1.0  # train on this share of each record's train chunks (``train_subset``)
 
 
 @dataclass
@@ -107,6 +108,26 @@ def filter_sessions(chunks: pd.DataFrame, config: PlanConfig) -> np.ndarray:
     return keep
 
 
+def train_subset(chunks: pd.DataFrame, usable: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """``usable`` narrowed to ``fraction`` of each record's (session x region) usable train chunks, at least one.
+
+    For data-efficiency curves (how a pretrained model and one trained from scratch fare with less of a new
+    session's data; the papers' finetuning-data axis). The chunks are drawn at random, not the earliest ones:
+    a record's train split is whole stimulus blocks, so its first quarter may hold one task only. The draw
+    depends on the seed and the record alone, never the epoch, so every epoch, rank and resume sees the
+    same subset, and a smaller fraction's chunks are a subset of a larger one's (the same permutation)."""
+    if fraction >= 1.0:
+        return usable
+    keep = np.zeros(len(chunks), dtype=bool)
+    rows = np.nonzero(usable)[0]
+    records = chunks.session_id.to_numpy()[rows].astype(str) + "/" + chunks.region.to_numpy()[rows].astype(str)
+    for record in sorted(set(records)):
+        mine = rows[records == record]
+        order = epoch_rng(seed, 0, "train_subset", record).permutation(len(mine))
+        keep[mine[order[:max(1, int(round(fraction * len(mine))))]]] = True
+    return keep
+
+
 def _slots(rows: np.ndarray, chunks: pd.DataFrame, window_s: float, shuffle_window: int,
            rng: np.random.Generator) -> np.ndarray:
     """Chunk row per slot: chunks in a random order, each repeated once per whole window it holds,
@@ -123,7 +144,7 @@ def _slots(rows: np.ndarray, chunks: pd.DataFrame, window_s: float, shuffle_wind
 def plan_train_epoch(chunks: pd.DataFrame, selectors: list[Selector], epoch: int, config: PlanConfig) -> Plan:
     train = (chunks.split == "train").to_numpy() & filter_sessions(chunks, config)
     fits = ((chunks.t_end - chunks.t_start).to_numpy() >= config.window_s - 1e-9)
-    usable = train & fits
+    usable = train_subset(chunks, train & fits, config.train_fraction, config.seed)
     owner = np.full(len(chunks), -1, dtype=np.int64)
     owner[usable] = assign(selectors, chunks.modality.to_numpy()[usable], chunks.region.to_numpy()[usable],
                            chunks.session_id.to_numpy()[usable])

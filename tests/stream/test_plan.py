@@ -96,6 +96,20 @@ def test_sessions_include_and_exclude_filter_before_planning():
     assert set(only.session_id) == {"e2"}
 
 
+def test_a_train_fraction_keeps_the_same_share_of_every_record_in_every_epoch():
+    def chunks_of(fraction, seed=0, epoch=0):
+        return set(plan("ephys=1,ophys=1", epoch=epoch, seed=seed, epoch_windows=2000, train_fraction=fraction).chunk)
+
+    half = chunks_of(0.5)
+    per_record = CHUNKS.iloc[sorted(half)].groupby(["session_id", "region"]).size().to_dict()
+    # round(0.5 * n) of each record's n whole-window train chunks, at least one (o2 has 3: 2 kept, 1.5 rounds to 2)
+    assert per_record == {(sid, region): max(1, round(0.5 * n)) for sid, _, region, n in RECORDS}
+    assert chunks_of(0.5, epoch=3) == half  # the subset is the run's, not the epoch's
+    assert chunks_of(0.25) < half < chunks_of(1.0)  # nested: one permutation per record
+    assert chunks_of(0.5, seed=1) != half
+    assert len(plan("ephys=1,ophys=1", train_fraction=0.5)) == 3 * sum(per_record.values())  # the natural epoch shrinks
+
+
 # ---- ranks, steps and resume ---------------------------------------------------------------------
 @pytest.mark.parametrize("n,world,batch", [(78, 1, 8), (78, 3, 5), (1000, 4, 8), (31, 2, 4), (7, 2, 4)])
 def test_every_rank_gets_the_same_number_of_batches_and_no_window_twice(n, world, batch):

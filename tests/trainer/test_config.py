@@ -103,6 +103,10 @@ def test_flags_are_named_as_the_command_line(tmp_path):
     cfg = parse_args(["--embed-lr-scale", "0", "--shards", "s", "--out", str(tmp_path / "r")])
     with pytest.raises(ConfigError, match=r"embed_lr_scale = 0.0: must be > 0"):
         cfg.absolute().validate()
+    for bad in ("0", "1.5"):
+        cfg = parse_args(["--train-fraction", bad, "--shards", "s", "--out", str(tmp_path / "r")])
+        with pytest.raises(ConfigError, match=r"command line \(--train-fraction\): train_fraction = .*: must be in \(0, 1\]"):
+            cfg.absolute().validate()
 
 
 def test_check_value_follows_the_annotation():
@@ -165,3 +169,8 @@ def test_config_yaml_of_an_earlier_run_still_reads(tmp_path):
     path.write_text("stop_at_step: 7\n")
     with pytest.raises(ConfigError, match="stop_at_step is no setting"):
         parse_args(["--config", str(path)])
+
+
+def test_train_fraction_reaches_the_train_plan():
+    cfg = TrainConfig(shards="s", train_fraction=0.25)
+    assert cfg.stream_config("train").plan_config().train_fraction == 0.25
