@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from shards.stream.plan import PlanConfig
 from trainer.checkpoint import load_model_file, make_meta
 from trainer.config import TrainConfig
 from trainer.model.config import ModelConfig
@@ -60,7 +61,8 @@ def init_from_responses(cfg: TrainConfig, model, unit_row: dict[str, int], sessi
     """Overwrite the new units' rows with their predicted rows and each new session's row with the mean
     trained row of its modality (trainer.unit_init); returns {"unit_init": the fits} for the meta."""
     n_classes = {t.name: t.out_dim for t in model.config.tasks}
-    features, session_of, modality_of = response_features(cfg.shards, sessions, n_classes)
+    plan = PlanConfig(window_s=cfg.window_s, seed=cfg.seed, train_fraction=cfg.train_fraction)
+    features, session_of, modality_of = response_features(cfg.shards, sessions, n_classes, plan)
     new_set = set(new_units)
     weight = model.unit_emb.weight
     known = {u: weight[r].float().numpy() for u, r in unit_row.items() if u not in new_set}

@@ -7,7 +7,8 @@ where they were). The pretraining already holds, for every unit it trained, both
 the row the trunk learned to read for it. So the map from one to the other is fitted on the pretraining's
 units and applied to the new ones:
 
-- a unit's *response features*, from the train split of its record only (the data finetuning may use):
+- a unit's *response features*, from the train chunks of its record the run trains on (the data finetuning
+  may use; with ``--train-fraction`` only that share of them):
   for every task, its mean response per class (EPhys: square-root spike counts in the presentation, at a
   50 ms latency; OPhys: mean dF/F, ``trainer.presentations``), centred on and divided by the unit's
   overall mean and spread, followed by that mean and spread;
@@ -28,6 +29,7 @@ import numpy as np
 
 from shards import manifest
 from shards.store import Store
+from shards.stream.plan import PlanConfig, train_chunks
 from trainer.presentations import TASKS, record_features
 
 RIDGE_GRID = (1.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
@@ -52,15 +54,17 @@ def check_store(store_uri: str, trained: Iterable[str], new: Iterable[str]) -> N
                                 f"{MIN_FIT_SESSIONS} pretraining sessions of {m} in this store, found {n}")
 
 
-def response_features(store_uri: str, sessions: Iterable[str], n_classes: dict[str, int]
-                      ) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
+def response_features(store_uri: str, sessions: Iterable[str], n_classes: dict[str, int],
+                      plan: PlanConfig | None = None) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
     """({unit_id: feature vector}, {unit_id: session}, {unit_id: modality}) for every unit of those of
-    ``sessions`` the store holds, from each record's train split only."""
+    ``sessions`` the store holds, from the train chunks a run with ``plan`` trains on (its window length,
+    seed and ``train_fraction``: a finetuning on a quarter of a session's data initialises from that quarter)."""
     store = Store(store_uri)
     tables = manifest.load(store)
     st = tables.sessions.to_pandas()
     st = st[st.session_id.isin(set(sessions))]
     chunks, units = tables.chunks.to_pandas(), tables.units.to_pandas()
+    chunks = chunks[train_chunks(chunks, plan or PlanConfig())]
     out: dict[str, np.ndarray] = {}
     session_of: dict[str, str] = {}
     modality_of: dict[str, str] = {}

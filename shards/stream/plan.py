@@ -141,10 +141,17 @@ def _slots(rows: np.ndarray, chunks: pd.DataFrame, window_s: float, shuffle_wind
     return slot_rows[np.argsort(jitter, kind="stable")]
 
 
-def plan_train_epoch(chunks: pd.DataFrame, selectors: list[Selector], epoch: int, config: PlanConfig) -> Plan:
+def train_chunks(chunks: pd.DataFrame, config: PlanConfig) -> np.ndarray:
+    """Which chunks training draws windows from: the train split of the sessions asked for, each chunk holding
+    a whole window, narrowed to ``config.train_fraction`` (anything else that fits on the training data, such
+    as ``trainer.unit_init``, reads exactly these)."""
     train = (chunks.split == "train").to_numpy() & filter_sessions(chunks, config)
     fits = ((chunks.t_end - chunks.t_start).to_numpy() >= config.window_s - 1e-9)
-    usable = train_subset(chunks, train & fits, config.train_fraction, config.seed)
+    return train_subset(chunks, train & fits, config.train_fraction, config.seed)
+
+
+def plan_train_epoch(chunks: pd.DataFrame, selectors: list[Selector], epoch: int, config: PlanConfig) -> Plan:
+    usable = train_chunks(chunks, config)
     owner = np.full(len(chunks), -1, dtype=np.int64)
     owner[usable] = assign(selectors, chunks.modality.to_numpy()[usable], chunks.region.to_numpy()[usable],
                            chunks.session_id.to_numpy()[usable])

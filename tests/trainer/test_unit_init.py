@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from shards.stream.plan import PlanConfig
 from tests.support.runs import short_pretraining
 from tests.support.storegen import ephys, make_store, ophys
 from trainer.checkpoint import load_model_file
@@ -97,3 +98,15 @@ def test_a_store_with_one_pretraining_session_of_a_modality_is_refused_before_tr
         finetune(["--from", str(pre), "--shards", store.uri, "--sessions", "e2,o2", "--out", str(out),
                   "--workers", "0", "--loader-workers", "0", "--unit-init", "tuning"])
     assert not (out / "metrics.json").exists()
+
+
+def test_features_come_from_the_share_of_the_train_split_the_run_trains_on(store_and_run):
+    store = store_and_run[0]
+    n_classes = {"static_gratings": 6, "drifting_gratings": 8, "natural_scenes": 119}
+    full, *_ = response_features(store.uri, ["e0", "o0"], n_classes)
+    part, *_ = response_features(store.uri, ["e0", "o0"], n_classes, PlanConfig(train_fraction=0.3))
+    again, *_ = response_features(store.uri, ["e0", "o0"], n_classes, PlanConfig(train_fraction=0.3))
+    assert full.keys() == part.keys()
+    assert all(np.array_equal(part[u], again[u]) for u in part)  # the run's subset, drawn by its seed
+    assert sum(not np.allclose(part[u], full[u]) for u in part) == len(part)  # every unit sees less data
+
