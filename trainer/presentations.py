@@ -16,9 +16,11 @@ are the papers' figure: accuracy per record (session x region: splits are drawn 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from shards import manifest
 from shards.schema import TASKS as SCHEMA_TASKS
@@ -104,26 +106,48 @@ def pick_and_score(samples: dict[str, list], columns: dict[str, int], task: str,
 RecordFn = Callable[[dict[str, list], dict[str, int], str, int, str], dict]
 
 
+@dataclass
+class Record:
+    """One record (session x region) of a store, its chunks decoded: what the per-record readers loop over."""
+
+    session: str
+    region: str
+    modality: str
+    unit_ids: list[str]  # the record's units, in column order
+    columns: dict[str, int]  # a chunk's unit name (unit_id after "session/") -> column
+    samples: dict[str, list]  # split -> its decoded chunks, in time order
+
+
+def iter_records(store_uri: str, sessions: Iterable[str], splits: Sequence[str],
+                 chunk_mask: Callable[[pd.DataFrame], np.ndarray] | None = None) -> Iterator[Record]:
+    """Every record of ``sessions`` in the store, with the chunks of ``splits`` read once (``chunk_mask``: keep
+    only the chunks it marks, e.g. the train chunks a run trains on)."""
+    store = Store(store_uri)
+    tables = manifest.load(store)
+    st = tables.sessions.to_pandas()
+    st = st[st.session_id.isin(set(sessions))]
+    chunks, units = tables.chunks.to_pandas(), tables.units.to_pandas()  # once, not per record and task
+    if chunk_mask is not None:
+        chunks = chunks[chunk_mask(chunks)]
+    for sid, region, mod in zip(st.session_id, st.region, st.modality):
+        mine = units[(units.session_id == sid) & (units.region == region)]
+        # a chunk names its units by the part of unit_id after "session/" (unique within the session)
+        columns = {k: i for i, k in enumerate(mine.unit_id.str.split("/", n=1).str[1])}
+        samples = {sp: list(manifest.record_samples(store, chunks, sid, region, sp)) for sp in splits}
+        yield Record(str(sid), str(region), str(mod), [str(u) for u in mine.unit_id], columns, samples)
+
+
 def per_record(store_uri: str, sessions: list[str], n_classes: dict[str, int],
                decoders: dict[str, RecordFn]) -> dict[str, dict]:
     """For each named decoder, {modality: {task: mean over records of test accuracy}} plus per-record rows
     under "record" ("session/region" keys) for the records of ``sessions``. ``decoder(samples, columns, task,
     n_classes, modality)`` scores one record and task (e.g. with ``pick_and_score``); every record's chunks are
     read once for all decoders and tasks."""
-    store = Store(store_uri)
-    tables = manifest.load(store)
-    st = tables.sessions.to_pandas()
-    st = st[st.session_id.isin(sessions)]
-    chunks, units = tables.chunks.to_pandas(), tables.units.to_pandas()  # once, not per record and task
     per: dict = {name: {} for name in decoders}
     rows: dict = {name: {} for name in decoders}
-    for sid, region, mod in zip(st.session_id, st.region, st.modality):
+    for rec in iter_records(store_uri, sessions, ("train", "valid", "test")):
+        sid, region, mod, columns, samples = rec.session, rec.region, rec.modality, rec.columns, rec.samples
         key = f"{sid}/{region}"
-        mine = units[(units.session_id == sid) & (units.region == region)]
-        # a chunk names its units by the part of unit_id after "session/" (unique within the session)
-        columns = {k: i for i, k in enumerate(mine.unit_id.str.split("/", n=1).str[1])}
-        samples = {sp: list(manifest.record_samples(store, chunks, sid, region, sp))
-                   for sp in ("train", "valid", "test")}
         for name, decoder in decoders.items():
             rows[name][key] = {}
             for task in TASKS:

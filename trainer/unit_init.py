@@ -30,7 +30,7 @@ import numpy as np
 from shards import manifest
 from shards.store import Store
 from shards.stream.plan import PlanConfig, train_chunks
-from trainer.presentations import TASKS, record_features
+from trainer.presentations import TASKS, iter_records, record_features
 
 RIDGE_GRID = (1.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 EPHYS_LATENCY_S = 0.05
@@ -39,6 +39,11 @@ MIN_FIT_SESSIONS = 2  # leave-one-session-out needs two
 
 class UnitInitError(ValueError):
     """The store cannot support ``unit_init=tuning`` (one line, naming the store and what is missing)."""
+
+
+def too_few_sessions(store_uri: str, modality: str, found: int) -> UnitInitError:
+    return UnitInitError(f"{store_uri}: unit_init=tuning needs the train split of at least {MIN_FIT_SESSIONS} "
+                         f"pretraining sessions of {modality} in this store, found {found}")
 
 
 def check_store(store_uri: str, trained: Iterable[str], new: Iterable[str]) -> None:
@@ -50,8 +55,7 @@ def check_store(store_uri: str, trained: Iterable[str], new: Iterable[str]) -> N
     for m in sorted({mod[s] for s in new if s in mod}):
         n = len({s for s in trained if mod.get(s) == m})
         if n < MIN_FIT_SESSIONS:
-            raise UnitInitError(f"{store_uri}: unit_init=tuning needs the train split of at least "
-                                f"{MIN_FIT_SESSIONS} pretraining sessions of {m} in this store, found {n}")
+            raise too_few_sessions(store_uri, m, n)
 
 
 def response_features(store_uri: str, sessions: Iterable[str], n_classes: dict[str, int],
@@ -59,26 +63,18 @@ def response_features(store_uri: str, sessions: Iterable[str], n_classes: dict[s
     """({unit_id: feature vector}, {unit_id: session}, {unit_id: modality}) for every unit of those of
     ``sessions`` the store holds, from the train chunks a run with ``plan`` trains on (its window length,
     seed and ``train_fraction``: a finetuning on a quarter of a session's data initialises from that quarter)."""
-    store = Store(store_uri)
-    tables = manifest.load(store)
-    st = tables.sessions.to_pandas()
-    st = st[st.session_id.isin(set(sessions))]
-    chunks, units = tables.chunks.to_pandas(), tables.units.to_pandas()
-    chunks = chunks[train_chunks(chunks, plan or PlanConfig())]
     out: dict[str, np.ndarray] = {}
     session_of: dict[str, str] = {}
     modality_of: dict[str, str] = {}
-    for sid, region, mod in zip(st.session_id, st.region, st.modality):
-        mine = units[(units.session_id == sid) & (units.region == region)]
-        columns = {k: i for i, k in enumerate(mine.unit_id.str.split("/", n=1).str[1])}
-        samples = list(manifest.record_samples(store, chunks, sid, region, "train"))
+    for rec in iter_records(store_uri, sessions, ("train",), lambda c: train_chunks(c, plan or PlanConfig())):
         parts = []
         for task in TASKS:
-            x, y = record_features(samples, columns, task, EPHYS_LATENCY_S if mod == "ephys" else 0.0)
-            parts.extend(_tuning(np.sqrt(x) if mod == "ephys" else x, y, n_classes[task]))
-        for uid, f in zip(mine.unit_id, np.concatenate(parts, 1)):
-            out[str(uid)] = f
-            session_of[str(uid)], modality_of[str(uid)] = str(sid), str(mod)
+            x, y = record_features(rec.samples["train"], rec.columns, task,
+                                   EPHYS_LATENCY_S if rec.modality == "ephys" else 0.0)
+            parts.extend(_tuning(np.sqrt(x) if rec.modality == "ephys" else x, y, n_classes[task]))
+        for uid, f in zip(rec.unit_ids, np.concatenate(parts, 1)):
+            out[uid] = f
+            session_of[uid], modality_of[uid] = rec.session, rec.modality
     return out, session_of, modality_of
 
 
@@ -128,9 +124,7 @@ def predict_rows(features: dict[str, np.ndarray], known: dict[str, np.ndarray], 
         train = [u for u in known if modality_of.get(u) == mod and u in features]
         groups = np.array([session_of[u] for u in train])
         if len(set(groups)) < MIN_FIT_SESSIONS:
-            raise UnitInitError(f"{store_uri}: unit_init=tuning needs the train split of at least "
-                                f"{MIN_FIT_SESSIONS} pretraining sessions of {mod} in this store, found "
-                                f"{len(set(groups))}")
+            raise too_few_sessions(store_uri, mod, len(set(groups)))
         w, lam, r2 = fit_ridge(np.stack([features[u] for u in train]), np.stack([known[u] for u in train]), groups)
         mine = [u for u in new if modality_of[u] == mod]
         pred = np.c_[np.stack([features[u] for u in mine]), np.ones(len(mine))] @ w
