@@ -13,6 +13,9 @@ On exactly the test presentations of those sessions, per record (session x regio
 - ``logreg``: per-record logistic regression on presentation-aligned counts / dF/F (``trainer.logreg``);
 - ``naive_bayes``: the ideal observer's form with its parameters fit on the record's train split
   (``trainer.naive_bayes``: Poisson counts / Gaussian dF/F): what one session's data allow;
+- ``new_session``: the ideal observer told everything the sessions share (stimulus code, regions' tuning),
+  with each unit's own 10 parameters fit on the record's train split (``ingest.synth.new_session``, EPhys):
+  what a model whose pretraining carried over all there is to carry could reach;
 - ``mlp``: the per-session MLP (``trainer.finetune --mode mlp``);
 - ``scratch``: the model trained from scratch on the held-out sessions only (``--mode scratch``);
 - ``model``: the model pretrained on the other sessions (``trainer.train``), then finetuned on the held-out
@@ -163,7 +166,17 @@ def headline(metrics_path: Path) -> dict[str, dict[str, float]]:
 def ideal(store: Path, nwb: Path, sessions: list[str]) -> tuple[dict, dict]:
     from ingest.synth.ideal import ideal_observer
 
-    rows = ideal_observer(str(store), str(nwb), split="test", sessions=sessions)
+    return per_task(ideal_observer(str(store), str(nwb), split="test", sessions=sessions))
+
+
+def new_session(store: Path, nwb: Path, sessions: list[str]) -> dict:
+    from ingest.synth.new_session import new_session_observer
+
+    return per_task(new_session_observer(str(store), str(nwb), sessions))[0]
+
+
+def per_task(rows: list) -> tuple[dict, dict]:
+    """{modality: {task: mean over records}} of observer rows (``IdealResult``): accuracy, and the upper bound."""
     acc: dict = {}
     upper: dict = {}
     for r in rows:
@@ -239,7 +252,7 @@ def train_seed(work: Path, store: Path, held: list[str], cfg: BenchConfig, seed:
                          for mode in ("pretrained", "scratch", "mlp")})
 
 
-def plot(path: Path, table: dict, ideal_acc: dict) -> None:
+def plot(path: Path, table: dict, ideal_acc: dict, fitted: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -258,6 +271,9 @@ def plot(path: Path, table: dict, ideal_acc: dict) -> None:
             ax.bar(x + (i - (len(methods) - 1) / 2) * width, frac, width, yerr=err, label=m, capsize=2)
         chance = [CHANCE[t] / ideal_acc.get(mod, {}).get(t, math.nan) for t in TASKS]
         ax.scatter(x, chance, marker="_", s=400, color="k", label="chance", zorder=3)
+        if (fitted or {}).get(mod):
+            new = [fitted[mod].get(t, math.nan) / ideal_acc.get(mod, {}).get(t, math.nan) for t in TASKS]
+            ax.scatter(x, new, marker="*", s=120, color="k", label="new-session observer", zorder=3)
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_xticks(x, [t.replace("_", " ") for t in TASKS])
         ax.set_title(f"{mod}: test accuracy / ideal observer")
@@ -319,6 +335,7 @@ def main() -> None:
     held_all = [s for mod in MODALITIES for s in held[mod]]
     try:  # bad input (no truth files, another generator's, sessions missing from them): one line, before training
         ideal_acc, ideal_upper = ideal(store, nwb, held_all)
+        fitted_units = new_session(store, nwb, held_all)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
     from trainer.logreg import logreg_record
@@ -337,7 +354,7 @@ def main() -> None:
     frac = {m: {t: table["model"][m][t][0] / ideal_acc[m][t] for t in TASKS if t in ideal_acc.get(m, {})}
             for m in MODALITIES}
     result = {
-        "ideal_accuracy": ideal_acc, "ideal_upper_bound": ideal_upper,
+        "ideal_accuracy": ideal_acc, "ideal_upper_bound": ideal_upper, "new_session_observer": fitted_units,
         "model_accuracy": {m: {t: v[0] for t, v in ts.items()} for m, ts in table["model"].items()},
         "model_sem": {m: {t: v[1] for t, v in ts.items()} for m, ts in table["model"].items()},
         "fraction_of_ideal": frac,
@@ -352,13 +369,14 @@ def main() -> None:
         result.update({k: old[k] for k in GAIN_KEYS if k in old})
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, json.dumps(result, indent=1))
-    plot(Path(a.plot), table, ideal_acc)
-    print(f"{'modality':8} {'task':18} {'chance':>7} {'ideal':>7} {'logreg':>7} {'nbayes':>7} {'mlp':>13} {'scratch':>13} "
+    plot(Path(a.plot), table, ideal_acc, fitted_units)
+    print(f"{'modality':8} {'task':18} {'chance':>7} {'ideal':>7} {'new-ses':>7} {'logreg':>7} {'nbayes':>7} {'mlp':>13} {'scratch':>13} "
           f"{'model':>13} {'model/ideal':>11}")
     for m in MODALITIES:
         for t in TASKS:
             f = lambda k, m=m, t=t: "{:.3f}±{:.3f}".format(*table[k][m][t])  # noqa: E731
             print(f"{m:8} {t:18} {CHANCE[t]:7.3f} {ideal_acc.get(m, {}).get(t, math.nan):7.3f} "
+                  f"{fitted_units.get(m, {}).get(t, math.nan):7.3f} "
                   f"{table['logreg'][m].get(t, (math.nan,))[0]:7.3f} {table['naive_bayes'][m].get(t, (math.nan,))[0]:7.3f} {f('mlp'):>13} {f('scratch'):>13} {f('model'):>13} "
                   f"{frac[m].get(t, math.nan):11.3f}")
     print(f"wall {result['wall_s']:.0f} s -> {a.out}, {a.plot}")

@@ -157,12 +157,12 @@ def _credit(ll: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---- EPhys: exact --------------------------------------------------------------------------------
-def ephys_loglik(spike_times: np.ndarray, spike_units: np.ndarray, latency: np.ndarray, rates: np.ndarray,
-                 start: np.ndarray, end: np.ndarray, t0: float, t1: float) -> np.ndarray:
-    """(n_presentations, n_classes) Poisson log-likelihood (minus class-independent terms) of one chunk.
+def ephys_counts(spike_times: np.ndarray, spike_units: np.ndarray, latency: np.ndarray,
+                 start: np.ndarray, end: np.ndarray, t0: float, t1: float) -> tuple[np.ndarray, np.ndarray]:
+    """Spike counts and window lengths (n_presentations, n_units) of one chunk's presentations.
 
-    ``spike_units`` index ``latency`` (n_units,) and ``rates`` (n_units, n_classes); windows are
-    ``[start + latency, end + latency)`` clipped to the chunk ``[t0, t1)``.
+    ``spike_units`` index ``latency`` (n_units,); windows are ``[start + latency, end + latency)`` clipped
+    to the chunk ``[t0, t1)``.
     """
     lo = np.clip(start[:, None] + latency[None, :], t0, t1)
     hi = np.clip(end[:, None] + latency[None, :], t0, t1)
@@ -170,7 +170,15 @@ def ephys_loglik(spike_times: np.ndarray, spike_units: np.ndarray, latency: np.n
     for u in range(len(latency)):
         t = spike_times[spike_units == u]
         counts[:, u] = np.searchsorted(t, hi[:, u], side="left") - np.searchsorted(t, lo[:, u], side="left")
-    return counts @ np.log(rates) - np.maximum(hi - lo, 0.0) @ rates
+    return counts, np.maximum(hi - lo, 0.0)
+
+
+def ephys_loglik(spike_times: np.ndarray, spike_units: np.ndarray, latency: np.ndarray, rates: np.ndarray,
+                 start: np.ndarray, end: np.ndarray, t0: float, t1: float) -> np.ndarray:
+    """(n_presentations, n_classes) Poisson log-likelihood (minus class-independent terms) of one chunk
+    (``rates`` (n_units, n_classes); the windows of :func:`ephys_counts`)."""
+    counts, durations = ephys_counts(spike_times, spike_units, latency, start, end, t0, t1)
+    return counts @ np.log(rates) - durations @ rates
 
 
 def _ephys_record(truth: SessionTruth, rec: _Record, samples: Iterator) -> list[IdealPrediction]:
