@@ -278,7 +278,7 @@ def plot(path: Path, table: dict, ideal_acc: dict, fitted: dict | None = None) -
         ax.set_xticks(x, [t.replace("_", " ") for t in TASKS])
         ax.set_title(f"{mod}: test accuracy / ideal observer")
     axes[0].set_ylabel("fraction of the ideal observer")
-    axes[1].legend(fontsize=8)
+    axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=8)  # the EPhys panel has every entry
     save_figure(fig, path)
 
 

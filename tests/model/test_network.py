@@ -43,8 +43,9 @@ def test_packed_equals_padded_with_rotated_values_and_stacked_cross_attention():
         assert_close_nan(logits_by_query(model, batch), padded_reference(model, batch))
 
 
-def test_changing_sample_j_never_changes_sample_i():
-    model = model_for(small())
+@pytest.mark.parametrize("sinks", [False, True])
+def test_changing_sample_j_never_changes_sample_i(sinks):
+    model = model_for(small(encoder_sinks=sinks))
     samples = unpack(batch_for())
     before = logits_by_query(model, pack(samples))
     j = 2
@@ -60,6 +61,20 @@ def test_changing_sample_j_never_changes_sample_i():
     mine[cu_q[j]:cu_q[j + 1]] = True
     assert_close_nan(before[~mine], after[~mine], atol=1e-6)
     assert not torch.allclose(before[mine].nan_to_num(), after[mine].nan_to_num())
+
+
+@pytest.mark.parametrize("sinks", [False, True])
+def test_sinks_let_the_latents_count_spikes_not_only_see_which_units_fired(sinks):
+    """Every spike of every sample twice (same units, same times): a softmax average over the tokens cannot
+    tell, so without sinks nothing changes; a sink's share of the attention falls as the spikes double."""
+    model = model_for(small(encoder_sinks=sinks))
+    samples = unpack(batch_for(modalities=[0, 0, 0]))
+    doubled = [{**s, **{k: torch.cat([s[k], s[k]]) for k in TOKEN_KEYS}} for s in samples]
+    once, twice = logits_by_query(model, pack(samples)), logits_by_query(model, pack(doubled))
+    if sinks:
+        assert (once - twice).nan_to_num().abs().max() > 1e-4
+    else:
+        assert_close_nan(once, twice)
 
 
 def test_outputs_do_not_depend_on_token_order_within_a_sample():

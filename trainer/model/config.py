@@ -75,6 +75,7 @@ class ModelConfig:
     calcium_scale: float = 1.0  # dF/F is multiplied by this before the calcium encoder (layers.Encoder)
     calcium_lag_s: float = 0.0  # OPhys windows read frames this much later, stamped back (shards.stream.tokens)
     calcium_bin: int = 1  # OPhys frames averaged into one token per ROI (shards.stream.tokens)
+    encoder_sinks: bool = False  # a learned token at every latent time step of each sample (layers.Encoder)
     # architecture variant (trainer.model.variants)
     shared_encoder: bool = False  # True: one cross-attention encoder for both modalities ("common-ca")
     encoder_ca_depth: int = 1  # cross-attention layers per encoder
