@@ -19,10 +19,12 @@ import torch_optimizer
 from torch.optim.lr_scheduler import OneCycleLR
 
 from shards.stream.dataset import MixtureStream
+from shards.stream.plan import train_chunks
 from trainer.checkpoint import make_meta
 from trainer.config import TrainConfig
 from trainer.model.variants import build_model as build_variant
 from trainer.pretrained import StoreToModel, load_pretrained
+from trainer.unit_init import pca_rows, response_features
 
 
 @dataclass
@@ -47,9 +49,25 @@ def build_model(cfg: TrainConfig, stream: MixtureStream) -> Built:
         return Built(model, meta, StoreToModel(unit_map, session_map))
     base = cfg.model_config()
     model = build_variant(cfg.model, base, n_units=len(vocab.units), n_sessions=len(vocab.sessions))
+    init = {"unit_init": init_rows_by_pca(model, stream)} if cfg.unit_init == "pca" else {}
     meta = make_meta(variant=cfg.model, model_config=base, unit_ids=sorted(vocab.units, key=vocab.units.get),
-                     session_ids=sorted(vocab.sessions, key=vocab.sessions.get), trained_sessions=trained)
+                     session_ids=sorted(vocab.sessions, key=vocab.sessions.get), trained_sessions=trained, **init)
     return Built(model, meta, same_rows)
+
+
+@torch.no_grad()
+def init_rows_by_pca(model: torch.nn.Module, stream: MixtureStream) -> dict:
+    """``--unit-init pca``: the rows of the units of every session the run has train chunks of (not only those
+    epoch 0 draws), from those chunks' responses (trainer.unit_init.pca_rows); returns the fit, for the meta."""
+    n_classes = {t.name: t.out_dim for t in model.config.tasks}
+    plan = stream.config.plan_config()
+    sessions = sorted(set(stream.chunks.session_id.to_numpy()[train_chunks(stream.chunks, plan)]))
+    features, _, _ = response_features(stream.config.store, sessions, n_classes, plan)
+    weight = model.unit_emb.weight
+    rows, fit = pca_rows(features, n_classes, weight.shape[1], model.unit_emb.init_scale, plan.seed)
+    for u, row in rows.items():
+        weight[stream.vocab.units[u]] = torch.as_tensor(row, dtype=weight.dtype)
+    return fit
 
 
 def make_optimizer(cfg: TrainConfig, net: torch.nn.Module) -> torch.optim.Optimizer:

@@ -80,7 +80,10 @@ class TrainConfig:
     # ---- finetuning (trainer.finetune) ----
     init_from: str | None = None  # a pretrained model file (RUN/model_best.pt)
     unfreeze_epoch: int = 0  # before this epoch only unit and session embeddings train
-    unit_init: str = "random"  # new units' rows: random (N(0, 0.02)) | tuning (from their train responses, trainer.unit_init)
+    # units' rows: random (N(0, 0.02)) | tuning (a finetuning's new units, mapped from their train responses onto
+    # the pretrained rows) | pca (a fresh model's units, from the principal components of their train responses);
+    # trainer.unit_init
+    unit_init: str = "random"
     save_epoch_models: bool = False  # RUN/model_epoch{e}.pt after each epoch
     # ---- run ----
     out: str = ""  # the run folder: config.yaml, metrics.json, tb/, checkpoints in ray/
@@ -215,8 +218,10 @@ class TrainConfig:
                 raise self._bad(name, "must be >= 0")
         if not 0.0 < self.train_fraction <= 1.0:
             raise self._bad("train_fraction", "must be in (0, 1] (the share of each record's train chunks)")
-        if self.unit_init not in ("random", "tuning"):
-            raise self._bad("unit_init", "random or tuning")
+        if self.unit_init not in ("random", "tuning", "pca"):
+            raise self._bad("unit_init", "random, tuning (finetuning a pretrained model) or pca (a fresh model)")
+        if self.unit_init == "pca" and self.init_from:
+            raise self._bad("unit_init", "pca starts a fresh model; a finetuning's new units use tuning")
         if not self.embed_lr_scale > 0:
             raise self._bad("embed_lr_scale", "must be > 0 (1: the embeddings at the rate of everything else)")
         if self.max_steps is None and self.epochs < 1:

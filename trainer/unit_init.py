@@ -19,6 +19,13 @@ units and applied to the new ones:
   same modality (a new session's row is otherwise the one input of the decoder that is pure noise).
 
 Closed form in numpy: on the benchmark corpus (16 records, 1,520 units) the features take ~3 s to read.
+
+A *fresh* model (pretraining, or a model trained from scratch) has no trained rows to map onto; there
+``--unit-init pca`` starts every trained unit's row at the principal components of all units' standardised
+class means (EPhys and OPhys together: both see the same stimuli, so a unit and a ROI tuned alike start alike),
+scaled like the random rows, plus noise. Why: a pretraining spends its first ~1,300 steps near chance while
+the trunk and 1,520 random rows find each other (docs/model.md section 11); rows that already order the units by
+their tuning are a start the trunk can read from the first step.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from shards.stream.plan import PlanConfig, train_chunks
 from trainer.presentations import TASKS, iter_records, record_features
 
 RIDGE_GRID = (1.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+PCA_COMPONENTS = 16  # leading components that seed a fresh row; the rest of the row is noise
+PCA_NOISE = 0.1  # the noise's scale relative to the random init's
 EPHYS_LATENCY_S = 0.05
 MIN_FIT_SESSIONS = 2  # leave-one-session-out needs two
 
@@ -131,3 +140,28 @@ def predict_rows(features: dict[str, np.ndarray], known: dict[str, np.ndarray], 
         rows.update(zip(mine, pred))
         fits[mod] = {"ridge": lam, "r2": round(r2, 4), "fit_units": len(train), "new_units": len(mine)}
     return rows, fits
+
+
+def class_mean_columns(n_classes: dict[str, int]) -> np.ndarray:
+    """Which columns of a ``response_features`` vector are standardised class means (not a unit's mean and spread,
+    whose scale differs between counts and dF/F)."""
+    return np.concatenate([np.r_[np.ones(n_classes[t], bool), np.zeros(2, bool)] for t in TASKS])
+
+
+def pca_rows(features: dict[str, np.ndarray], n_classes: dict[str, int], dim: int, scale: float,
+             seed: int) -> tuple[dict[str, np.ndarray], dict]:
+    """({unit id: row}, {"components", "explained"}): every unit's standardised class means projected on the leading
+    ``PCA_COMPONENTS`` principal components of all of them, scaled to ``scale`` per coordinate, in the first
+    coordinates of a ``dim``-wide row whose rest is N(0, ``PCA_NOISE * scale``) noise."""
+    ids = sorted(features)
+    x = np.stack([features[u] for u in ids])[:, class_mean_columns(n_classes)]
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    left, sv, _ = np.linalg.svd(x, full_matrices=False)
+    k = min(PCA_COMPONENTS, dim, len(sv))
+    scores = left[:, :k] * sv[:k]
+    scores *= scale / max(float(scores.std()), 1e-12)
+    rows = np.random.default_rng(seed).normal(0.0, PCA_NOISE * scale, (len(ids), dim))
+    rows[:, :k] += scores
+    explained = float((sv[:k] ** 2).sum() / max((sv ** 2).sum(), 1e-12))
+    return dict(zip(ids, rows)), {"components": k, "explained": round(explained, 4), "units": len(ids)}
+

@@ -13,8 +13,10 @@ from shards.stream.plan import PlanConfig
 from tests.support.runs import short_pretraining
 from tests.support.storegen import ephys, make_store, ophys
 from trainer.checkpoint import load_model_file
+from trainer.config import ConfigError, TrainConfig
 from trainer.finetune import main as finetune
-from trainer.unit_init import _tuning, fit_ridge, predict_rows, response_features
+from trainer.train import run
+from trainer.unit_init import _tuning, class_mean_columns, fit_ridge, pca_rows, predict_rows, response_features
 
 HELD_OUT = ["e2", "o2"]
 
@@ -109,4 +111,49 @@ def test_features_come_from_the_share_of_the_train_split_the_run_trains_on(store
     assert full.keys() == part.keys()
     assert all(np.array_equal(part[u], again[u]) for u in part)  # the run's subset, drawn by its seed
     assert sum(not np.allclose(part[u], full[u]) for u in part) == len(part)  # every unit sees less data
+
+
+N_CLASSES = {"static_gratings": 6, "drifting_gratings": 8, "natural_scenes": 119}
+
+
+def test_pca_starts_units_tuned_alike_alike_whatever_their_mean_and_spread():
+    rng = np.random.default_rng(0)
+    means = class_mean_columns(N_CLASSES)
+    profiles = rng.normal(size=(3, int(means.sum())))
+    features, group = {}, {}
+    for i in range(90):
+        f = np.zeros(len(means))
+        f[means] = profiles[i % 3] + 0.3 * rng.normal(size=int(means.sum()))
+        f[~means] = 1000.0 * (i % 2)  # counts or dF/F: a scale the rows must not sort by
+        features[f"s/{i}"], group[f"s/{i}"] = f, i % 3
+    rows, fit = pca_rows(features, N_CLASSES, dim=32, scale=0.02, seed=0)
+    assert fit["components"] == 16 and fit["units"] == 90
+    x = np.stack([rows[u] for u in sorted(rows)])
+    g = np.array([group[u] for u in sorted(rows)])
+    assert x.shape == (90, 32) and 0.01 < x.std() < 0.03
+    d = np.linalg.norm(x[:, None] - x[None], axis=-1)
+    same, other = g[:, None] == g[None], g[:, None] != g[None]
+    assert d[same & ~np.eye(90, dtype=bool)].max() < d[other].min()
+
+
+def test_a_fresh_model_starts_its_trained_units_at_their_pca_rows(store_and_run, tmp_path):
+    store = store_and_run[0]
+    out = tmp_path / "pca"
+    run(TrainConfig(shards=store.uri, out=str(out), preset="small", batch_size=8, epoch_windows=8, max_steps=1,
+                    workers=0, loader_workers=0, sessions_exclude=HELD_OUT, unit_init="pca", lr=1e-12))
+    saved = load_model_file(str(out / "model_last.pt"))
+    meta, w = saved["meta"], saved["state_dict"]["unit_emb.weight"]
+    trained = ["e0", "e1", "o0", "o1"]  # every session with train chunks, not only those epoch 0 draws
+    features, _, _ = response_features(store.uri, trained, N_CLASSES)
+    rows, fit = pca_rows(features, N_CLASSES, w.shape[1], 0.02, seed=0)
+    assert meta["unit_init"] == fit
+    for i, u in enumerate(meta["unit_ids"]):
+        if u in rows:
+            assert np.allclose(w[i].numpy(), rows[u], atol=1e-5), u
+    assert len(rows) < len(meta["unit_ids"])  # the held-out sessions' units keep their random rows
+
+
+def test_pca_is_refused_for_a_finetuning():
+    with pytest.raises(ConfigError, match="pca starts a fresh model"):
+        TrainConfig(shards="/nowhere", out="/tmp/x", init_from="/some/run", unit_init="pca").validate()
 
