@@ -49,7 +49,9 @@ def pretrained_file(source: str) -> str:
 
 
 def finetune_config(source: str, shards: str, sessions: list[str], out: str, mode: str) -> TrainConfig:
-    """The TrainConfig of a finetune run: the pretrained run's config < finetune defaults (flags go on top)."""
+    """The TrainConfig of a finetune run: the pretrained run's config < finetune defaults (flags go on top). A
+    model from scratch keeps the pretraining's ``unit_init`` (the same recipe on the held-out sessions); a pretrained
+    one starts its new units at random unless told ``tuning`` (``pca`` is for a fresh model)."""
     model_path = pretrained_file(source)
     cfg_path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.yaml")
     base = load_yaml(cfg_path)[0] if os.path.exists(cfg_path) else TrainConfig()
@@ -61,6 +63,8 @@ def finetune_config(source: str, shards: str, sessions: list[str], out: str, mod
                                init_from=model_path if mode == "pretrained" else None)
     if mode == "scratch":
         base = dataclasses.replace(base, unfreeze_epoch=0)
+    elif base.unit_init == "pca":  # the pretraining's own rows came from PCA; a finetuning's new rows cannot
+        base = dataclasses.replace(base, unit_init="random")
     return base
 
 

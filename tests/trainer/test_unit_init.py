@@ -14,6 +14,7 @@ from tests.support.runs import short_pretraining
 from tests.support.storegen import ephys, make_store, ophys
 from trainer.checkpoint import load_model_file
 from trainer.config import ConfigError, TrainConfig
+from trainer.finetune import finetune_config
 from trainer.finetune import main as finetune
 from trainer.train import run
 from trainer.unit_init import _tuning, class_mean_columns, fit_ridge, pca_rows, predict_rows, response_features
@@ -151,6 +152,18 @@ def test_a_fresh_model_starts_its_trained_units_at_their_pca_rows(store_and_run,
         if u in rows:
             assert np.allclose(w[i].numpy(), rows[u], atol=1e-5), u
     assert len(rows) < len(meta["unit_ids"])  # the held-out sessions' units keep their random rows
+
+
+def test_a_pca_pretrainings_finetuning_starts_new_units_at_random_and_its_scratch_twin_at_pca(store_and_run, tmp_path):
+    store = store_and_run[0]
+    out = tmp_path / "pca"
+    run(TrainConfig(shards=store.uri, out=str(out), preset="small", batch_size=8, epoch_windows=8, max_steps=1,
+                    workers=0, loader_workers=0, sessions_exclude=HELD_OUT, unit_init="pca"))
+    pretrained = finetune_config(str(out), store.uri, HELD_OUT, str(tmp_path / "ft"), "pretrained")
+    scratch = finetune_config(str(out), store.uri, HELD_OUT, str(tmp_path / "sc"), "scratch")
+    assert (pretrained.unit_init, scratch.unit_init) == ("random", "pca")
+    pretrained.validate()
+    scratch.validate()
 
 
 def test_pca_is_refused_for_a_finetuning():
