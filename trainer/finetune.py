@@ -91,12 +91,13 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = finetune_config(source, args.shards, sessions, args.out, mode)
         requested = args.model if isinstance(args.model, str) else None
         cfg = resolve(args, cfg)
-        if mode == "pretrained" and requested is not None:
-            theirs = load_model_file(cfg.init_from)["meta"]["variant"]
-            if theirs != requested:
-                raise ValueError(f"--from {source} holds a {theirs!r} model, but --model asks for {requested!r}")
-        if mode == "pretrained" and cfg.unit_init == "tuning":
-            check_store(cfg.shards, load_model_file(cfg.init_from)["meta"]["trained_sessions"], sessions)
+        if mode == "pretrained" and (requested is not None or cfg.unit_init == "tuning"):
+            theirs = load_model_file(cfg.init_from)["meta"]  # read once for both checks
+            if requested is not None and theirs["variant"] != requested:
+                raise ValueError(f"--from {source} holds a {theirs['variant']!r} model, but --model asks for "
+                                 f"{requested!r}")
+            if cfg.unit_init == "tuning":
+                check_store(cfg.shards, theirs["trained_sessions"], sessions)
         if mode == "mlp":
             metrics = run_mlp_baseline(cfg)
         else:

@@ -80,15 +80,20 @@ def train_data(truth: SessionTruth, unit_index: np.ndarray, samples) -> TrainDat
     return TrainData(**{k: np.concatenate(v) for k, v in parts.items()})
 
 
-def _design(truth: SessionTruth, units: UnitParams, data: TrainData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _region_arrays(truth: SessionTruth, units: UnitParams) -> tuple[np.ndarray, np.ndarray]:
+    """Each unit's region projection (U, d, d) and mean preference (U, d)."""
+    return (np.stack([truth.model.regions[r].projection for r in units.region]),
+            np.stack([truth.model.regions[r].mean for r in units.region]))
+
+
+def _design(truth: SessionTruth, units: UnitParams, proj: np.ndarray, mean: np.ndarray,
+            data: TrainData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per presentation and unit: the projected code ``C`` (P, U, dim) times the task gain, the mean-preference
     drive ``tg * mu . C`` (P, U), and whether the presentation shows a stimulus at all (the natural-scenes blank
     is the baseline)."""
     names = list(TASK_CODE)
-    n_p, n_u = data.counts.shape
+    n_p = data.counts.shape[0]
     dim = truth.config.code_dim
-    proj = np.stack([truth.model.regions[r].projection for r in units.region])  # (U, d, d)
-    mean = np.stack([truth.model.regions[r].mean for r in units.region])  # (U, d)
     code = np.zeros((n_p, dim))
     shown = np.ones(n_p, dtype=bool)
     for t in np.unique(data.task):
@@ -107,7 +112,8 @@ def fit_units(truth: SessionTruth, unit_index: np.ndarray, data: TrainData) -> U
     """MAP estimates of the record's units' own parameters given everything the corpus shares (module doc)."""
     cfg = truth.config
     units = subset_units(truth.units, unit_index)
-    c, drive0, shown = _design(truth, units, data)
+    proj, mean = _region_arrays(truth, units)
+    c, drive0, shown = _design(truth, units, proj, mean, data)
     n, d = data.counts, data.durations
     n_u, dim = len(unit_index), cfg.code_dim
     prior_mean = np.concatenate([np.zeros(dim), [np.log(cfg.ephys_gain_hz) + LOG_SHIFT,
@@ -135,19 +141,15 @@ def fit_units(truth: SessionTruth, unit_index: np.ndarray, data: TrainData) -> U
         scale = np.ones(n_u)
         for _ in range(20):  # halve each unit's step until its objective does not rise
             trial = theta - scale[:, None] * step
-            f_new = objective(trial)[0]
+            f_new, a, sp, lam, ok, g, b = objective(trial)  # kept: the accepted step's terms
             worse = f_new > f + 1e-12 * np.abs(f)
             if not worse.any():
                 break
             scale = np.where(worse, scale / 2, scale)
-        trial = theta - scale[:, None] * step
-        f_new, a, sp, lam, ok, g, b = objective(trial)
         done = np.all(f - f_new <= TOL * np.abs(f))
         theta, f = trial, f_new
         if done:
             break
-    proj = np.stack([truth.model.regions[r].projection for r in units.region])
-    mean = np.stack([truth.model.regions[r].mean for r in units.region])
     w = np.einsum("uji,uj->ui", proj, mean + theta[:, :dim])  # P^T (mu + y)
     return dataclasses.replace(units, w=w, gain=np.exp(theta[:, dim]), baseline=np.exp(theta[:, dim + 1]))
 
