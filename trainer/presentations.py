@@ -26,7 +26,8 @@ from shards import manifest
 from shards.schema import TASKS as SCHEMA_TASKS
 from shards.store import Store
 
-LATENCIES_S = (0.0, 0.05, 0.1)
+EPHYS_LATENCY_S = 0.05  # a typical visual response latency: the one to use when a decoder cannot pick
+LATENCIES_S = (0.0, EPHYS_LATENCY_S, 0.1)  # the latencies a per-session decoder picks among on the valid split
 OPHYS_MIN_SPAN_S = 0.75
 TASKS = tuple(SCHEMA_TASKS)  # the store's tasks, in its order
 

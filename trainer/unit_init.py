@@ -37,12 +37,11 @@ import numpy as np
 from shards import manifest
 from shards.store import Store
 from shards.stream.plan import PlanConfig, train_chunks
-from trainer.presentations import TASKS, iter_records, record_features
+from trainer.presentations import EPHYS_LATENCY_S, TASKS, iter_records, record_features
 
 RIDGE_GRID = (1.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 PCA_COMPONENTS = 16  # leading components that seed a fresh row; the rest of the row is noise
 PCA_NOISE = 0.1  # the noise's scale relative to the random init's
-EPHYS_LATENCY_S = 0.05
 MIN_FIT_SESSIONS = 2  # leave-one-session-out needs two
 
 

@@ -75,6 +75,15 @@ class StreamConfig:
     calcium_lag_s: float = 0.0  # OPhys windows read their frames this much later (shards.stream.tokens)
     calcium_bin: int = 1  # OPhys frames averaged per token (shards.stream.tokens)
     train_fraction: float = 1.0  # this share of each record's train chunks (shards.stream.plan.train_subset)
+    # read the train split as valid and test are read (overlapping windows, every presentation, no dropout), so a
+    # model can be scored on what it trained on: training and held-out accuracy side by side tell under- from
+    # over-fitting (trainer.score)
+    score_train: bool = False
+
+    @property
+    def training(self) -> bool:
+        """Whether this stream plans training epochs (the train split, not scored)."""
+        return self.split == "train" and not self.score_train
 
     def plan_config(self) -> PlanConfig:
         return PlanConfig(window_s=self.window_s, epoch_windows=self.epoch_windows, shuffle_window=self.shuffle_window,
@@ -114,7 +123,7 @@ class MixtureStream(IterableDataset):
         self._lengths = self.chunks.length.to_numpy()
         self._checksums = self._checksum_column(tables.chunks)
         self.vocab = Vocab.from_tables(tables.units.to_pandas(), tables.sessions.to_pandas())
-        self.selectors: list[Selector] = parse_mix(config.mix) if config.split == "train" else []
+        self.selectors: list[Selector] = parse_mix(config.mix) if config.training else []
         self._validate(tables.manifest.to_pandas())
         self.epoch = 0
         self.start_window = 0
@@ -152,7 +161,7 @@ class MixtureStream(IterableDataset):
         c = self.chunks
         if not len(c):
             raise ValueError(f"{self.store.uri}: the store holds no samples")
-        if self.config.split == "train":
+        if self.config.training:
             train = c[c.split == "train"]
             assign(self.selectors, train.modality.to_numpy(), train.region.to_numpy(), train.session_id.to_numpy())
         eval_stride(self.config.plan_config())  # a bad --eval-stride-s fails here, before any worker starts
@@ -171,7 +180,7 @@ class MixtureStream(IterableDataset):
     def plan(self, epoch: int | None = None) -> Plan:
         epoch = self.epoch if epoch is None else epoch
         cfg = self.config.plan_config()
-        if self.config.split == "train":
+        if self.config.training:
             return plan_train_epoch(self.chunks, self.selectors, epoch, cfg)
         return plan_eval(self.chunks, self.config.split, cfg, self.world_size, self.config.batch_size)
 
@@ -227,7 +236,7 @@ class MixtureStream(IterableDataset):
         self._get_fetcher().prefetch(zip(self._paths[rows], self._offsets[rows], self._lengths[rows]))
 
     def make_batch(self, plan: Plan, pos: np.ndarray, epoch: int, cache: OrderedDict) -> dict:
-        train = self.config.split == "train"
+        train = self.config.training
         dropout = train if self.config.unit_dropout is None else self.config.unit_dropout
         tcfg = TokenConfig(window_s=self.config.window_s, unit_dropout=dropout,
                            calcium_lag_s=self.config.calcium_lag_s, calcium_bin=self.config.calcium_bin)

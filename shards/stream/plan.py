@@ -20,7 +20,7 @@ Training epoch (``split="train"``):
    ``batch_size`` of each step; the tail that does not fill a step is dropped (``rank_positions``
    and ``n_batches``: the one place the stream, its loader and ``shards mix`` get this from).
 
-Evaluation (``valid``/``test``): overlapping windows slide over each chunk from its start
+Evaluation (``valid``/``test``, or ``train`` to score a model on exactly the chunks it trained on): overlapping windows slide over each chunk from its start
 every ``eval_stride_s`` (default half a window, as torch_brain's stitching evaluation
 sampler), plus one window ending at the chunk's end when the slide stops short of it, so
 every presentation of the chunk is queried by at least one window and none crosses a chunk
@@ -189,7 +189,10 @@ def plan_eval(chunks: pd.DataFrame, split: str, config: PlanConfig, world_size: 
     """Overlapping windows of a split (``eval_stride_s`` apart, the last one flush with the chunk's
     end), padded to whole steps. Chunks shorter than a window give none."""
     w, stride = config.window_s, eval_stride(config)
-    rows = np.nonzero((chunks.split == split).to_numpy() & filter_sessions(chunks, config))[0]
+    if split == "train":  # scoring what a run trained on: exactly its chunks (train_fraction included)
+        rows = np.nonzero(train_chunks(chunks, config))[0]
+    else:
+        rows = np.nonzero((chunks.split == split).to_numpy() & filter_sessions(chunks, config))[0]
     a = chunks.t_start.to_numpy()[rows]
     b = chunks.t_end.to_numpy()[rows]
     fits = b - a >= w - 1e-9
