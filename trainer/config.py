@@ -48,6 +48,7 @@ class TrainConfig:
     mix: str = "ephys=1,ophys=1"  # modality[/region[/session]]=weight, comma separated
     sessions_include: list[str] = field(default_factory=list)  # train/validate on these sessions only
     sessions_exclude: list[str] = field(default_factory=list)  # held-out sessions (transfer)
+    calcium_noise: float = 0.0  # training windows: N(0, this) on every calcium token's dF/F (docs/model.md section 13)
     train_fraction: float = 1.0  # train on this share of each record's train chunks, drawn by the seed (data-efficiency curves)
     window_s: float = 1.0
     epoch_windows: int | None = None  # windows per epoch (None: the natural size of the train split)
@@ -144,7 +145,8 @@ class TrainConfig:
                             shuffle_window=self.shuffle_window, sessions_include=tuple(self.sessions_include),
                             sessions_exclude=tuple(self.sessions_exclude), check_shards=False,
                             eval_stride_s=self.eval_stride_s, calcium_lag_s=model.calcium_lag_s,
-                            calcium_bin=model.calcium_bin, train_fraction=self.train_fraction)
+                            calcium_bin=model.calcium_bin, train_fraction=self.train_fraction,
+                            calcium_noise=self.calcium_noise)
 
     # ---- plain dicts ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -216,6 +218,8 @@ class TrainConfig:
         for name in ("workers", "loader_workers"):
             if getattr(self, name) < 0:
                 raise self._bad(name, "must be >= 0")
+        if not 0.0 <= self.calcium_noise < 10.0:
+            raise self._bad("calcium_noise", "must be in [0, 10) (an sd in dF/F)")
         if not 0.0 < self.train_fraction <= 1.0:
             raise self._bad("train_fraction", "must be in (0, 1] (the share of each record's train chunks)")
         if self.unit_init not in ("random", "tuning", "pca"):

@@ -74,6 +74,7 @@ class StreamConfig:
     check_checksums: bool = True  # check each sample's xxh3 (chunks.parquet) before decoding it
     calcium_lag_s: float = 0.0  # OPhys windows read their frames this much later (shards.stream.tokens)
     calcium_bin: int = 1  # OPhys frames averaged per token (shards.stream.tokens)
+    calcium_noise: float = 0.0  # training: Gaussian noise (dF/F sd) on calcium tokens, fresh every window it is read
     train_fraction: float = 1.0  # this share of each record's train chunks (shards.stream.plan.train_subset)
     # read the train split as valid and test are read (overlapping windows, every presentation, no dropout), so a
     # model can be scored on what it trained on: training and held-out accuracy side by side tell under- from
@@ -238,8 +239,10 @@ class MixtureStream(IterableDataset):
     def make_batch(self, plan: Plan, pos: np.ndarray, epoch: int, cache: OrderedDict) -> dict:
         train = self.config.training
         dropout = train if self.config.unit_dropout is None else self.config.unit_dropout
+        noise = self.config.calcium_noise if train else 0.0
         tcfg = TokenConfig(window_s=self.config.window_s, unit_dropout=dropout,
-                           calcium_lag_s=self.config.calcium_lag_s, calcium_bin=self.config.calcium_bin)
+                           calcium_lag_s=self.config.calcium_lag_s, calcium_bin=self.config.calcium_bin,
+                           calcium_noise=noise)
         windows, modality, session, record, pads, skipped = [], [], [], [], [], 0
         for p in pos:
             row = int(plan.chunk[p])
@@ -257,7 +260,7 @@ class MixtureStream(IterableDataset):
                 if self.skipped > self.budget(len(plan)):  # checked per sample, not per batch
                     raise over_budget(self.config, self.skipped, len(plan)) from None
                 continue
-            rng = epoch_rng(self.config.seed, epoch, "dropout", int(p)) if dropout else None
+            rng = epoch_rng(self.config.seed, epoch, "dropout", int(p)) if dropout or noise else None
             windows.append(window_tokens(c, float(plan.t0[p]), tcfg, rng))
             modality.append(c.modality)
             session.append(c.session)

@@ -113,6 +113,7 @@ class TokenConfig:
     # of the shorter of (presentation, window)
     calcium_lag_s: float = 0.0  # OPhys: read frames this much later than the window, stamped this much earlier
     calcium_bin: int = 1  # OPhys: this many consecutive frames averaged into one token per ROI
+    calcium_noise: float = 0.0  # training only: N(0, this) added to every calcium token's dF/F (a new draw per window)
 
 
 def window_tokens(c: DecodedChunk, t0: float, config: TokenConfig, rng: np.random.Generator | None):
@@ -166,6 +167,8 @@ def window_tokens(c: DecodedChunk, t0: float, config: TokenConfig, rng: np.rando
         units = np.tile(c.unit_index[cols], n_frames)
         rel = np.repeat(stamps.astype(np.float32), len(cols))
         values = block.reshape(-1)
+        if config.calcium_noise > 0 and rng is not None:
+            values = values + rng.normal(0.0, config.calcium_noise, values.shape).astype(np.float32)
     lo = np.maximum(c.q_start, t0)
     hi = np.minimum(c.q_end, t0 + w)
     overlap = hi - lo

@@ -114,11 +114,30 @@ def test_loss_weights_tasks_by_samples_asking_and_ignores_unlabelled():
     torch.testing.assert_close(out["loss"], expected)
 
 
-def test_param_groups_cover_every_parameter_once():
-    model = model_for(small())
+@pytest.mark.parametrize("rank", [0, 4])
+def test_param_groups_cover_every_parameter_once(rank):
+    model = model_for(small(unit_rank=rank))
     groups = model.param_groups()
     ids = [id(p) for ps in groups.values() for p in ps]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+
+
+def test_a_unit_rank_model_is_the_full_model_with_rows_through_the_shared_map():
+    """unit_rank 4: each unit is 4 numbers; the model equals a full-width one whose table holds those rows mapped
+    by unit_up, so the rank only restricts what a unit can be. Growing adds 4-number rows and leaves the map."""
+    low = model_for(small(unit_rank=4))
+    assert low.unit_emb.weight.shape == (N_UNITS, 4)
+    full = model_for(small())
+    state = {k: v for k, v in low.state_dict().items() if not k.startswith(("unit_emb.", "unit_up."))}
+    full.load_state_dict({**state, "unit_emb.weight": low.unit_up(low.unit_emb.weight).detach()})
+    batch = batch_for()
+    assert_close_nan(logits_by_query(low, batch), logits_by_query(full, batch), atol=1e-5)
+    up = low.unit_up.weight.detach().clone()
+    new = low.unit_emb.grow(3)
+    assert low.unit_emb.weight.shape == (N_UNITS + 3, 4) and torch.equal(low.unit_up.weight, up)
+    assert low.unit_rows(new).shape == (3, low.config.dim)
+    with pytest.raises(ValueError, match="unit_rank"):
+        small(unit_rank=-1)
 
 
 def test_zero_init_residual_makes_every_latent_block_the_identity():

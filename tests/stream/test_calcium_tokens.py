@@ -42,6 +42,26 @@ def test_a_window_near_the_chunk_end_reads_only_the_frames_there():
     assert times.max() < 0.5
 
 
+def test_calcium_noise_is_fresh_gaussian_noise_on_calcium_values_only_and_needs_a_generator():
+    c = _ophys_chunk()
+    clean = window_tokens(c, 3.0, TokenConfig(), None)
+    noisy = [window_tokens(c, 3.0, TokenConfig(calcium_noise=0.5), np.random.default_rng(s)) for s in (1, 2)]
+    for out in noisy:
+        for i in (0, 1, 3, 4, 5, 6):  # units, times and queries untouched
+            assert np.array_equal(out[i], clean[i])
+        d = out[2] - clean[2]
+        assert abs(d.std() - 0.5) < 0.1 and abs(d.mean()) < 0.15
+    assert not np.array_equal(noisy[0][2], noisy[1][2])  # another draw each time the window is read
+    assert np.array_equal(window_tokens(c, 3.0, TokenConfig(calcium_noise=0.5), None)[2], clean[2])  # evaluation
+    rng = np.random.default_rng(0)
+    spikes = np.sort(rng.uniform(0, 10, 300))
+    e = DecodedChunk("k", 0, 0, 0.0, 10.0, np.arange(3), spikes, rng.integers(0, 3, 300).astype(np.int32), None,
+                     np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0, np.int64))
+    a = window_tokens(e, 2.0, TokenConfig(), None)
+    b = window_tokens(e, 2.0, TokenConfig(calcium_noise=0.5), np.random.default_rng(0))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))  # spikes carry no value to perturb
+
+
 def test_spikes_ignore_the_lag():
     rng = np.random.default_rng(0)
     spikes = np.sort(rng.uniform(0, 10, 300))

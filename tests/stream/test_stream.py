@@ -220,6 +220,24 @@ def test_unit_dropout_only_in_training_and_seeded(store):
     assert len(c["input_unit_index"]) > len(a["input_unit_index"])
 
 
+def test_calcium_noise_only_in_training_seeded_and_only_on_calcium_tokens(store):
+    def first(**kw):
+        return next(iter(StreamLoader(MixtureStream(cfg(store, **kw)), num_workers=0)))
+
+    clean, noisy, again = first(), first(calcium_noise=0.3), first(calcium_noise=0.3)
+    assert torch.equal(noisy["input_values"], again["input_values"])  # seeded: a rerun reads the same batch
+    for k in clean:
+        if k != "input_values":
+            assert torch.equal(clean[k], noisy[k]), k
+    d = noisy["input_values"] - clean["input_values"]
+    calcium = torch.repeat_interleave(clean["modality"] == 1, torch.diff(clean["input_cu_seqlens"]))
+    assert calcium.any() and (~calcium).any()
+    assert torch.equal(d[~calcium], torch.zeros_like(d[~calcium]))
+    assert abs(float(d[calcium].std()) - 0.3) < 0.05
+    valid = [first(split="valid", **kw) for kw in ({}, {"calcium_noise": 0.3})]
+    same_batches(valid[:1], valid[1:])
+
+
 def _corrupt_one_sample(store):
     chunks = manifest.read_table(store, manifest.CHUNKS).to_pandas()
     r = chunks[chunks.split == "train"].iloc[3]

@@ -76,6 +76,7 @@ class ModelConfig:
     calcium_lag_s: float = 0.0  # OPhys windows read frames this much later, stamped back (shards.stream.tokens)
     calcium_bin: int = 1  # OPhys frames averaged into one token per ROI (shards.stream.tokens)
     encoder_sinks: bool = False  # a learned token at every latent time step of each sample (layers.Encoder)
+    unit_rank: int = 0  # > 0: a unit's own row has this many numbers, mapped to dim by one shared linear map
     # architecture variant (trainer.model.variants)
     shared_encoder: bool = False  # True: one cross-attention encoder for both modalities ("common-ca")
     encoder_ca_depth: int = 1  # cross-attention layers per encoder
@@ -92,6 +93,8 @@ class ModelConfig:
         steps = self.window_s / self.latent_step
         if abs(steps - round(steps)) > 1e-6 or round(steps) < 1:
             raise ValueError(f"window_s ({self.window_s}) must be a whole number of latent_step ({self.latent_step})")
+        if self.unit_rank < 0:
+            raise ValueError(f"unit_rank must be >= 0 (0: rows as wide as dim), got {self.unit_rank}")
         if self.dim_head % 2:
             raise ValueError("dim_head must be even (rotary pairs)")
         if self.encoder_ca_depth < 1 or self.depth < 0 or self.modality_depth < 0:

@@ -56,7 +56,11 @@ class MultiModalPOYO(nn.Module):
     def __init__(self, *, config: ModelConfig, n_units: int, n_sessions: int) -> None:
         super().__init__()
         c = self.config = config
-        self.unit_emb = GrowableEmbedding(num=n_units, dim=c.dim, init_scale=c.emb_init_scale)
+        self.unit_emb = GrowableEmbedding(num=n_units, dim=c.unit_rank or c.dim, init_scale=c.emb_init_scale)
+        # unit_rank r > 0: a unit is r numbers, seen through one shared (r, D) map that keeps the rows' scale
+        self.unit_up = nn.Linear(c.unit_rank, c.dim, bias=False) if c.unit_rank else None
+        if self.unit_up is not None:
+            nn.init.normal_(self.unit_up.weight, std=c.unit_rank ** -0.5)
         self.session_emb = GrowableEmbedding(num=n_sessions, dim=c.dim, init_scale=c.emb_init_scale)
         self.task_emb = GrowableEmbedding(num=len(c.tasks), dim=c.dim, init_scale=c.emb_init_scale)
         self.rotary = RotaryTimeEmbedding(dim_head=c.dim_head, t_min=c.t_min, t_max=c.t_max,
@@ -151,8 +155,16 @@ class MultiModalPOYO(nn.Module):
             units, values, token_rope = units[tokens], values[tokens], token_rope[tokens]
         present, unit_of_token = torch.unique(units, return_inverse=True)
         cu = F.pad(lens.cumsum(0), (1, 0))
-        return encoder(unit_rows=self.unit_emb(present), unit_of_token=unit_of_token, values=values,
+        return encoder(unit_rows=self.unit_rows(present), unit_of_token=unit_of_token, values=values,
                        token_rope=token_rope, cu=cu, max_len=int(lens.max()), latent_rope=latent_rope)
+
+    def unit_rows(self, index: Tensor) -> Tensor:
+        """The D-wide rows of units ``index``: the table's rows, through the shared map when ``unit_rank`` > 0.
+
+        Why a rank: on the benchmark corpus a unit's tuning is 10 numbers (docs/model.md section 13); a D-wide
+        row gives a new session D numbers per unit to fit from its few presentations."""
+        rows = self.unit_emb(index)
+        return rows if self.unit_up is None else self.unit_up(rows)
 
     def decode(self, latents: Tensor, batch: dict[str, Tensor], latent_rope: Rope) -> Tensor:
         """Output queries o = task embedding + session embedding, at the output times, attend to their
@@ -220,7 +232,8 @@ class MultiModalPOYO(nn.Module):
         decoder = [self.task_emb.weight, *self.dec_attn.parameters(), *self.dec_ffn.parameters(),
                    *self.heads.parameters()]
         return {"embeddings": [self.unit_emb.weight, self.session_emb.weight], "decoder": decoder,
-                "encoder": [*self.encoders.parameters(), *self.trunk.parameters()]}
+                "encoder": [*(self.unit_up.parameters() if self.unit_up is not None else ()),
+                            *self.encoders.parameters(), *self.trunk.parameters()]}
 
 
 # ----------------------------------------------------------------------------- parameter counts
