@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from shards.schema import TASKS
 from shards.stream.plan import PlanConfig
 from tests.support.runs import short_pretraining
 from tests.support.storegen import ephys, make_store, ophys
@@ -20,6 +21,7 @@ from trainer.train import run
 from trainer.unit_init import _tuning, class_mean_columns, fit_ridge, pca_rows, predict_rows, response_features
 
 HELD_OUT = ["e2", "o2"]
+N_CLASSES = {name: task.n_classes for name, task in TASKS.items()}  # the store's tasks
 
 
 def test_ridge_recovers_a_linear_map_and_is_scored_on_sessions_it_did_not_fit():
@@ -75,9 +77,8 @@ def test_finetuning_starts_the_new_units_at_their_predicted_rows(store_and_run, 
     n_old = len(old_w)
     assert torch.equal(new_w[:n_old], old_w)  # the pretraining's rows, bit for bit (the rate is ~0)
     # the new rows are the map's prediction from the pretraining's units, recomputed here independently
-    n_classes = {"static_gratings": 6, "drifting_gratings": 8, "natural_scenes": 119}
     features, session_of, modality_of = response_features(store.uri, ["e0", "e1", "e2", "o0", "o1", "o2"],
-                                                          n_classes)
+                                                          N_CLASSES)
     ids = meta["unit_ids"]
     known = {u: old_w[i].numpy() for i, u in enumerate(pre["meta"]["unit_ids"])
              if session_of.get(u) in {"e0", "e1", "o0", "o1"}}
@@ -105,16 +106,14 @@ def test_a_store_with_one_pretraining_session_of_a_modality_is_refused_before_tr
 
 def test_features_come_from_the_share_of_the_train_split_the_run_trains_on(store_and_run):
     store = store_and_run[0]
-    n_classes = {"static_gratings": 6, "drifting_gratings": 8, "natural_scenes": 119}
-    full, *_ = response_features(store.uri, ["e0", "o0"], n_classes)
-    part, *_ = response_features(store.uri, ["e0", "o0"], n_classes, PlanConfig(train_fraction=0.3))
-    again, *_ = response_features(store.uri, ["e0", "o0"], n_classes, PlanConfig(train_fraction=0.3))
+    full, *_ = response_features(store.uri, ["e0", "o0"], N_CLASSES)
+    part, *_ = response_features(store.uri, ["e0", "o0"], N_CLASSES, PlanConfig(train_fraction=0.3))
+    again, *_ = response_features(store.uri, ["e0", "o0"], N_CLASSES, PlanConfig(train_fraction=0.3))
     assert full.keys() == part.keys()
     assert all(np.array_equal(part[u], again[u]) for u in part)  # the run's subset, drawn by its seed
     assert sum(not np.allclose(part[u], full[u]) for u in part) == len(part)  # every unit sees less data
 
 
-N_CLASSES = {"static_gratings": 6, "drifting_gratings": 8, "natural_scenes": 119}
 
 
 def test_pca_starts_units_tuned_alike_alike_whatever_their_mean_and_spread():
