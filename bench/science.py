@@ -235,7 +235,7 @@ def pretrain(run: Path, name: str, store: Path, held: list[str], cfg: BenchConfi
 
 def finetune(run: Path, name: str, pre: Path, store: Path, held: list[str], cfg: BenchConfig, seed: int,
              mode: str = "pretrained") -> dict[str, dict[str, float]]:
-    """``trainer.finetune`` of ``pre`` on the held-out sessions (every modality among them weighted equally) into
+    """``trainer.finetune`` of ``pre`` on the held-out sessions (each modality weighted by its records: trainer.sessions.finetune_mix) into
     ``run/name`` (reused when done); its test headline."""
     ft = run / name
     if not reuse(ft):

@@ -11,6 +11,10 @@ Modes (the comparison of the papers):
 - ``scratch``: the same model, freshly initialised, trained on those sessions only (nothing frozen).
 - ``mlp``: one small MLP per session on binned activity (``trainer.baselines``).
 
+The pretrained and scratch modes draw their windows with each modality weighted by its records
+(``trainer.sessions.finetune_mix``: a Neuropixels session is a record per region, a plane one), so every
+record gets the same share, as in the headline metric; ``--mix`` overrides it.
+
 Each reports test-split accuracy per task (and per record) in ``RUN2/metrics.json`` and on screen: the
 papers' figure (one prediction per presentation from the overlapping test windows, accuracy per
 (session, region) record, mean over records; ``trainer.tally``), with the per-query figure under ``pooled``.
@@ -28,7 +32,7 @@ from trainer.baselines import run_mlp_baseline
 from trainer.checkpoint import load_model_file
 from trainer.config import TrainConfig, build_parser, load_yaml, resolve
 from trainer.report import print_test
-from trainer.sessions import session_modalities
+from trainer.sessions import finetune_mix
 from trainer.train import run
 from trainer.unit_init import check_store
 
@@ -57,9 +61,8 @@ def finetune_config(source: str, shards: str, sessions: list[str], out: str, mod
     base = load_yaml(cfg_path)[0] if os.path.exists(cfg_path) else TrainConfig()
     if not sessions:
         raise ValueError("--sessions is required (comma separated session ids)")
-    mods = sorted(set(session_modalities(shards, sessions).values()))
     base = dataclasses.replace(base, **FINETUNE_DEFAULTS, shards=shards, out=out, sessions_include=list(sessions),
-                               mix=",".join(f"{m}=1" for m in mods),
+                               mix=finetune_mix(shards, sessions),
                                init_from=model_path if mode == "pretrained" else None)
     if mode == "scratch":
         base = dataclasses.replace(base, unfreeze_epoch=0)

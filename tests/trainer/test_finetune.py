@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
+from shards.stream.dataset import MixtureStream
 from tests.support.runs import short_pretraining
 from tests.support.storegen import make_store, uneven_records
 from trainer.build import frozen_parameters
 from trainer.checkpoint import load_model_file
 from trainer.config import TrainConfig
+from trainer.finetune import finetune_config
 from trainer.finetune import main as finetune
 from trainer.model.network import MultiModalPOYO
+from trainer.sessions import finetune_mix
 
 HELD_OUT = ["e2", "o2"]
 
@@ -139,3 +143,18 @@ def test_a_checkpoint_saved_before_a_config_field_existed_reads_it_as_that_field
     check_same_model(meta, "main", ModelConfig.small(calcium_bin=1), "old.pt")  # the same model: accepted
     with pytest.raises(ValueError, match="calcium_bin: checkpoint 1 vs run 3"):
         check_same_model(meta, "main", ModelConfig.small(), "old.pt")
+
+
+def test_the_finetuning_mix_gives_every_record_the_same_share(store, pretrained, tmp_path):
+    """e1 is two records (VISp, VISl), o1 one: EPhys gets two shares to OPhys's one, whatever the windows each holds;
+    a --mix given on the command line wins."""
+    assert finetune_mix(store.uri, ["e1", "o1"]) == "ephys=2,ophys=1"
+    assert finetune_mix(store.uri, ["e2", "o1", "o2"]) == "ephys=1,ophys=2"
+    with pytest.raises(ValueError, match="nope"):
+        finetune_mix(store.uri, ["e1", "nope"])
+    cfg = finetune_config(str(pretrained), store.uri, ["e1", "o1"], str(tmp_path / "a"), "pretrained")
+    assert cfg.mix == "ephys=2,ophys=1"
+    stream = MixtureStream(cfg.stream_config("train"))
+    plan = stream.plan(0)
+    share = {s.name: float(np.mean(plan.selector == i)) for i, s in enumerate(stream.selectors)}
+    assert share == pytest.approx({"ephys": 2 / 3, "ophys": 1 / 3}, abs=0.01)
