@@ -21,6 +21,7 @@ import sys
 
 import torch
 
+from shards.atomic import write_atomic
 from shards.stream.dataset import MixtureStream
 from shards.stream.loader import StreamLoader
 from trainer.checkpoint import load_model_file
@@ -115,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(table(res))
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(res, fh, indent=1)
+        write_atomic(a.json, json.dumps(res, indent=1))
     return 0
 
 

@@ -20,9 +20,10 @@ Training epoch (``split="train"``):
    ``batch_size`` of each step; the tail that does not fill a step is dropped (``rank_positions``
    and ``n_batches``: the one place the stream, its loader and ``shards mix`` get this from).
 
-Evaluation (``valid``/``test``, or ``train`` to score a model on exactly the chunks it trained on): overlapping windows slide over each chunk from its start
-every ``eval_stride_s`` (default half a window, as torch_brain's stitching evaluation
-sampler), plus one window ending at the chunk's end when the slide stops short of it, so
+Evaluation (``valid``/``test``, or ``train`` to score a model on exactly the chunks it trained
+on): overlapping windows slide over each chunk from its start every ``eval_stride_s`` (default
+half a window, as torch_brain's stitching evaluation sampler), plus one window ending at the
+chunk's end when the slide stops short of it, so
 every presentation of the chunk is queried by at least one window and none crosses a chunk
 edge; chunks in order, no mixture weighting. The last step is padded with repeats flagged
 ``pad=True`` so ranks stay equal and no window is counted twice. Evaluation merges the
