@@ -21,8 +21,10 @@ def session_modalities(store: str, sessions: list[str]) -> dict[str, str]:
 def records_per_modality(store: str, sessions: list[str]) -> dict[str, int]:
     """{modality: how many records (session x region rows of sessions.parquet) ``sessions`` hold}, sorted by
     modality; ValueError naming the sessions the store does not hold."""
-    session_modalities(store, sessions)  # the one-line error for a session the store lacks
     table = manifest.load(Store(store)).sessions.to_pandas()
+    missing = sorted(set(sessions) - set(table.session_id))
+    if missing:
+        raise ValueError(f"session(s) {missing} not in {store}/sessions.parquet")
     table = table[table.session_id.isin(set(sessions))]
     return {m: int(n) for m, n in sorted(table.groupby("modality").size().items())}
 

@@ -161,8 +161,9 @@ class MultiModalPOYO(nn.Module):
     def unit_rows(self, index: Tensor) -> Tensor:
         """The D-wide rows of units ``index``: the table's rows, through the shared map when ``unit_rank`` > 0.
 
-        Why a rank: on the benchmark corpus a unit's tuning is 10 numbers (docs/model.md section 13); a D-wide
-        row gives a new session D numbers per unit to fit from its few presentations."""
+        Why a rank: on the benchmark corpus a unit's tuning is 10 numbers; a D-wide row gives a new session D
+        numbers per unit to fit from its few presentations. Measured level with D-wide rows over 3 seeds
+        (docs/model.md section 13), so 0 (off) by default."""
         rows = self.unit_emb(index)
         return rows if self.unit_up is None else self.unit_up(rows)
 
