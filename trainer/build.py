@@ -23,7 +23,7 @@ from shards.stream.plan import train_chunks
 from trainer.checkpoint import make_meta
 from trainer.config import TrainConfig
 from trainer.model.variants import build_model as build_variant
-from trainer.pretrained import StoreToModel, load_pretrained
+from trainer.pretrained import load_pretrained
 from trainer.unit_init import pca_rows, response_features
 
 
@@ -45,8 +45,7 @@ def build_model(cfg: TrainConfig, stream: MixtureStream) -> Built:
     vocab = stream.vocab
     trained = sorted(set(stream.chunks.session_id.to_numpy()[stream.plan(0).chunk]))
     if cfg.init_from:
-        model, meta, unit_map, session_map = load_pretrained(cfg, vocab, trained)
-        return Built(model, meta, StoreToModel(unit_map, session_map))
+        return Built(*load_pretrained(cfg, vocab, trained))
     base = cfg.model_config()
     model = build_variant(cfg.model, base, n_units=len(vocab.units), n_sessions=len(vocab.sessions))
     init = {"unit_init": init_rows_by_pca(model, stream)} if cfg.unit_init == "pca" else {}

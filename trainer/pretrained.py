@@ -3,8 +3,7 @@
 
 The store of the finetuning run numbers its units and sessions its own way; the model keeps its rows
 (those the pretraining trained) and appends rows for what it never saw. ``load_pretrained`` returns
-the grown model with the two maps from the store's indices to model rows, which ``StoreToModel``
-applies to every batch.
+the grown model with a ``StoreToModel``, which maps every batch's store indices to model rows by id.
 """
 
 from __future__ import annotations
@@ -21,8 +20,7 @@ from trainer.unit_init import predict_rows, response_features
 
 def load_pretrained(cfg: TrainConfig, vocab, sessions_here: list[str]):
     """The model in ``cfg.init_from`` with new unit and session rows for this run's sessions that it never
-    trained on; returns (model, meta, unit_map, session_map), the maps taking the store's indices
-    to model rows."""
+    trained on; returns (model, meta, to_model), the last taking a batch's store indices to model rows."""
     ck = load_model_file(cfg.init_from)
     meta = ck["meta"]
     model = model_from_checkpoint(ck, amp=cfg.bf16)  # bf16 as this run asks (it shapes no parameter)
@@ -41,18 +39,13 @@ def load_pretrained(cfg: TrainConfig, vocab, sessions_here: list[str]):
     if cfg.unit_init == "tuning" and new_units:
         init = init_from_responses(cfg, model, unit_row, session_row, new_units, new_sessions, seen | here)
 
-    unit_map = torch.zeros(max(1, len(vocab.units)), dtype=torch.int64)
-    for u, i in vocab.units.items():
-        unit_map[i] = unit_row.get(u, 0)
-    session_map = torch.zeros(max(1, len(vocab.sessions)), dtype=torch.int64)
-    for s, i in vocab.sessions.items():
-        session_map[i] = session_row.get(s, 0)
+    to_model = StoreToModel.from_rows(vocab, unit_row, session_row)
     meta_out = make_meta(variant=meta["variant"], model_config=ModelConfig.from_dict(meta["model_config"]),
                          unit_ids=list(meta["unit_ids"]) + new_units,
                          session_ids=list(meta["session_ids"]) + new_sessions,
                          trained_sessions=sorted(seen | here), finetuned_from=cfg.init_from,
                          new_units=len(new_units), new_sessions=new_sessions, **init)
-    return model, meta_out, unit_map, session_map
+    return model, meta_out, to_model
 
 
 @torch.no_grad()
@@ -94,6 +87,17 @@ class StoreToModel:
 
     def __init__(self, unit_map: torch.Tensor, session_map: torch.Tensor):
         self.maps = {"input_unit_index": unit_map, "session_index": session_map}
+
+    @classmethod
+    def from_rows(cls, vocab, unit_row: dict[str, int], session_row: dict[str, int]) -> StoreToModel:
+        """The maps of a store's vocabulary to model rows given by id (ids without a row go to row 0)."""
+        units = torch.zeros(max(1, len(vocab.units)), dtype=torch.int64)
+        for u, i in vocab.units.items():
+            units[i] = unit_row.get(u, 0)
+        sessions = torch.zeros(max(1, len(vocab.sessions)), dtype=torch.int64)
+        for s, i in vocab.sessions.items():
+            sessions[i] = session_row.get(s, 0)
+        return cls(units, sessions)
 
     def __call__(self, batch: dict) -> dict:
         return {**batch, **{k: m.to(batch[k].device)[batch[k]] for k, m in self.maps.items()}}

@@ -25,12 +25,11 @@ from shards.atomic import write_atomic
 from shards.stream.dataset import MixtureStream
 from shards.stream.loader import StreamLoader
 from trainer.checkpoint import load_model_file
-from trainer.config import ConfigError, TrainConfig
+from trainer.config import ConfigError, TrainConfig, load_yaml
 from trainer.evaluate import evaluate
 from trainer.model.io import model_from_checkpoint
 from trainer.pretrained import StoreToModel, session_of
 from trainer.report import headline
-from trainer.strict_yaml import read_yaml
 
 SPLITS = ("train", "valid", "test")
 
@@ -40,27 +39,18 @@ def run_config(run: str) -> TrainConfig:
     path = os.path.join(run, "config.yaml")
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: no such file (not a run folder of trainer.train or trainer.finetune)")
-    d = read_yaml(path)
-    d.pop("resolved", None)
-    return TrainConfig.from_dict(d, path)
+    return load_yaml(path)[0]
 
 
 def store_to_model(meta: dict, stream: MixtureStream, path: str) -> StoreToModel:
     """Store indices -> the model's rows, matched by unit and session id; a unit of a session the stream scores
     without a row is an error (the model never trained on it)."""
     unit_row = {u: i for i, u in enumerate(meta["unit_ids"])}
-    session_row = {s: i for i, s in enumerate(meta["session_ids"])}
     scored = set(stream.chunks.session_id.to_numpy()[stream.plan(0).chunk])
-    units = torch.zeros(max(1, len(stream.vocab.units)), dtype=torch.int64)
-    for u, i in stream.vocab.units.items():
-        if u in unit_row:
-            units[i] = unit_row[u]
-        elif session_of(u, scored) is not None:
-            raise ValueError(f"{path}: the model has no row for unit {u!r}")
-    sessions = torch.zeros(max(1, len(stream.vocab.sessions)), dtype=torch.int64)
-    for s, i in stream.vocab.sessions.items():
-        sessions[i] = session_row.get(s, 0)
-    return StoreToModel(units, sessions)
+    lost = [u for u in stream.vocab.units if u not in unit_row and session_of(u, scored) is not None]
+    if lost:
+        raise ValueError(f"{path}: the model has no row for unit {lost[0]!r}")
+    return StoreToModel.from_rows(stream.vocab, unit_row, {s: i for i, s in enumerate(meta["session_ids"])})
 
 
 def score(run: str, splits: tuple[str, ...] = SPLITS, weights: str = "best") -> dict[str, dict]:
@@ -77,7 +67,8 @@ def score(run: str, splits: tuple[str, ...] = SPLITS, weights: str = "best") -> 
         stream = MixtureStream(sc)
         vocab = stream.vocab
         tally = evaluate(model, StreamLoader(stream, num_workers=0),
-                         session_ids=sorted(vocab.sessions, key=vocab.sessions.get), record_ids=sorted(vocab.records, key=vocab.records.get), device=torch.device("cpu"),
+                         session_ids=sorted(vocab.sessions, key=vocab.sessions.get),
+                         record_ids=sorted(vocab.records, key=vocab.records.get), device=torch.device("cpu"),
                          to_model=store_to_model(ck["meta"], stream, path))
         out[split] = tally.summary()
     return out

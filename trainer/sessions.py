@@ -7,25 +7,28 @@ from shards import manifest
 from shards.store import Store
 
 
+def _sessions_table(store: str, sessions: list[str]):
+    """The store's sessions table, its rows of ``sessions``; ValueError naming the sessions it does not hold."""
+    table = manifest.load(Store(store)).sessions.to_pandas()
+    known = set(table.session_id)
+    missing = [s for s in sessions if s not in known]
+    if missing:
+        raise ValueError(f"session(s) {missing} not in {store}/sessions.parquet")
+    return table[table.session_id.isin(set(sessions))]
+
+
 def session_modalities(store: str, sessions: list[str]) -> dict[str, str]:
     """{session id: modality} for ``sessions``, from the store's sessions table; ValueError naming the
     sessions it does not hold."""
-    table = manifest.load(Store(store)).sessions.to_pandas()
+    table = _sessions_table(store, sessions)
     mods = dict(zip(table.session_id, table.modality))
-    missing = [s for s in sessions if s not in mods]
-    if missing:
-        raise ValueError(f"session(s) {missing} not in {store}/sessions.parquet")
     return {s: mods[s] for s in sessions}
 
 
 def records_per_modality(store: str, sessions: list[str]) -> dict[str, int]:
     """{modality: how many records (session x region rows of sessions.parquet) ``sessions`` hold}, sorted by
     modality; ValueError naming the sessions the store does not hold."""
-    table = manifest.load(Store(store)).sessions.to_pandas()
-    missing = sorted(set(sessions) - set(table.session_id))
-    if missing:
-        raise ValueError(f"session(s) {missing} not in {store}/sessions.parquet")
-    table = table[table.session_id.isin(set(sessions))]
+    table = _sessions_table(store, sessions)
     return {m: int(n) for m, n in sorted(table.groupby("modality").size().items())}
 
 
