@@ -49,6 +49,7 @@ class TrainConfig:
     sessions_include: list[str] = field(default_factory=list)  # train/validate on these sessions only
     sessions_exclude: list[str] = field(default_factory=list)  # held-out sessions (transfer)
     calcium_noise: float = 0.0  # training windows: N(0, this) on every calcium token's dF/F (docs/model.md section 13)
+    unit_dropout: bool = True  # training windows keep a random 50-100 % of each record's units (POYO's augmentation)
     train_fraction: float = 1.0  # train on this share of each record's train chunks, drawn by the seed (data-efficiency curves)
     window_s: float = 1.0
     epoch_windows: int | None = None  # windows per epoch (None: the natural size of the train split)
@@ -146,7 +147,7 @@ class TrainConfig:
                             sessions_exclude=tuple(self.sessions_exclude), check_shards=False,
                             eval_stride_s=self.eval_stride_s, calcium_lag_s=model.calcium_lag_s,
                             calcium_bin=model.calcium_bin, train_fraction=self.train_fraction,
-                            calcium_noise=self.calcium_noise)
+                            calcium_noise=self.calcium_noise, unit_dropout=None if self.unit_dropout else False)
 
     # ---- plain dicts ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

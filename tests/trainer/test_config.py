@@ -174,3 +174,11 @@ def test_config_yaml_of_an_earlier_run_still_reads(tmp_path):
 def test_train_fraction_reaches_the_train_plan():
     cfg = TrainConfig(shards="s", train_fraction=0.25)
     assert cfg.stream_config("train").plan_config().train_fraction == 0.25
+
+
+def test_unit_dropout_off_reaches_the_train_stream_and_on_leaves_it_to_the_split():
+    """``--no-unit-dropout`` turns the augmentation off in training; on (default) it stays off outside training."""
+    off = parse_args(["--shards", "s", "--no-unit-dropout"])
+    assert off.unit_dropout is False and off.stream_config("train").unit_dropout is False
+    on = TrainConfig(shards="s")
+    assert on.stream_config("train").unit_dropout is None  # None: on for the train split only (StreamConfig)
