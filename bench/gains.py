@@ -78,7 +78,7 @@ def valid_score(run: Path) -> float:
 
 
 def run_seed(work: Path, stores: dict[str, Path], held: list[str], cfg: BenchConfig, seed: int,
-             ratios: dict[str, list[float]]) -> dict[str, dict]:
+             ratios: dict[str, list[float]], regions: list[str] = ()) -> dict[str, dict]:
     """{arm: {"test": {task: OPhys test acc}, "valid": OPhys valid score}} of every arm for one training seed."""
     run = work / f"seed{seed}"  # bench/science.py's folder: its pretrain/ and pretrained/ are mixture@0.5
     control = work / "control" / f"seed{seed}"
@@ -93,7 +93,17 @@ def run_seed(work: Path, stores: dict[str, Path], held: list[str], cfg: BenchCon
         for r in ratios[family]:
             arms[f"{family}@{r:g}"] = partial(arm, folder, store, mix_of(r), f"pretrain{suffix(r)}",
                                               f"pretrained{suffix(r)}")
+    for region in regions:  # Observation 3: one region's OPhys, alone and with every region's EPhys
+        for name, mix in single_region_mixes(region).items():
+            arms[name] = partial(arm, run, stores["benchmark"], mix, f"pretrain_{name.replace('/', '_')}",
+                                 f"finetuned_{name.replace('/', '_')}")
     return concurrently(arms)  # each arm's runs in order, the arms side by side (--jobs at once)
+
+
+def single_region_mixes(region: str) -> dict[str, str]:
+    """{arm: pretraining --mix} of Observation 3 for one OPhys region: its OPhys alone, and with every region's EPhys
+    at half the windows (bench/science.py's share)."""
+    return {f"ophys_only/{region}": f"ophys/{region}=1", f"mixture@0.5/{region}": f"ephys=1,ophys/{region}=1"}
 
 
 def best_ratio(per_seed: dict, family: str, ratios: list[float], seeds: list[int]) -> float:
@@ -101,9 +111,9 @@ def best_ratio(per_seed: dict, family: str, ratios: list[float], seeds: list[int
     return max(ratios, key=lambda r: float(np.nanmean([per_seed[s][f"{family}@{r:g}"]["valid"] for s in seeds])))
 
 
-def gain(per_seed: dict, arm: str, seeds: list[int]) -> dict[str, tuple[float, float]]:
-    """{task: (mean, SEM)} over seeds of arm - ophys_only (paired by seed)."""
-    return {t: mean_sem([per_seed[s][arm]["test"].get(t, math.nan) - per_seed[s]["ophys_only"]["test"].get(t, math.nan)
+def gain(per_seed: dict, arm: str, seeds: list[int], base: str = "ophys_only") -> dict[str, tuple[float, float]]:
+    """{task: (mean, SEM)} over seeds of arm - base (paired by seed)."""
+    return {t: mean_sem([per_seed[s][arm]["test"].get(t, math.nan) - per_seed[s][base]["test"].get(t, math.nan)
                          for s in seeds]) for t in TASKS}
 
 
@@ -118,12 +128,15 @@ def plot(path: Path, table: dict[str, dict[str, tuple[float, float]]], best: dic
     x = np.arange(len(TASKS))
     width = 0.84 / len(arms)
     oranges, greens = plt.cm.Oranges, plt.cm.Greens
-    n = {f: sum(a.startswith(f) for a in arms) for f in FAMILIES}
+    n = {f: sum(a.startswith(f) and "/" not in a for a in arms) for f in FAMILIES}
     for i, arm in enumerate(arms):
         fam, _, r = arm.partition("@")
         k = sum(a.startswith(fam) for a in arms[:i])
-        color = "tab:blue" if fam == "ophys_only" else (oranges if fam == "mixture" else greens)(0.4 + 0.5 * k / max(n[fam], 1))
-        label = arm.replace("_", "-") + (" (best)" if r and float(r) == best.get(fam) else "")
+        if "/" in arm:  # Observation 3's single-region arms
+            color = "tab:cyan" if fam.startswith("ophys_only") else "tab:purple"
+        else:
+            color = "tab:blue" if fam == "ophys_only" else (oranges if fam == "mixture" else greens)(0.4 + 0.5 * k / max(n[fam], 1))
+        label = arm.replace("_", "-") + (" (best)" if r and "/" not in r and float(r) == best.get(fam) else "")
         ax.bar(x + (i - (len(arms) - 1) / 2) * width, [table[arm][t][0] for t in TASKS], width,
                yerr=[table[arm][t][1] for t in TASKS], capsize=2, label=label, color=color,
                hatch="//" if label.endswith("(best)") else None)
@@ -148,13 +161,17 @@ def parse_ratios(flag: str, text: str) -> list[float]:
 
 
 def main() -> None:
+    from shards import manifest
     from shards.atomic import write_atomic
+    from shards.store import Store
 
     p = bench_parser(__doc__, "gains", "bench/science.py's --work (its corpus and mixture runs are reused)")
     p.add_argument("--science", default=str(REPO / "bench" / "results" / "science.json"),
                    help="bench/science.py's result, which gains the keys when its configuration is this one")
     p.add_argument("--ratios", default="0.25,0.5,0.75", help="EPhys shares of the mixture pretraining")
     p.add_argument("--control-ratios", default=None, help="EPhys shares of the control pretraining (default: --ratios)")
+    p.add_argument("--single-regions", default="", help="Observation 3: OPhys regions (comma separated) each pretrained "
+                   "alone and with every region's EPhys, e.g. VISp")
     a = p.parse_args()
     cfg = config_of(a)
     seeds = [int(s) for s in a.seeds.split(",") if s]
@@ -170,7 +187,12 @@ def main() -> None:
                          f"{stores['benchmark']}")
     held_all = [s for mod in ("ephys", "ophys") for s in held[mod]]
     set_jobs(a.jobs)
-    per_seed = concurrently({s: partial(run_seed, work, stores, held_all, cfg, s, ratios) for s in seeds})
+    regions = [r for r in a.single_regions.split(",") if r]
+    known = set(manifest.load(Store(str(stores["benchmark"]))).sessions.to_pandas().query("modality == 'ophys'").region)
+    if set(regions) - known:
+        raise SystemExit(f"error: --single-regions {a.single_regions!r}: {stores['benchmark']} has OPhys in "
+                         f"{', '.join(sorted(known))} only")
+    per_seed = concurrently({s: partial(run_seed, work, stores, held_all, cfg, s, ratios, regions) for s in seeds})
     arms = list(per_seed[seeds[0]])
     table = {arm: {t: mean_sem([per_seed[s][arm]["test"].get(t, math.nan) for s in seeds]) for t in TASKS}
              for arm in arms}
@@ -195,6 +217,12 @@ def main() -> None:
         "mixtures": {"ophys_only": "ophys=1", **{f"{f}@{r:g}": mix_of(r) for f in FAMILIES for r in ratios[f]}},
         "seeds": seeds, "config": config, "per_seed": per_seed, "wall_s": round(time.time() - t0, 1),
     }
+    if regions:  # Observation 3: each region's OPhys with all-region EPhys minus that OPhys alone, paired by seed
+        result["single_region_gain"] = {r: {t: v[0] for t, v in gain(per_seed, f"mixture@0.5/{r}", seeds,
+                                                                     f"ophys_only/{r}").items()} for r in regions}
+        result["single_region_gain_sem"] = {r: {t: v[1] for t, v in gain(per_seed, f"mixture@0.5/{r}", seeds,
+                                                                         f"ophys_only/{r}").items()} for r in regions}
+        result["mixtures"].update({k: v for r in regions for k, v in single_region_mixes(r).items()})
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(a.out, json.dumps(result, indent=1))
     science = Path(a.science)
@@ -215,6 +243,10 @@ def main() -> None:
               + f" {cell(*gains['mixture'][t]):>14} {cell(*gains['control'][t]):>14}")
     print(f"{'valid score':18} {'':7} " + " ".join(f"{result['ophys_valid_score'][arm]:13.3f}" for arm in arms)
           + f"   best: mixture@{best['mixture']:g}, control@{best['control']:g}")
+    for r in regions:
+        print(f"single-region OPhys {r}: + all-region EPhys minus {r} alone: "
+              + ", ".join(f"{t} {result['single_region_gain'][r][t]:+.3f}±{result['single_region_gain_sem'][r][t]:.3f}"
+                          for t in TASKS))
     print(f"wall {result['wall_s']:.0f} s -> {a.out}" + (f", {science}" if merged else
                                                           f" ({science} not updated: another configuration)")
           + f", {a.plot}")
