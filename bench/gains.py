@@ -59,6 +59,9 @@ from trainer.tune.report import mean_sem  # noqa: E402  (the sweeps' mean +- SEM
 
 CONTROL_CODE_SEED = 1_000_003  # the control corpus's EPhys code: any seed other than the corpus seed
 FAMILIES = ("mixture", "control")
+# one plane's train split is a 21-step epoch, so a single-region pretraining would validate ~240 times in 5,000
+# steps; this epoch validates it about as often as the mixture's own (262 steps of 32)
+SINGLE_REGION_EPOCH = ("--epoch-windows", "8192")
 
 
 def mix_of(ratio: float) -> str:
@@ -83,8 +86,8 @@ def run_seed(work: Path, stores: dict[str, Path], held: list[str], cfg: BenchCon
     run = work / f"seed{seed}"  # bench/science.py's folder: its pretrain/ and pretrained/ are mixture@0.5
     control = work / "control" / f"seed{seed}"
 
-    def arm(folder: Path, store: Path, mix: str, pre_name: str, ft_name: str) -> dict:
-        pre = pretrain(folder, pre_name, store, held, cfg, seed, mix=mix)
+    def arm(folder: Path, store: Path, mix: str, pre_name: str, ft_name: str, extra: tuple[str, ...] = ()) -> dict:
+        pre = pretrain(folder, pre_name, store, held, cfg, seed, mix=mix, extra=extra)
         test = finetune(folder, ft_name, pre, store, held, cfg, seed)
         return {"test": test.get("ophys", {}), "valid": valid_score(folder / ft_name)}
 
@@ -96,7 +99,7 @@ def run_seed(work: Path, stores: dict[str, Path], held: list[str], cfg: BenchCon
     for region in regions:  # Observation 3: one region's OPhys, alone and with every region's EPhys
         for name, mix in single_region_mixes(region).items():
             arms[name] = partial(arm, run, stores["benchmark"], mix, f"pretrain_{name.replace('/', '_')}",
-                                 f"finetuned_{name.replace('/', '_')}")
+                                 f"finetuned_{name.replace('/', '_')}", SINGLE_REGION_EPOCH)
     return concurrently(arms)  # each arm's runs in order, the arms side by side (--jobs at once)
 
 

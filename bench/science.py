@@ -217,8 +217,9 @@ def resume_flag(out: Path) -> list[str]:
 
 
 def pretrain(run: Path, name: str, store: Path, held: list[str], cfg: BenchConfig, seed: int,
-             mix: str = PRETRAIN_MIX) -> Path:
-    """``trainer.train`` on ``mix`` of every session but the held-out ones, into ``run/name`` (reused when done)."""
+             mix: str = PRETRAIN_MIX, extra: tuple[str, ...] = ()) -> Path:
+    """``trainer.train`` on ``mix`` of every session but the held-out ones, into ``run/name`` (reused when done);
+    ``extra``: more flags."""
     common = ["--shards", str(store), "--workers", "0", "--seed", str(seed), "--batch-size", str(cfg.batch_size),
               "--preset", cfg.preset, "--loader-workers", "1", "--log-every", "200"]
     common += [f"--model-override={k}={v}" for k, v in cfg.model_overrides.items()]
@@ -229,7 +230,7 @@ def pretrain(run: Path, name: str, store: Path, held: list[str], cfg: BenchConfi
         run.mkdir(parents=True, exist_ok=True)
         sh([sys.executable, "-m", "trainer.train", *common, "--mix", mix, "--sessions-exclude", ",".join(held),
             "--max-steps", str(cfg.pretrain_steps), "--out", str(pre), "--early-stop-patience", "0", *cfg.extra,
-            *resume_flag(pre)], run / f"{name}.log")
+            *extra, *resume_flag(pre)], run / f"{name}.log")
     return pre
 
 
