@@ -39,16 +39,20 @@ def same_rows(batch: dict) -> dict:
     return batch
 
 
-def build_model(cfg: TrainConfig, stream: MixtureStream) -> Built:
+def build_model(cfg: TrainConfig, stream: MixtureStream, rank: int = 0) -> Built:
     """A fresh model of the store's vocabulary, or (``init_from``) a pretrained one whose unit and session
-    vocabularies grow to cover this run's sessions (trainer.pretrained)."""
+    vocabularies grow to cover this run's sessions (trainer.pretrained).
+
+    Rows started from the units' responses (``unit_init``) are computed on ``rank`` 0 only: DDP's wrapper
+    broadcasts rank 0's parameters to every rank (as it does for the random init, which is seeded per rank), so
+    the other ranks skip reading every train chunk for features they would overwrite."""
     vocab = stream.vocab
     trained = sorted(set(stream.chunks.session_id.to_numpy()[stream.plan(0).chunk]))
     if cfg.init_from:
-        return Built(*load_pretrained(cfg, vocab, trained))
+        return Built(*load_pretrained(cfg, vocab, trained, init_rows=rank == 0))
     base = cfg.model_config()
     model = build_variant(cfg.model, base, n_units=len(vocab.units), n_sessions=len(vocab.sessions))
-    init = {"unit_init": init_rows_by_pca(model, stream)} if cfg.unit_init == "pca" else {}
+    init = {"unit_init": init_rows_by_pca(model, stream)} if cfg.unit_init == "pca" and rank == 0 else {}
     meta = make_meta(variant=cfg.model, model_config=base, unit_ids=sorted(vocab.units, key=vocab.units.get),
                      session_ids=sorted(vocab.sessions, key=vocab.sessions.get), trained_sessions=trained, **init)
     return Built(model, meta, same_rows)

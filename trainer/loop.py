@@ -165,7 +165,7 @@ def setup(cfg: TrainConfig) -> Worker:
     total_steps = cfg.total_steps(steps_per_epoch)
     vocab = train_stream.vocab
 
-    built = build_model(cfg, train_stream)
+    built = build_model(cfg, train_stream, rank)
     model = ray.train.torch.prepare_model(built.model, parallel_strategy_kwargs={"find_unused_parameters": True})
     optimizer = make_optimizer(cfg, unwrap(model))
     return Worker(cfg=cfg, hooks=testhooks.from_env(), rank=rank, world=world, device=device,

@@ -18,9 +18,11 @@ from trainer.model.io import grow_vocab, model_from_checkpoint
 from trainer.unit_init import predict_rows, response_features
 
 
-def load_pretrained(cfg: TrainConfig, vocab, sessions_here: list[str]):
+def load_pretrained(cfg: TrainConfig, vocab, sessions_here: list[str], init_rows: bool = True):
     """The model in ``cfg.init_from`` with new unit and session rows for this run's sessions that it never
-    trained on; returns (model, meta, to_model), the last taking a batch's store indices to model rows."""
+    trained on; returns (model, meta, to_model), the last taking a batch's store indices to model rows.
+    ``init_rows`` False: leave the new rows random even with ``unit_init=tuning`` (a DDP rank other than 0,
+    whose parameters rank 0's broadcast replaces)."""
     ck = load_model_file(cfg.init_from)
     meta = ck["meta"]
     model = model_from_checkpoint(ck, amp=cfg.bf16)  # bf16 as this run asks (it shapes no parameter)
@@ -36,7 +38,7 @@ def load_pretrained(cfg: TrainConfig, vocab, sessions_here: list[str]):
     unit_row.update(zip(new_units, unit_new.tolist()))
     session_row.update(zip(new_sessions, session_new.tolist()))
     init = {}
-    if cfg.unit_init == "tuning" and new_units:
+    if cfg.unit_init == "tuning" and new_units and init_rows:
         init = init_from_responses(cfg, model, unit_row, session_row, new_units, new_sessions, seen | here)
 
     to_model = StoreToModel.from_rows(vocab, unit_row, session_row)
