@@ -12,6 +12,8 @@ papers' "same data budget"), then finetuned with bench/science.py's protocol on 
 - ``ophys_only``  every window OPhys (``--mix ophys=1``);
 - ``mixture@R``   EPhys a share R of the windows (``--ratios``; R = 0.5 is bench/science.py's pretraining, whose
                   runs are reused from the same ``--work``);
+- ``ophys_only/G`` and ``mixture@0.5/G`` (``--single-regions G``, the papers' Observation 3): OPhys of region G
+                  only, alone and with every region's EPhys as half the windows;
 - ``control@R``   the same mixtures on the control corpus (``ingest synth --ephys-code-seed``): its OPhys sessions
                   are byte for byte the benchmark's, its EPhys sessions have the same units and schedules but an
                   unrelated stimulus code, so EPhys can teach the trunk nothing about OPhys's classes.
@@ -20,6 +22,7 @@ The best mixture of each corpus is the ratio whose finetuned model scores best o
 *valid* split (mean over seeds), so the test split picks nothing. ``mixture_gain[task]`` is its OPhys test
 accuracy minus OPhys-only (paired by seed, mean over seeds; SEM beside it), ``control_gain`` the same for the
 control corpus's best mixture: the papers' Observation 2 predicts mixture_gain > 0 and control_gain about 0.
+``single_region_gain[G][task]`` is ``mixture@0.5/G`` minus ``ophys_only/G`` (paired by seed): Observation 3 predicts > 0.
 Writes bench/results/gains.json, merges ``mixture_gain``, ``control_gain`` and ``gains`` into
 bench/results/science.json when that file was measured with the same configuration, draws docs/gains.png, and
 prints the table.
@@ -81,7 +84,7 @@ def valid_score(run: Path) -> float:
 
 
 def run_seed(work: Path, stores: dict[str, Path], held: list[str], cfg: BenchConfig, seed: int,
-             ratios: dict[str, list[float]], regions: list[str] = ()) -> dict[str, dict]:
+             ratios: dict[str, list[float]], regions: tuple[str, ...] = ()) -> dict[str, dict]:
     """{arm: {"test": {task: OPhys test acc}, "valid": OPhys valid score}} of every arm for one training seed."""
     run = work / f"seed{seed}"  # bench/science.py's folder: its pretrain/ and pretrained/ are mixture@0.5
     control = work / "control" / f"seed{seed}"
@@ -190,7 +193,7 @@ def main() -> None:
                          f"{stores['benchmark']}")
     held_all = [s for mod in ("ephys", "ophys") for s in held[mod]]
     set_jobs(a.jobs)
-    regions = [r for r in a.single_regions.split(",") if r]
+    regions = tuple(r for r in a.single_regions.split(",") if r)
     known = set(manifest.load(Store(str(stores["benchmark"]))).sessions.to_pandas().query("modality == 'ophys'").region)
     if set(regions) - known:
         raise SystemExit(f"error: --single-regions {a.single_regions!r}: {stores['benchmark']} has OPhys in "
@@ -221,10 +224,9 @@ def main() -> None:
         "seeds": seeds, "config": config, "per_seed": per_seed, "wall_s": round(time.time() - t0, 1),
     }
     if regions:  # Observation 3: each region's OPhys with all-region EPhys minus that OPhys alone, paired by seed
-        result["single_region_gain"] = {r: {t: v[0] for t, v in gain(per_seed, f"mixture@0.5/{r}", seeds,
-                                                                     f"ophys_only/{r}").items()} for r in regions}
-        result["single_region_gain_sem"] = {r: {t: v[1] for t, v in gain(per_seed, f"mixture@0.5/{r}", seeds,
-                                                                         f"ophys_only/{r}").items()} for r in regions}
+        single = {r: gain(per_seed, f"mixture@0.5/{r}", seeds, f"ophys_only/{r}") for r in regions}
+        result["single_region_gain"] = {r: {t: v[0] for t, v in g.items()} for r, g in single.items()}
+        result["single_region_gain_sem"] = {r: {t: v[1] for t, v in g.items()} for r, g in single.items()}
         result["mixtures"].update({k: v for r in regions for k, v in single_region_mixes(r).items()})
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(a.out, json.dumps(result, indent=1))
