@@ -7,7 +7,8 @@ finished grid.
 Why a replay: ASHA decides from nothing but the scores trials report at each validation and the order in which
 they reach a rung. bench/gains.py ran every point of the grid to its end, so a function trainable that reports a
 finished run's recorded pretraining validation scores (``val_score``, what ``trainer.tune --search asha`` reports,
-one per validation) through the real scheduler stops exactly the trials ASHA would have stopped, in seconds instead
+one per validation; both the overall score it reported until now and the OPhys score it reports now,
+``trainer.tune.trial.judged_validation``) through the real scheduler stops exactly the trials ASHA would have stopped, in seconds instead
 of hours. The rungs are asynchronous (a trial is compared with those that reached the rung before it), so the
 trials start in ``--orders`` shuffled orders, ``--concurrent`` at a time, each validation a short sleep apart so
 concurrent trials advance together as they would.
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import tempfile
 import time
@@ -44,17 +44,17 @@ sys.path.insert(0, str(REPO))
 from bench.gains import suffix  # noqa: E402  (the run folders bench/gains.py names)
 from trainer.tune.report import mean_sem  # noqa: E402
 from trainer.tune.spec import ExperimentSpec  # noqa: E402  (trainer.tune's ASHA settings)
+from trainer.tune.trial import judged_validation, parse_validations  # noqa: E402  (what a trial reports)
 
-VALIDATION = re.compile(r"validation after epoch \d+ \(step (\d+)\): score ([0-9.]+)")
+METRICS = ("score", "ophys")  # val_score as trainer.tune reported it until now, and as it reports it now
 
 
-def curve(run: Path) -> list[tuple[int, float]]:
-    """[(step, score)] of a pretraining's validations, from its ``train.log`` (a resumed run's repeats: the last)."""
+def curve(run: Path, metric: str) -> list[tuple[int, float]]:
+    """[(step, val_score)] of a pretraining's validations, from its ``train.log`` (a resumed run's repeats: the
+    last); ``metric`` "score": the overall validation score, "ophys": ``trainer.tune.trial.judged_validation``'s."""
     by_step: dict[int, float] = {}
-    for line in (run / "train.log").read_text().splitlines():
-        m = VALIDATION.search(line)
-        if m:
-            by_step[int(m.group(1))] = float(m.group(2))
+    for _, step, score, per in parse_validations((run / "train.log").read_text()):
+        by_step[step] = score if metric == "score" else judged_validation(score, per, metric)
     if not by_step:
         raise SystemExit(f"error: {run / 'train.log'}: no validation lines (not a finished trainer.train run)")
     return sorted(by_step.items())
@@ -80,10 +80,10 @@ def grid_trials(work: Path, corpus: str, ratios: list[float], seeds: list[int]) 
             else:
                 folder = base if corpus == "benchmark" else work / "control" / f"seed{seed}"
                 pre, ft = folder / f"pretrain{suffix(r)}", folder / f"pretrained{suffix(r)}"
-            c = curve(pre)
+            curves = {m: curve(pre, m) for m in METRICS}
             score, ft_steps = finetune_record(ft)
-            out.append({"id": f"{corpus}-r{r:g}-s{seed}", "ratio": r, "seed": seed, "curve": c,
-                        "pretrain_steps": c[-1][0], "finetune_steps": ft_steps, "score": score})
+            out.append({"id": f"{corpus}-r{r:g}-s{seed}", "ratio": r, "seed": seed, "curves": curves,
+                        "pretrain_steps": curves["score"][-1][0], "finetune_steps": ft_steps, "score": score})
     return out
 
 
@@ -97,13 +97,15 @@ def grid_summary(trials: list[dict]) -> dict:
             "trial_steps": sum(t["pretrain_steps"] + t["finetune_steps"] for t in trials)}
 
 
-def replay(trials: list[dict], order_seed: int, concurrent: int, spec: ExperimentSpec, tick: float) -> dict:
-    """One ASHA sweep over ``trials`` (their order shuffled by ``order_seed``): per trial, the validations it ran."""
+def replay(trials: list[dict], metric: str, order_seed: int, concurrent: int, spec: ExperimentSpec,
+           tick: float) -> dict:
+    """One ASHA sweep over ``trials`` on ``metric``'s curves (trial order shuffled by ``order_seed``): per trial,
+    the validations it ran."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    curves = {t["id"]: t["curve"] for t in trials}
+    curves = {t["id"]: t["curves"][metric] for t in trials}
 
     def trainable(config: dict) -> None:
         for i, (step, score) in enumerate(curves[config["trial"]], start=1):
@@ -128,12 +130,12 @@ def asha_outcome(trials: list[dict], ran: dict[str, int], grid: dict) -> dict:
     """Trial-steps paid, the ratio picked from the finished trials, and whether it is within one SEM of the grid's best."""
     steps, finished = 0, []
     for t in trials:
-        k = ran[t["id"]]
-        if k >= len(t["curve"]):
+        k, c = ran[t["id"]], t["curves"]["score"]
+        if k >= len(c):
             steps += t["pretrain_steps"] + t["finetune_steps"]
             finished.append(t)
         else:
-            steps += t["curve"][k - 1][0] if k else 0
+            steps += c[k - 1][0] if k else 0
     by = {r: float(np.mean([t["score"] for t in finished if t["ratio"] == r])) for r in {t["ratio"] for t in finished}}
     picked = max(by, key=by.get) if by else None
     return {"trial_steps": steps, "finished": sorted(t["id"] for t in finished), "picked": picked,
@@ -151,6 +153,8 @@ def main() -> None:
     p.add_argument("--control-ratios", default="0,0.25,0.5,0.75", help="the control grid's EPhys shares")
     p.add_argument("--orders", type=int, default=5, help="shuffled trial orders replayed per corpus")
     p.add_argument("--concurrent", type=int, default=2, help="trials at once (trainer.tune --concurrent)")
+    p.add_argument("--grace", type=int, default=None, help="validations before ASHA may stop a trial (default: "
+                   "trainer.tune's asha_grace)")
     p.add_argument("--tick", type=float, default=0.05, help="seconds between a replayed trial's validations")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "search_cost.json"))
     a = p.parse_args()
@@ -158,29 +162,33 @@ def main() -> None:
 
     work = Path(a.work) / a.config
     seeds = [int(s) for s in a.seeds.split(",") if s]
-    spec = ExperimentSpec()
+    spec = ExperimentSpec() if a.grace is None else ExperimentSpec(asha_grace=a.grace)
     ray.init(address="local", num_cpus=2, object_store_memory=100 * 2**20, log_to_driver=False, logging_level="ERROR",
              include_dashboard=False)
     t0 = time.time()
     result: dict = {"asha": {"grace": spec.asha_grace, "reduction": spec.asha_reduction, "time_attr": "validations",
-                             "metric": "val_score (the pretraining's validation score)"},
+                             "metrics": {"score": "the pretraining's overall validation score (trainer.tune until now)",
+                                         "ophys": "its OPhys validation score (trainer.tune's val_score now)"}},
                     "orders": a.orders, "concurrent": a.concurrent, "seeds": seeds, "corpora": {}}
-    print(f"{'corpus':10} {'grid best':>9} {'within 1 SEM':>14} {'grid trial-steps':>16} {'ASHA trial-steps':>16} "
-          f"{'ASHA / grid':>11} {'found':>7}")
+    lines = [f"{'corpus':10} {'ASHA on':8} {'grid best':>9} {'within 1 SEM':>12} {'grid trial-steps':>16} "
+             f"{'ASHA trial-steps':>16} {'ASHA / grid':>11} {'found':>7}"]
     for corpus, text in (("benchmark", a.ratios), ("control", a.control_ratios)):
         ratios = [float(r) for r in text.split(",") if r]
         trials = grid_trials(work, corpus, ratios, seeds)
         grid = grid_summary(trials)
-        outcomes = [asha_outcome(trials, replay(trials, o, a.concurrent, spec, a.tick), grid) for o in range(a.orders)]
-        steps = [o["trial_steps"] for o in outcomes]
-        found = sum(o["found"] for o in outcomes)
-        result["corpora"][corpus] = {
-            "ratios": ratios, "grid": grid, "orderings": outcomes,
-            "asha_trial_steps_mean": float(np.mean(steps)), "asha_over_grid": float(np.mean(steps)) / grid["trial_steps"],
-            "found_fraction": found / len(outcomes)}
-        print(f"{corpus:10} {grid['best']:9g} {','.join(f'{r:g}' for r in grid['within_one_sem']):>14} "
-              f"{grid['trial_steps']:16,d} {np.mean(steps):16,.0f} {np.mean(steps) / grid['trial_steps']:11.2f} "
-              f"{found:>3}/{len(outcomes)}")
+        result["corpora"][corpus] = {"ratios": ratios, "grid": grid, "asha": {}}
+        for metric in METRICS:
+            outcomes = [asha_outcome(trials, replay(trials, metric, o, a.concurrent, spec, a.tick), grid)
+                        for o in range(a.orders)]
+            steps = float(np.mean([o["trial_steps"] for o in outcomes]))
+            found = sum(o["found"] for o in outcomes)
+            result["corpora"][corpus]["asha"][metric] = {
+                "orderings": outcomes, "trial_steps_mean": steps, "over_grid": steps / grid["trial_steps"],
+                "found_fraction": found / len(outcomes)}
+            lines.append(f"{corpus:10} {metric:8} {grid['best']:9g} {','.join(f'{r:g}' for r in grid['within_one_sem']):>12} "
+                         f"{grid['trial_steps']:16,d} {steps:16,.0f} {steps / grid['trial_steps']:11.2f} "
+                         f"{found:>3}/{len(outcomes)}")
+    print("\n".join(lines))
     result["wall_s"] = round(time.time() - t0, 1)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(a.out, json.dumps(result, indent=1))

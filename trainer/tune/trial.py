@@ -2,7 +2,8 @@
 held-out sessions of each modality, report per-record test accuracy.
 
     stage 1  pretrain   trainer.train.run on the point's mix and sessions (held-out sessions excluded);
-                        each validation's score goes to Tune as ``val_score`` (what ASHA compares)
+                        each validation's score of the modality the trial is scored on (OPhys when it
+                        evaluates OPhys) goes to Tune as ``val_score`` (what ASHA compares)
     stage 2  finetune   per evaluated modality, trainer.finetune's config on that modality's held-out
                         sessions (gradual unfreezing), test split at the end (best weights)
     end                 one row per held-out record x task (``rows``, JSON) and the trial's ``score``:
@@ -41,7 +42,8 @@ from trainer.tune.heldout import heldout_ids, is_area, session_table
 from trainer.tune.points import Point, point_sessions
 from trainer.tune.spec import ExperimentSpec
 
-VALIDATION = re.compile(r"validation after epoch (\d+) \(step (\d+)\): score (\S+)")
+VALIDATION = re.compile(r"validation after epoch (\d+) \(step (\d+)\): score (\S+)([^\n]*)")
+MODALITY = re.compile(r"\b(ephys|ophys): ([^;(]*)")
 KEPT = ("config.yaml", "metrics.json", "model_best.pt", "model_last.pt")  # what a checkpoint keeps of a run
 
 
@@ -104,8 +106,8 @@ def fresh_or_resume(cfg: TrainConfig) -> TrainConfig:
 
 
 def train_reporting(cfg: TrainConfig, on_validation) -> dict:
-    """trainer.train.run in a thread while this one calls ``on_validation(epoch, step, score)`` for each
-    validation the run's train.log gains (Tune's reports come from the trial's own thread)."""
+    """trainer.train.run in a thread while this one calls ``on_validation(epoch, step, score, {modality: score})``
+    for each validation the run's train.log gains (Tune's reports come from the trial's own thread)."""
     log = os.path.join(cfg.out, "train.log")
     seen = len(_validations(log))
     box: dict = {}
@@ -121,8 +123,8 @@ def train_reporting(cfg: TrainConfig, on_validation) -> dict:
     while True:
         alive = thread.is_alive()
         found = _validations(log)
-        for epoch, step, score in found[seen:]:
-            on_validation(epoch, step, score)
+        for epoch, step, score, per in found[seen:]:
+            on_validation(epoch, step, score, per)
         seen = len(found)
         if not alive:
             break
@@ -132,11 +134,42 @@ def train_reporting(cfg: TrainConfig, on_validation) -> dict:
     return box["metrics"]
 
 
-def _validations(log: str) -> list[tuple[int, int, float]]:
+def _validations(log: str) -> list[tuple[int, int, float, dict[str, float]]]:
     if not os.path.exists(log):
         return []
     with open(log) as fh:
-        return [(int(m.group(1)), int(m.group(2)), float(m.group(3))) for m in VALIDATION.finditer(fh.read())]
+        return parse_validations(fh.read())
+
+
+def parse_validations(text: str) -> list[tuple[int, int, float, dict[str, float]]]:
+    """(epoch, step, score, {modality: its score}) of every validation line of a train.log; a modality's score is
+    the mean of its tasks' accuracies on the line (the run's ``metrics.json`` score of that modality)."""
+    out = []
+    for m in VALIDATION.finditer(text):
+        per = {}
+        for mod in MODALITY.finditer(m.group(4)):
+            accs = [float(part.strip().rsplit(" ", 1)[-1]) for part in mod.group(2).split(",") if part.strip()]
+            per[mod.group(1)] = float(sum(accs) / len(accs)) if accs else math.nan
+        out.append((int(m.group(1)), int(m.group(2)), float(m.group(3)), per))
+    return out
+
+
+def judged_modality(spec: ExperimentSpec) -> str:
+    """The modality a trial's ``score`` is computed on (``trial_score``): OPhys when the trial evaluates it."""
+    return "ophys" if "ophys" in spec.evaluate else "ephys"
+
+
+def judged_validation(score: float, per_modality: dict[str, float], modality: str) -> float:
+    """What ASHA compares: the pretraining's validation score of the judged modality, else its overall score.
+
+    Why not the overall score: it averages EPhys and OPhys validation, so a sweep judged on held-out OPhys would
+    rank its trials partly by EPhys accuracy, which favours EPhys-heavy mixtures whatever they do for OPhys.
+    Replayed on bench/gains.py's grids (bench/search_cost.py, 5 trial orders) the two are level: within one SEM
+    of the grid's best in 4/5 (OPhys) and 5/5 (overall) orders on the benchmark corpus and 1/5 each on the
+    control corpus, at 0.25-0.36 of the grid's trial-steps; a pretraining's OPhys validation sits at chance
+    for its first ~8 validations, so early rungs compare noise either way (docs/sweeps.md)."""
+    v = per_modality.get(modality, math.nan)
+    return v if math.isfinite(v) else score
 
 
 def test_rows(metrics: dict) -> list[dict]:
@@ -211,9 +244,10 @@ def trainable(config: dict, context: dict) -> None:
         sessions = point_sessions(point, session_table(context["shards"]), context["heldout"],
                                   spec.heldout_seed)
         cfg = fresh_or_resume(pretrain_config(context, spec, point, pre, sessions))
-        train_reporting(cfg, lambda epoch, step, score: report(val_score=score, validations=state["validations"] + 1,
-                                                               step=step))
-    state["val_score"] = _best_val(pre, state["val_score"])
+        judged = judged_modality(spec)
+        train_reporting(cfg, lambda epoch, step, score, per: report(
+            val_score=judged_validation(score, per, judged), validations=state["validations"] + 1, step=step))
+    state["val_score"] = _best_val(pre, state["val_score"], judged_modality(spec))
     save_stage(tdir, ["pretrain"], "pretrain", {**state, "stage": "pretrained"})
     if point.key in context.get("hooks", {}).get("fail", []):
         marker = os.path.join(tdir, ".failed_once")
@@ -241,11 +275,14 @@ def trainable(config: dict, context: dict) -> None:
     report(score=trial_score(rows), stage="done", rows=json.dumps(rows), n_rows=len(rows))
 
 
-def _best_val(run_dir: str, default: float) -> float:
+def _best_val(run_dir: str, default: float, modality: str) -> float:
+    """The finished pretraining's best validation, as ``judged_validation`` reads it."""
     path = os.path.join(run_dir, "metrics.json")
     if os.path.exists(path):
         with open(path) as fh:
             best = json.load(fh).get("best") or {}
         if isinstance(best.get("score"), (int, float)):
-            return float(best["score"])
+            per = {m: float(e["score"]) for m, e in (best.get("modality") or {}).items()
+                   if isinstance(e.get("score"), (int, float))}
+            return judged_validation(float(best["score"]), per, modality)
     return default
