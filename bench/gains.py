@@ -167,9 +167,8 @@ def parse_ratios(flag: str, text: str) -> list[float]:
 
 
 def main() -> None:
-    from shards import manifest
     from shards.atomic import write_atomic
-    from shards.store import Store
+    from trainer.tune.heldout import regions_of, session_table
 
     p = bench_parser(__doc__, "gains", "bench/science.py's --work (its corpus and mixture runs are reused)")
     p.add_argument("--science", default=str(REPO / "bench" / "results" / "science.json"),
@@ -194,10 +193,10 @@ def main() -> None:
     held_all = [s for mod in ("ephys", "ophys") for s in held[mod]]
     set_jobs(a.jobs)
     regions = tuple(r for r in a.single_regions.split(",") if r)
-    known = set(manifest.load(Store(str(stores["benchmark"]))).sessions.to_pandas().query("modality == 'ophys'").region)
-    if set(regions) - known:
+    known = regions_of(session_table(str(stores["benchmark"])), "ophys")
+    if set(regions) - set(known):
         raise SystemExit(f"error: --single-regions {a.single_regions!r}: {stores['benchmark']} has OPhys in "
-                         f"{', '.join(sorted(known))} only")
+                         f"{', '.join(known)} only")
     per_seed = concurrently({s: partial(run_seed, work, stores, held_all, cfg, s, ratios, regions) for s in seeds})
     arms = list(per_seed[seeds[0]])
     table = {arm: {t: mean_sem([per_seed[s][arm]["test"].get(t, math.nan) for s in seeds]) for t in TASKS}

@@ -49,15 +49,16 @@ from trainer.tune.trial import judged_validation, parse_validations  # noqa: E40
 METRICS = ("score", "ophys")  # val_score as trainer.tune reported it until now, and as it reports it now
 
 
-def curve(run: Path, metric: str) -> list[tuple[int, float]]:
-    """[(step, val_score)] of a pretraining's validations, from its ``train.log`` (a resumed run's repeats: the
-    last); ``metric`` "score": the overall validation score, "ophys": ``trainer.tune.trial.judged_validation``'s."""
-    by_step: dict[int, float] = {}
+def curves(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """{metric: [(step, val_score)]} of a pretraining's validations, from one read of its ``train.log`` (a resumed
+    run's repeats: the last); "score": the overall validation score, "ophys": ``trainer.tune.trial.judged_validation``'s."""
+    by_step: dict[str, dict[int, float]] = {m: {} for m in METRICS}
     for _, step, score, per in parse_validations((run / "train.log").read_text()):
-        by_step[step] = score if metric == "score" else judged_validation(score, per, metric)
-    if not by_step:
+        for m in METRICS:
+            by_step[m][step] = score if m == "score" else judged_validation(score, per, m)
+    if not by_step["score"]:
         raise SystemExit(f"error: {run / 'train.log'}: no validation lines (not a finished trainer.train run)")
-    return sorted(by_step.items())
+    return {m: sorted(v.items()) for m, v in by_step.items()}
 
 
 def finetune_record(run: Path) -> tuple[float, int]:
@@ -80,10 +81,10 @@ def grid_trials(work: Path, corpus: str, ratios: list[float], seeds: list[int]) 
             else:
                 folder = base if corpus == "benchmark" else work / "control" / f"seed{seed}"
                 pre, ft = folder / f"pretrain{suffix(r)}", folder / f"pretrained{suffix(r)}"
-            curves = {m: curve(pre, m) for m in METRICS}
+            c = curves(pre)
             score, ft_steps = finetune_record(ft)
-            out.append({"id": f"{corpus}-r{r:g}-s{seed}", "ratio": r, "seed": seed, "curves": curves,
-                        "pretrain_steps": curves["score"][-1][0], "finetune_steps": ft_steps, "score": score})
+            out.append({"id": f"{corpus}-r{r:g}-s{seed}", "ratio": r, "seed": seed, "curves": c,
+                        "pretrain_steps": c["score"][-1][0], "finetune_steps": ft_steps, "score": score})
     return out
 
 

@@ -240,14 +240,14 @@ def trainable(config: dict, context: dict) -> None:
         ray.tune.report(dict(state))
 
     pre = os.path.join(tdir, "pretrain")
+    judged = judged_modality(spec)
     if not finished(pre):
         sessions = point_sessions(point, session_table(context["shards"]), context["heldout"],
                                   spec.heldout_seed)
         cfg = fresh_or_resume(pretrain_config(context, spec, point, pre, sessions))
-        judged = judged_modality(spec)
         train_reporting(cfg, lambda epoch, step, score, per: report(
             val_score=judged_validation(score, per, judged), validations=state["validations"] + 1, step=step))
-    state["val_score"] = _best_val(pre, state["val_score"], judged_modality(spec))
+    state["val_score"] = _best_val(pre, state["val_score"], judged)
     save_stage(tdir, ["pretrain"], "pretrain", {**state, "stage": "pretrained"})
     if point.key in context.get("hooks", {}).get("fail", []):
         marker = os.path.join(tdir, ".failed_once")
