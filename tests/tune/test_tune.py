@@ -23,7 +23,7 @@ from trainer.tune.cli import main
 from trainer.tune.heldout import choose_heldout, heldout_ids, session_table
 from trainer.tune.points import Point, grid_points, point_sessions
 from trainer.tune.spec import load_spec
-from trainer.tune.sweep import Resources, param_space, prepare, tune_config
+from trainer.tune.sweep import Resources, param_space, prepare, startup_trials, tune_config
 from trainer.tune.trial import point_of, trial_score
 
 REGIONS = ["VISp", "VISp", "VISl", "VISl"]
@@ -253,6 +253,9 @@ def test_asha_compares_validation_scores_and_bayes_searches_per_region_weights(s
     bayes, spec = plan("bayes")
     cfg = tune_config(bayes, Resources())
     assert isinstance(cfg.search_alg, OptunaSearch) and cfg.num_samples == 3
+    # TPE models the trials after its random start (Optuna's default start, 10, would make 3 samples a random search)
+    assert cfg.search_alg._sampler._n_startup_trials == 2
+    assert startup_trials(16, 0) == 4 and startup_trials(16, 5) == 5
     space = param_space(bayes)
     assert sorted(k for k in space if k.startswith("w:")) == ["w:ephys:VISl", "w:ephys:VISp", "w:ophys:VISl",
                                                               "w:ophys:VISp"]

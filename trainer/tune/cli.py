@@ -32,7 +32,8 @@ from trainer.typecheck import ConfigError
 LISTS = {"ratios": float, "seeds": int, "set_sizes": "size", "variants": str, "ophys_regions": str,
          "ephys_regions": str, "evaluate": str}
 SCALARS = {"held_out": int, "heldout_seed": int, "pretrain_steps": int, "finetune_epochs": int,
-           "unfreeze_epoch": int, "preset": str, "search": str, "samples": int, "name": str}
+           "unfreeze_epoch": int, "preset": str, "search": str, "samples": int,
+           "bayes_startup": int, "name": str}
 
 
 def _items(flag: str, text: str, kind) -> list:

@@ -58,6 +58,7 @@ class ExperimentSpec:
     # ---- search ----
     search: str = "grid"  # grid | asha | bayes
     samples: int = 8  # bayes: trials the searcher proposes (per-region mixture weights)
+    bayes_startup: int = 0  # bayes: random trials before TPE models the rest (0: a quarter of samples, at least 2)
     asha_grace: int = 2  # asha: validations every trial gets before it can be stopped
     asha_reduction: int = 2  # asha: keep 1 in this many at each rung
 
@@ -94,6 +95,8 @@ class ExperimentSpec:
         for name in ("pretrain_steps", "finetune_epochs", "samples", "asha_grace", "asha_reduction"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
+        if self.bayes_startup < 0:
+            raise bad("bayes_startup", "must be >= 0 (0: a quarter of samples, at least 2)")
         if not 0 <= self.unfreeze_epoch <= self.finetune_epochs:
             raise bad("unfreeze_epoch", f"within [0, finetune_epochs={self.finetune_epochs}]")
         if self.preset not in ("small", "paper"):

@@ -114,13 +114,27 @@ def param_space(plan: Plan) -> dict:
     return {"point": ray.tune.grid_search([p.to_dict() for p in plan.points])}
 
 
+def startup_trials(samples: int, startup: int = 0) -> int:
+    """Random trials before TPE models the rest: ``startup``, or (0) a quarter of ``samples``, at least 2."""
+    return startup if startup > 0 else max(2, samples // 4)
+
+
+def bayes_searcher(samples: int, startup: int, seed: int, metric: str = "score"):
+    """Optuna's TPE with ``startup_trials`` random trials first. Optuna's own default is 10 random trials, more
+    than ``--samples``' default of 8: the search was a random search until now, and any sweep of up to 10 trials
+    still would be."""
+    import optuna  # optuna is only needed by this search
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(samples, startup))
+    return OptunaSearch(metric=metric, mode="max", sampler=sampler)
+
+
 def tune_config(plan: Plan, res: Resources) -> ray.tune.TuneConfig:
     spec = plan.spec
     kw = {"max_concurrent_trials": res.concurrent or None}
     if spec.search == "bayes":
-        from ray.tune.search.optuna import OptunaSearch  # optuna is only needed by this search
-
-        return ray.tune.TuneConfig(search_alg=OptunaSearch(metric="score", mode="max", seed=spec.heldout_seed),
+        return ray.tune.TuneConfig(search_alg=bayes_searcher(spec.samples, spec.bayes_startup, spec.heldout_seed),
                                    num_samples=spec.samples, **kw)
     if spec.search == "asha":
         scheduler = ASHAScheduler(time_attr="validations", metric="val_score", mode="max", max_t=10**6,
