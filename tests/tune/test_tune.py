@@ -191,6 +191,7 @@ def test_a_trials_score_leaves_out_records_that_name_no_area():
     (["--variants", "main,tiny"], {}, "unknown variant 'tiny'"),
     (["--ophys-regions", "VISx"], {}, "ophys_regions: unknown region 'VISx'"),
     (["--held-out", "3"], {}, "fewer than held_out=3"),
+    (["--search", "bayes", "--bayes-startup", "-1"], {}, "bayes_startup = -1: must be >= 0"),
     ([], {"ratio": [0.5]}, "spec.yaml: unknown key 'ratio' \\(did you mean 'ratios'\\?\\)"),
     ([], {"seeds": "0"}, "spec.yaml: seeds = '0': expected a list of integers"),
     ([], {"variants": ["main", "common_ca"]}, "spec.yaml: variants = .*unknown variant 'common_ca'"),
