@@ -23,7 +23,7 @@ whose ratio 0 is the same OPhys-only runs since both corpora's OPhys are byte fo
   criterion (mean and SEM over the grid's seeds).
 
 The Bayesian search (``--search bayes``, Optuna over per-region weights) proposes mixtures the grid never ran, so
-it cannot be replayed from these runs; it is not measured here. Writes bench/results/search_cost.json.
+it cannot be replayed from these runs: bench/search_bayes.py runs it live. Writes bench/results/search_cost.json.
 """
 
 from __future__ import annotations
