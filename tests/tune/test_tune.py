@@ -265,3 +265,19 @@ def test_asha_compares_validation_scores_and_bayes_searches_per_region_weights(s
     assert point.weights == {"ephys/VISl": 0.25, "ephys/VISp": 0.25, "ophys/VISl": 0.5, "ophys/VISp": 0.0}
     assert point.ratio == 0.5 and point.mix() == "ephys/VISl=0.25,ephys/VISp=0.25,ophys/VISl=0.5"
     assert point.regions("ophys") == ["VISl"] and point.key.startswith("r0.5_s0_")
+
+
+def test_a_sweep_from_before_a_new_spec_field_restores_and_another_spec_is_refused(tmp_path):
+    from shards.store import Store
+    from trainer.tune.spec import ExperimentSpec
+    from trainer.tune.sweep import check_same_sweep
+
+    spec = ExperimentSpec(search="bayes").to_dict()
+    context = {"spec": spec, "shards": "/store", "heldout": {"ophys": {"VISp": ["s1"]}}}
+    sweep = Store(str(tmp_path))
+    older = {k: v for k, v in spec.items() if k != "bayes_startup"}  # written before the field existed
+    sweep.write_bytes("sweep.json", json.dumps({**context, "spec": older, "points": []}).encode())
+    check_same_sweep(sweep, context, [])  # the field's default is what the old sweep ran with
+    sweep.write_bytes("sweep.json", json.dumps({**context, "spec": {**older, "bayes_startup": 5}, "points": []}).encode())
+    with pytest.raises(ValueError, match="holds another sweep \\(its spec differs\\)"):
+        check_same_sweep(sweep, context, [])

@@ -93,6 +93,8 @@ def check_same_sweep(sweep: Store, context: dict, keys: list[str]) -> None:
     if not sweep.exists("sweep.json"):
         return
     old = json.loads(sweep.read_bytes("sweep.json"))
+    if isinstance(old.get("spec"), dict):  # a sweep written before a spec field existed ran at that field's default
+        old["spec"] = {**{k: v for k, v in ExperimentSpec().to_dict().items() if k in context["spec"]}, **old["spec"]}
     new = {"spec": context["spec"], "shards": context["shards"], "heldout": context["heldout"], "points": keys}
     diff = [k for k in new if old.get(k) != new[k]]
     if diff:
@@ -121,8 +123,7 @@ def startup_trials(samples: int, startup: int = 0) -> int:
 
 def bayes_searcher(samples: int, startup: int, seed: int, metric: str = "score"):
     """Optuna's TPE with ``startup_trials`` random trials first. Optuna's own default is 10 random trials, more
-    than ``--samples``' default of 8: the search was a random search until now, and any sweep of up to 10 trials
-    still would be."""
+    than ``--samples``' default of 8: with it, every sweep of up to 10 trials was a random search."""
     import optuna  # optuna is only needed by this search
     from ray.tune.search.optuna import OptunaSearch
 
