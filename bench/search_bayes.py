@@ -31,11 +31,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.gains import SINGLE_REGION_EPOCH, valid_score  # noqa: E402  (the arm's epoch and score)
+from bench.gains import SINGLE_REGION_EPOCH  # noqa: E402  (the arm's epoch)
 from bench.science import CONFIGS, BenchConfig, build_corpus, finetune, held_out_sessions, pretrain  # noqa: E402
 from bench.search_cost import finetune_record  # noqa: E402
 from trainer.tune.spec import ExperimentSpec  # noqa: E402
-from trainer.tune.sweep import bayes_searcher, startup_trials  # noqa: E402  (trainer.tune's searcher)
+from trainer.tune.sweep import bayes_searcher, bayes_selectors, startup_trials, weight_space  # noqa: E402
 from trainer.tune.trial import point_of  # noqa: E402  (weights -> mixture, as a sweep's trial does)
 
 
@@ -44,8 +44,7 @@ def selectors(store: Path, held: list[str]) -> list[str]:
     from trainer.tune.heldout import session_table
 
     t = session_table(str(store))
-    t = t[~t.session_id.isin(held)]
-    return sorted(f"{m}/{r}" for m, r in set(zip(t.modality, t.region)))
+    return bayes_selectors(t[~t.session_id.isin(held)])
 
 
 def run_trial(config: dict, work: Path, store: Path, held: list[str], seed: int, cfg: BenchConfig) -> dict:
@@ -55,9 +54,9 @@ def run_trial(config: dict, work: Path, store: Path, held: list[str], seed: int,
     pre = pretrain(run, "pretrain", store, held, cfg, seed, mix=point.mix(), extra=SINGLE_REGION_EPOCH)
     test = finetune(run, "finetuned", pre, store, held, cfg, seed)
     pre_steps = int(json.loads((pre / "metrics.json").read_text())["total_steps"])
-    _, ft_steps = finetune_record(run / "finetuned")
+    score, ft_steps = finetune_record(run / "finetuned")  # the OPhys valid score the grid picks its best ratio by
     return {"key": point.key, "weights": point.weights, "ratio": point.ratio, "mix": point.mix(),
-            "score": valid_score(run / "finetuned"), "test": test.get("ophys", {}),
+            "score": score, "test": test.get("ophys", {}),
             "trial_steps": pre_steps + ft_steps}
 
 
@@ -71,7 +70,7 @@ def search(work: Path, store: Path, held: list[str], names: list[str], cfg: Benc
         t = run_trial(config, work, store, held, seed, cfg)
         tune.report({"score": t["score"], "trial": json.dumps(t), "finished_at": time.time()})
 
-    space = {f"w:{n.replace('/', ':')}": tune.uniform(0.0, 1.0) for n in names} | {"seed": seed}
+    space = weight_space(names) | {"seed": seed}
     ray.init(address="local", num_cpus=2, object_store_memory=100 * 2**20, log_to_driver=False,
              logging_level="ERROR", include_dashboard=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})

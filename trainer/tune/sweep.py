@@ -79,7 +79,7 @@ def prepare(spec: ExperimentSpec, shards: str, out: str, res: Resources, work: s
     hooks = {"fail": [k for k in os.environ.get("NEUROMIX_TUNE_FAIL", "").split(",") if k]}
     context = {"spec": spec.to_dict(), "shards": shards, "work": work, "heldout": heldout,
                "resources": res.to_context(), "hooks": hooks,
-               "bayes_selectors": [f"{m}/{r}" for m in ("ephys", "ophys") for r in regions_of(table, m)]}
+               "bayes_selectors": bayes_selectors(table)}
     sweep = Store(storage_path)
     check_same_sweep(sweep, context, [p.key for p in points])
     write_heldout(sweep, heldout, spec.heldout_seed, spec.held_out)
@@ -108,11 +108,20 @@ def trial_resources() -> dict:
     return {"CPU": 0.01}
 
 
+def bayes_selectors(table) -> list[str]:
+    """``modality/region`` of every (modality, region) in ``table`` (session_table rows): what a weight can go on."""
+    return [f"{m}/{r}" for m in ("ephys", "ophys") for r in regions_of(table, m)]
+
+
+def weight_space(selectors: list[str]) -> dict:
+    """One weight in [0, 1] per selector, keyed "w:ephys:VISp" (Tune flattens config keys on "/");
+    ``trainer.tune.trial.point_of`` normalises them into the trial's mixture."""
+    return {f"w:{sel.replace('/', ':')}": ray.tune.uniform(0.0, 1.0) for sel in selectors}
+
+
 def param_space(plan: Plan) -> dict:
     if plan.spec.search == "bayes":
-        # "w:ephys:VISp" (Tune flattens config keys on "/"): the trial's per-region weight, normalised there
-        space = {f"w:{sel.replace('/', ':')}": ray.tune.uniform(0.0, 1.0) for sel in plan.context["bayes_selectors"]}
-        return {**space, "seed": plan.spec.seeds[0]}
+        return {**weight_space(plan.context["bayes_selectors"]), "seed": plan.spec.seeds[0]}
     return {"point": ray.tune.grid_search([p.to_dict() for p in plan.points])}
 
 
