@@ -25,7 +25,8 @@ control corpus's best mixture: the papers' Observation 2 predicts mixture_gain >
 ``single_region_gain[G][task]`` is ``mixture@0.5/G`` minus ``ophys_only/G`` (paired by seed): Observation 3 predicts > 0.
 Writes bench/results/gains.json, merges ``mixture_gain``, ``control_gain`` and ``gains`` into
 bench/results/science.json when that file was measured with the same configuration, draws docs/gains.png, and
-prints the table.
+prints the table. Arms the previous bench/results/gains.json of the same configuration recorded are taken from it
+(each seed's arm is deterministic), so a run adds arms without retraining the others; ``--rerun`` trains them all.
 """
 
 from __future__ import annotations
@@ -84,8 +85,10 @@ def valid_score(run: Path) -> float:
 
 
 def run_seed(work: Path, stores: dict[str, Path], held: list[str], cfg: BenchConfig, seed: int,
-             ratios: dict[str, list[float]], regions: tuple[str, ...] = ()) -> dict[str, dict]:
-    """{arm: {"test": {task: OPhys test acc}, "valid": OPhys valid score}} of every arm for one training seed."""
+             ratios: dict[str, list[float]], regions: tuple[str, ...] = (),
+             recorded: dict[str, dict] | None = None) -> dict[str, dict]:
+    """{arm: {"test": {task: OPhys test acc}, "valid": OPhys valid score}} of every arm for one training seed; an arm
+    in ``recorded`` (the previous result of the same configuration, ``recorded_arms``) is taken from it, not rerun."""
     run = work / f"seed{seed}"  # bench/science.py's folder: its pretrain/ and pretrained/ are mixture@0.5
     control = work / "control" / f"seed{seed}"
 
@@ -103,7 +106,24 @@ def run_seed(work: Path, stores: dict[str, Path], held: list[str], cfg: BenchCon
         for name, mix in single_region_mixes(region).items():
             arms[name] = partial(arm, run, stores["benchmark"], mix, f"pretrain_{name.replace('/', '_')}",
                                  f"finetuned_{name.replace('/', '_')}", SINGLE_REGION_EPOCH)
-    return concurrently(arms)  # each arm's runs in order, the arms side by side (--jobs at once)
+    recorded = recorded or {}
+    kept = {name: recorded[name] for name in arms if name in recorded}
+    # each arm's runs in order, the arms side by side (--jobs at once)
+    return {**kept, **concurrently({name: fn for name, fn in arms.items() if name not in kept})}
+
+
+def recorded_arms(path: Path, config: dict) -> dict[int, dict[str, dict]]:
+    """{seed: {arm: result}} of a previous result file measured with the same configuration (else nothing).
+
+    Why: an arm is two training runs (~7 min on 2 cores) whose result is deterministic for its seed, and the arms'
+    run folders live in a --work that does not outlive a machine. Taking the recorded arms lets a later run add
+    arms (another --single-regions, another ratio) without retraining the ones it already has."""
+    if not path.exists():
+        return {}
+    doc = json.loads(path.read_text())
+    if doc.get("config") != config:
+        return {}
+    return {int(seed): arms for seed, arms in doc.get("per_seed", {}).items()}
 
 
 def single_region_mixes(region: str) -> dict[str, str]:
@@ -175,6 +195,8 @@ def main() -> None:
                    help="bench/science.py's result, which gains the keys when its configuration is this one")
     p.add_argument("--ratios", default="0.25,0.5,0.75", help="EPhys shares of the mixture pretraining")
     p.add_argument("--control-ratios", default=None, help="EPhys shares of the control pretraining (default: --ratios)")
+    p.add_argument("--rerun", action="store_true", help="train every arm, also those the previous --out file of "
+                   "this configuration recorded (by default they are taken from it)")
     p.add_argument("--single-regions", default="", help="Observation 3: OPhys regions (comma separated) each pretrained "
                    "alone and with every region's EPhys, e.g. VISp")
     a = p.parse_args()
@@ -197,13 +219,16 @@ def main() -> None:
     if set(regions) - set(known):
         raise SystemExit(f"error: --single-regions {a.single_regions!r}: {stores['benchmark']} has OPhys in "
                          f"{', '.join(known)} only")
-    per_seed = concurrently({s: partial(run_seed, work, stores, held_all, cfg, s, ratios, regions) for s in seeds})
+    config = {"name": a.config, **asdict(cfg)}
+    recorded = {} if a.rerun else recorded_arms(Path(a.out), config)
+    per_seed = concurrently({s: partial(run_seed, work, stores, held_all, cfg, s, ratios, regions, recorded.get(s))
+                             for s in seeds})
     arms = list(per_seed[seeds[0]])
+    taken = {s: sorted(set(per_seed[s]) & set(recorded.get(s, {}))) for s in seeds}
     table = {arm: {t: mean_sem([per_seed[s][arm]["test"].get(t, math.nan) for s in seeds]) for t in TASKS}
              for arm in arms}
     best = {f: best_ratio(per_seed, f, ratios[f], seeds) for f in FAMILIES}
     gains = {f: gain(per_seed, f"{f}@{best[f]:g}", seeds) for f in FAMILIES}
-    config = {"name": a.config, **asdict(cfg)}
     result = {
         "mixture_gain": {t: v[0] for t, v in gains["mixture"].items()},
         "control_gain": {t: v[0] for t, v in gains["control"].items()},
@@ -221,6 +246,7 @@ def main() -> None:
         "chance": CHANCE, "held_out": held, "control_ephys_code_seed": CONTROL_CODE_SEED,
         "mixtures": {"ophys_only": "ophys=1", **{f"{f}@{r:g}": mix_of(r) for f in FAMILIES for r in ratios[f]}},
         "seeds": seeds, "config": config, "per_seed": per_seed, "wall_s": round(time.time() - t0, 1),
+        "recorded_arms": taken,  # taken from the previous file of this configuration: wall_s leaves them out
     }
     if regions:  # Observation 3: each region's OPhys with all-region EPhys minus that OPhys alone, paired by seed
         single = {r: gain(per_seed, f"mixture@0.5/{r}", seeds, f"ophys_only/{r}") for r in regions}
