@@ -231,6 +231,10 @@ class TrainConfig:
             raise self._bad("embed_lr_scale", "must be > 0 (1: the embeddings at the rate of everything else)")
         if self.max_steps is None and self.epochs < 1:
             raise self._bad("epochs", "must be >= 1 (or give --max-steps)")
+        owned = {"window_s": "window_s (the stream's windows and the model's, one value)", "amp": "bf16"}
+        for key in set(self.model_overrides) & set(owned):
+            raise self._bad("model_overrides", f"{key} is set by the run's own field {owned[key]} (a --config YAML "
+                            "field), not by a model override")
         try:
             self.model_config()  # raises on bad overrides
         except (TypeError, ValueError) as exc:

@@ -27,6 +27,7 @@ IN_PROCESS = [  # the same checks through trainer.train.main (the CLI's function
     ("epochs: true\n", ["epochs", "True", "an integer"]),
     ("batch_size: 0\n", ["batch_size", "0", ">= 1"]),
     ("model_overrides: {no_such_field: 1}\n", ["model_overrides", "no_such_field"]),
+    ("model_overrides: {window_s: 2.0}\n", ["model_overrides", "window_s is set by the run's own field"]),
     ("batch_size: [\n", ["not valid YAML", "line"]),
     ("- a\n- b\n", ["expected a mapping"]),
 ]
