@@ -3,6 +3,7 @@ on the synthetic benchmark: live trials, each a pretraining on the per-region we
 benchmark's finetuning, against bench/gains.py's grid (bench/results/search_cost.json).
 
     python bench/search_bayes.py --work W [--samples 4] [--startup 2] [--seed 0] [--jobs 2]
+    python bench/search_bayes.py --work W --samples 4 --train-seeds 0,1 --out bench/results/search_bayes_2seeds.json
 
 Why live, when bench/search_cost.py replays ASHA in seconds: the searcher proposes weights the grid never ran, so
 every trial is a fresh pretraining and finetuning (~17 min alone on 2 cores). The searcher is ``trainer.tune``'s
@@ -10,7 +11,10 @@ own (``trainer.tune.sweep.bayes_searcher``: TPE, ``--startup`` random trials fir
 (modality, region) of the pretraining sessions, normalised into the mixture by ``trainer.tune.trial.point_of``);
 the trial is bench/gains.py's arm (bench/science.py's CPU command lines, ``--mix`` the proposed weights, every
 pretraining's epoch 8,192 windows so it validates as often as the grid's), scored as the grid picks its best ratio:
-the finetuned model's best OPhys *valid* score on the held-out plane. Every trial trains with the same ``--seed``.
+the finetuned model's best OPhys *valid* score on the held-out plane. Every trial trains with the same ``--seed``,
+or with each of ``--train-seeds`` and is scored by their mean: one seed's score spreads by about as much as the
+mixtures differ (bench/results/search_bayes.json: six proposals within 0.03, one mixture's SEM over seeds 0.014),
+so a searcher that models one-seed scores models mostly noise.
 
 - **trial-steps**: each trial's pretraining steps plus its finetuning's, summed in the order trials finished;
 - **found**: the first trial whose score is at least the grid's best mean minus its SEM (the grid's best is a mean
@@ -27,6 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -47,27 +53,32 @@ def selectors(store: Path, held: list[str]) -> list[str]:
     return bayes_selectors(t[~t.session_id.isin(held)])
 
 
-def run_trial(config: dict, work: Path, store: Path, held: list[str], seed: int, cfg: BenchConfig) -> dict:
-    """One proposed mixture: pretrain on it, finetune on the held-out sessions; its score and trial-steps."""
-    point = point_of(config, ExperimentSpec(seeds=[seed]))
-    run = work / "bayes" / point.key
-    pre = pretrain(run, "pretrain", store, held, cfg, seed, mix=point.mix(), extra=SINGLE_REGION_EPOCH)
-    test = finetune(run, "finetuned", pre, store, held, cfg, seed)
-    pre_steps = int(json.loads((pre / "metrics.json").read_text())["total_steps"])
-    score, ft_steps = finetune_record(run / "finetuned")  # the OPhys valid score the grid picks its best ratio by
+def run_trial(config: dict, work: Path, store: Path, held: list[str], seeds: list[int], cfg: BenchConfig) -> dict:
+    """One proposed mixture: pretrain on it, finetune on the held-out sessions, once per training seed; its score
+    (the mean over seeds), test accuracies (the same) and trial-steps (summed over seeds)."""
+    scores, tests, steps = [], [], 0
+    for seed in seeds:
+        point = point_of({**config, "seed": seed}, ExperimentSpec(seeds=[seed]))
+        run = work / "bayes" / point.key
+        pre = pretrain(run, "pretrain", store, held, cfg, seed, mix=point.mix(), extra=SINGLE_REGION_EPOCH)
+        tests.append(finetune(run, "finetuned", pre, store, held, cfg, seed).get("ophys", {}))
+        score, ft_steps = finetune_record(run / "finetuned")  # the OPhys valid score the grid picks its best ratio by
+        scores.append(score)
+        steps += int(json.loads((pre / "metrics.json").read_text())["total_steps"]) + ft_steps
     return {"key": point.key, "weights": point.weights, "ratio": point.ratio, "mix": point.mix(),
-            "score": score, "test": test.get("ophys", {}),
-            "trial_steps": pre_steps + ft_steps}
+            "score": float(np.mean(scores)), "score_per_seed": scores, "seeds": seeds,
+            "test": {t: float(np.mean([x.get(t, np.nan) for x in tests])) for t in tests[0]},
+            "trial_steps": steps}
 
 
 def search(work: Path, store: Path, held: list[str], names: list[str], cfg: BenchConfig, seed: int, samples: int,
-           startup: int, jobs: int) -> list[dict]:
+           startup: int, jobs: int, train_seeds: list[int]) -> list[dict]:
     """The trials in the order they finished."""
     import ray
     from ray import tune
 
     def trainable(config: dict) -> None:
-        t = run_trial(config, work, store, held, seed, cfg)
+        t = run_trial(config, work, store, held, train_seeds, cfg)
         tune.report({"score": t["score"], "trial": json.dumps(t), "finished_at": time.time()})
 
     space = weight_space(names) | {"seed": seed}
@@ -99,6 +110,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=4, help="trials the searcher proposes")
     p.add_argument("--startup", type=int, default=0, help="random trials before TPE (0: trainer.tune's default)")
     p.add_argument("--seed", type=int, default=0, help="the training seed of every trial, and the searcher's")
+    p.add_argument("--train-seeds", default=None, help="training seeds of every trial, comma separated; its score is "
+                   "their mean (default: --seed alone)")
     p.add_argument("--jobs", type=int, default=2, help="trials at once")
     p.add_argument("--grid", default=str(REPO / "bench" / "results" / "search_cost.json"),
                    help="bench/search_cost.py's result: the grid's scores (mean, SEM) per ratio")
@@ -106,14 +119,24 @@ def main() -> None:
                    help="bench/gains.py's result: the grid's trials at --seed")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "search_bayes.json"))
     a = p.parse_args()
+    try:
+        train_seeds = [int(x) for x in (a.train_seeds or str(a.seed)).split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --train-seeds {a.train_seeds!r}: give integers, comma separated") from None
+    if not train_seeds or len(set(train_seeds)) != len(train_seeds):
+        raise SystemExit(f"error: --train-seeds {a.train_seeds!r}: give at least one seed, each once")
     for path in (a.grid, a.gains):
         if not Path(path).is_file():
             raise SystemExit(f"error: {path}: no such file (run bench/search_cost.py and bench/gains.py first)")
     grid = json.loads(Path(a.grid).read_text())["corpora"]["benchmark"]["grid"]
     best_mean, best_sem = grid["score"][f"{grid['best']:g}"]
     floor = best_mean - best_sem
-    seed_grid = {arm: v["valid"] for arm, v in json.loads(Path(a.gains).read_text())["per_seed"][str(a.seed)].items()
-                 if arm in ("ophys_only", "mixture@0.5")}
+    per_seed = json.loads(Path(a.gains).read_text())["per_seed"]
+    missing = [s for s in train_seeds if str(s) not in per_seed]
+    if missing:
+        raise SystemExit(f"error: {a.gains}: no grid trials at seed {missing[0]}")
+    seed_grid = {arm: float(np.mean([per_seed[str(s)][arm]["valid"] for s in train_seeds]))
+                 for arm in ("ophys_only", "mixture@0.5")}
     cfg = CONFIGS[a.config]
     t0 = time.time()
     work = Path(a.work) / a.config
@@ -121,7 +144,7 @@ def main() -> None:
     held_by = held_out_sessions(store, cfg.held_out, cfg.corpus_seed)
     held = [s for mod in ("ephys", "ophys") for s in held_by[mod]]
     names = selectors(store, held)
-    trials = search(work, store, held, names, cfg, a.seed, a.samples, a.startup, a.jobs)
+    trials = search(work, store, held, names, cfg, a.seed, a.samples, a.startup, a.jobs, train_seeds)
     spent, found_at, steps_to_found = 0, None, None
     lines = [f"{'#':>2} {'EPhys share':>11} {'mix':60} {'OPhys valid':>11} {'trial-steps':>11} {'cumulative':>10}"]
     for i, t in enumerate(trials, start=1):
@@ -133,6 +156,7 @@ def main() -> None:
     result = {
         "config": a.config, "searcher": {"kind": "optuna TPE (trainer.tune --search bayes)", "samples": a.samples,
                      "startup": startup_trials(a.samples, a.startup), "seed": a.seed, "concurrent": a.jobs,
+                     "train_seeds": train_seeds,
                      "space": names},
         "grid": {"best_ratio": grid["best"], "best_mean": best_mean, "best_sem": best_sem, "floor": floor,
                  "trial_steps": grid["trial_steps"], "at_seed": seed_grid},
@@ -143,7 +167,7 @@ def main() -> None:
     }
     print("\n".join(lines))
     print(f"grid: best ratio {grid['best']:g} at {best_mean:.3f} +- {best_sem:.3f} (3 seeds; floor {floor:.3f}); "
-          f"at seed {a.seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in seed_grid.items()))
+          f"at seeds {train_seeds}: " + ", ".join(f"{k} {v:.3f}" for k, v in seed_grid.items()))
     print(f"found at trial {found_at} after {steps_to_found or spent:,d} trial-steps "
           f"(grid: {grid['trial_steps']:,d})" if found_at else f"not found in {len(trials)} trials ({spent:,d} trial-steps)")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
