@@ -114,9 +114,9 @@ def test_loss_weights_tasks_by_samples_asking_and_ignores_unlabelled():
     torch.testing.assert_close(out["loss"], expected)
 
 
-@pytest.mark.parametrize("rank", [0, 4])
-def test_param_groups_cover_every_parameter_once(rank):
-    model = model_for(small(unit_rank=rank))
+@pytest.mark.parametrize("changes", [{}, {"unit_rank": 4}, {"count_loss": 1.0}])
+def test_param_groups_cover_every_parameter_once(changes):
+    model = model_for(small(**changes))
     groups = model.param_groups()
     ids = [id(p) for ps in groups.values() for p in ps]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))

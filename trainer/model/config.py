@@ -77,6 +77,11 @@ class ModelConfig:
     calcium_bin: int = 1  # OPhys frames averaged into one token per ROI (shards.stream.tokens)
     encoder_sinks: bool = False  # a learned token at every latent time step of each sample (layers.Encoder)
     unit_rank: int = 0  # > 0: a unit's own row has this many numbers, mapped to dim by one shared linear map
+    count_loss: float = 0.0  # > 0: weight of the units' Poisson count loss around labelled EPhys queries (counts.py)
+    count_rank: int = 16  # the count loss's code width per (task, class)
+    count_norm: bool = False  # the count loss reads the rows' direction only (LayerNorm), not their length
+    count_latency_s: float = 0.05  # the count loss's span starts this long after the query's span starts
+    count_span_s: float = 0.25  # the count loss's span around a query's time
     # architecture variant (trainer.model.variants)
     shared_encoder: bool = False  # True: one cross-attention encoder for both modalities ("common-ca")
     encoder_ca_depth: int = 1  # cross-attention layers per encoder
@@ -95,6 +100,9 @@ class ModelConfig:
             raise ValueError(f"window_s ({self.window_s}) must be a whole number of latent_step ({self.latent_step})")
         if self.unit_rank < 0:
             raise ValueError(f"unit_rank must be >= 0 (0: rows as wide as dim), got {self.unit_rank}")
+        if self.count_loss < 0 or self.count_rank < 1 or not 0 < self.count_span_s <= self.window_s:
+            raise ValueError(f"count_loss must be >= 0, count_rank >= 1 and count_span_s in (0, window_s], got "
+                             f"{self.count_loss}, {self.count_rank}, {self.count_span_s}")
         if self.dim_head % 2:
             raise ValueError("dim_head must be even (rotary pairs)")
         if self.encoder_ca_depth < 1 or self.depth < 0 or self.modality_depth < 0:

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from trainer.model.attention import Rope, RotaryCrossAttention
 from trainer.model.config import ModelConfig
+from trainer.model.counts import CountHead, count_nll
 from trainer.model.embeddings import GrowableEmbedding
 from trainer.model.layers import Encoder, FeedForward, LatentBlock
 from trainer.model.packing import segment_ids
@@ -78,6 +79,10 @@ class MultiModalPOYO(nn.Module):
                                              time_prior=c.time_prior, omega=omega)
         self.dec_ffn = FeedForward(dim=c.dim, mult=c.ffn_mult, dropout=c.ffn_dropout)
         self.heads = nn.ModuleDict({t.name: nn.Linear(c.dim, t.out_dim) for t in c.tasks})
+        self.count_head = (CountHead(dim=c.dim, rank=c.count_rank, n_classes={t.name: t.out_dim for t in c.tasks
+                                                                              if t.kind == "classification"},
+                                     norm=c.count_norm)
+                           if c.count_loss > 0 else None)
         if c.zero_init_residual:
             self._zero_residual_outputs()
         if c.compile:  # dense, fixed-shape parts; in place, so state_dict keys do not change
@@ -222,7 +227,14 @@ class MultiModalPOYO(nn.Module):
             asking = torch.zeros(n_samples, device=logits.device).index_fill_(0, sample_of_query[rows][w > 0], 1.0)
             total = total + task.weight * mean * asking.sum() / n_samples
             task_loss[task.name] = mean.detach()
-        return {"loss": total, "task_loss": task_loss}
+        result = {"loss": total, "task_loss": task_loss}
+        if self.count_head is not None and "output_labels" in batch:
+            names = [t.name if t.kind == "classification" else None for t in self.config.tasks]
+            nll = count_nll(self.count_head, self.unit_rows, batch, names, latency=self.config.count_latency_s,
+                            span=self.config.count_span_s, window_s=self.config.window_s)
+            result["loss"] = total + self.config.count_loss * nll
+            result["count_nll"] = nll.detach()
+        return result
 
     # -- finetuning ----------------------------------------------------------------------------
 
@@ -231,7 +243,7 @@ class MultiModalPOYO(nn.Module):
         session embeddings, then the decoder (task embedding, cross-attention, heads), then the
         encoders and the trunk."""
         decoder = [self.task_emb.weight, *self.dec_attn.parameters(), *self.dec_ffn.parameters(),
-                   *self.heads.parameters()]
+                   *self.heads.parameters(), *(self.count_head.parameters() if self.count_head is not None else ())]
         return {"embeddings": [self.unit_emb.weight, self.session_emb.weight], "decoder": decoder,
                 "encoder": [*(self.unit_up.parameters() if self.unit_up is not None else ()),
                             *self.encoders.parameters(), *self.trunk.parameters()]}
