@@ -155,6 +155,7 @@ def plot(path: Path, table: dict[str, dict[str, tuple[float, float]]], best: dic
     width = 0.84 / len(arms)
     oranges, greens = plt.cm.Oranges, plt.cm.Greens
     n = {f: sum(a.startswith(f) and "/" not in a for a in arms) for f in FAMILIES}
+    regions = list(dict.fromkeys(a.split("/", 1)[1] for a in arms if "/" in a))  # one hatch per region
     for i, arm in enumerate(arms):
         fam, _, r = arm.partition("@")
         k = sum(a.startswith(fam) for a in arms[:i])
@@ -163,9 +164,10 @@ def plot(path: Path, table: dict[str, dict[str, tuple[float, float]]], best: dic
         else:
             color = "tab:blue" if fam == "ophys_only" else (oranges if fam == "mixture" else greens)(0.4 + 0.5 * k / max(n[fam], 1))
         label = arm.replace("_", "-") + (" (best)" if r and "/" not in r and float(r) == best.get(fam) else "")
+        hatch = ("//" if label.endswith("(best)") else
+                 ("..", "xx", "\\\\", "++", "oo")[regions.index(arm.split("/", 1)[1]) % 5] if "/" in arm else None)
         ax.bar(x + (i - (len(arms) - 1) / 2) * width, [table[arm][t][0] for t in TASKS], width,
-               yerr=[table[arm][t][1] for t in TASKS], capsize=2, label=label, color=color,
-               hatch="//" if label.endswith("(best)") else None)
+               yerr=[table[arm][t][1] for t in TASKS], capsize=2, label=label, color=color, hatch=hatch)
     ax.scatter(x, [CHANCE[t] for t in TASKS], marker="_", s=500, color="k", label="chance", zorder=3)
     ax.set_xticks(x, [t.replace("_", " ") for t in TASKS])
     ax.set_ylabel("OPhys test accuracy (held-out)")
