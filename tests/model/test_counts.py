@@ -7,6 +7,7 @@ import torch
 
 from tests.model.support import N_SESSIONS, N_UNITS, model_for, small
 from trainer.model.counts import count_nll, query_unit_counts
+from trainer.model.packing import segment_ids
 from trainer.model.synthetic import synthetic_batch
 
 
@@ -58,8 +59,8 @@ def test_the_count_loss_trains_the_rows_of_ephys_units_only():
     batch["output_timestamps"] = torch.full_like(batch["output_timestamps"], 0.5)  # every span inside the window
     out = model(batch)
     assert out["count_nll"] > 0
-    names = [t.name for t in model.config.tasks]
-    nll = count_nll(model.count_head, model.unit_rows, batch, names, latency=0.05, span=0.25, window_s=1.0)
+    q_sample = segment_ids(batch["output_cu_seqlens"].long())
+    nll = count_nll(model.count_head, model.unit_rows, batch, q_sample, latency=0.05, span=0.25, window_s=1.0)
     assert torch.isclose(nll.detach(), out["count_nll"])
     model.zero_grad()
     nll.backward()

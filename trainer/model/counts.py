@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shards.schema import MODALITY_INDEX
 from trainer.model.packing import segment_ids
-
-EPHYS = 0  # modality code of EPhys samples (docs/batch.md)
 
 
 def query_unit_counts(unit: Tensor, time: Tensor, cu_in: Tensor, q_sample: Tensor, lo: Tensor,
@@ -41,13 +40,13 @@ def query_unit_counts(unit: Tensor, time: Tensor, cu_in: Tensor, q_sample: Tenso
     pairs, pair_of_token = torch.unique(sample_of_token * n_u + unit, return_inverse=True)  # sorted: by sample
     pair_sample = pairs // n_u
     per_sample = torch.bincount(pair_sample, minlength=n_samples)
-    first_pair = F.pad(per_sample.cumsum(0), (1, 0))
+    first_pair = F.pad(per_sample.cumsum(0), (1, 0))[q_sample]  # each query's first row of its sample's pairs
     # rows: every (query, pair of its sample)
     reps = per_sample[q_sample]
     row_start = F.pad(reps.cumsum(0), (1, 0))
     n_rows = int(row_start[-1])
     row_q = torch.repeat_interleave(torch.arange(len(q_sample), device=device), reps, output_size=n_rows)
-    row_pair = first_pair[q_sample][row_q] + torch.arange(n_rows, device=device) - row_start[row_q]
+    row_pair = first_pair[row_q] + torch.arange(n_rows, device=device) - row_start[row_q]
     # (query, token of its sample): count the tokens in the query's span into their pair's row
     tokens = torch.diff(cu_in)[q_sample]
     tok_start = F.pad(tokens.cumsum(0), (1, 0))
@@ -56,29 +55,31 @@ def query_unit_counts(unit: Tensor, time: Tensor, cu_in: Tensor, q_sample: Tenso
     tt = cu_in[q_sample][tq] + torch.arange(n_pairs, device=device) - tok_start[tq]
     t = time[tt]
     inside = (t >= lo[tq]) & (t < hi[tq])
-    rows = row_start[tq] + pair_of_token[tt] - first_pair[q_sample][tq]
+    rows = row_start[tq] + pair_of_token[tt] - first_pair[tq]
     counts = torch.zeros(n_rows, device=device).index_add_(0, rows[inside], torch.ones_like(t[inside]))
     return row_q, pairs[row_pair] % n_u, counts
 
 
 class CountHead(nn.Module):
-    """Rates of (unit row, task, class) pairs: ``softplus(a_u + v_u . code[task][class])`` in Hz."""
+    """Rates of (unit row, task, class) pairs: ``softplus(a_u + v_u . code[task][class])`` in Hz. ``tasks``: the
+    model's tasks in order, each (name, classes), classes None where it is not a classification (no class to code)."""
 
-    def __init__(self, *, dim: int, rank: int, n_classes: dict[str, int], norm: bool = False) -> None:
+    def __init__(self, *, dim: int, rank: int, tasks: list[tuple[str, int | None]], norm: bool = False) -> None:
         super().__init__()
         self.rank = rank
+        self.tasks = [name if n is not None else None for name, n in tasks]  # by the model's task index
         # norm: the head reads each row's direction (LayerNorm, no weights), so fitting rates does not have to grow
         # the rows the encoder reads (rows start at 0.02 scale; rates need a_u of several units)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False) if norm else nn.Identity()
         self.unit_map = nn.Linear(dim, rank + 1)
         self.codes = nn.ParameterDict({name: nn.Parameter(torch.randn(n, rank) * rank ** -0.5)
-                                       for name, n in n_classes.items()})
+                                       for name, n in tasks if n is not None})
 
-    def rate(self, rows: Tensor, task: list[str | None], task_of_row: Tensor, label: Tensor) -> Tensor:
-        """rows (R, D), each row's task (an index into ``task``) and class -> rates (R,)."""
+    def rate(self, rows: Tensor, task_of_row: Tensor, label: Tensor) -> Tensor:
+        """rows (R, D), each row's task (the model's task index) and class -> rates (R,)."""
         h = self.unit_map(self.norm(rows))
         code = torch.zeros(len(rows), self.rank, device=rows.device, dtype=h.dtype)
-        for k, name in enumerate(task):
+        for k, name in enumerate(self.tasks):
             if name is None:
                 continue
             m = task_of_row == k
@@ -87,19 +88,17 @@ class CountHead(nn.Module):
         return F.softplus(h[:, 0] + (h[:, 1:] * code).sum(-1))
 
 
-def count_nll(head: CountHead, unit_rows, batch: dict[str, Tensor], tasks: list[str | None], *, latency: float,
+def count_nll(head: CountHead, unit_rows, batch: dict[str, Tensor], q_sample: Tensor, *, latency: float,
               span: float, window_s: float) -> Tensor:
     """Mean Poisson negative log-likelihood (up to a constant) of the units' counts around the labelled queries of
     the batch's EPhys samples; a span that leaves the window is not scored (its spikes are not in the batch).
-    ``unit_rows(index)`` gives the D-wide rows of global unit indices; ``tasks[k]`` names the model's task k, None
-    where it is not a classification (no class to code)."""
-    cu_q = batch["output_cu_seqlens"].long()
-    q_sample = segment_ids(cu_q, batch["output_timestamps"].numel())
+    ``unit_rows(index)`` gives the D-wide rows of global unit indices; ``q_sample`` is each query's sample (the
+    model's loss has it already)."""
     label = batch["output_labels"]
     lo = batch["output_timestamps"].float() - span / 2 + latency
     hi = lo + span
-    scored = torch.tensor([name is not None for name in tasks], device=label.device)
-    keep = (batch["modality"][q_sample] == EPHYS) & (label >= 0) & (lo >= 0) & (hi <= window_s)
+    scored = torch.tensor([name is not None for name in head.tasks], device=label.device)
+    keep = (batch["modality"][q_sample] == MODALITY_INDEX["ephys"]) & (label >= 0) & (lo >= 0) & (hi <= window_s)
     keep &= scored[batch["output_task_index"]]
     if not bool(keep.any()):
         return batch["output_timestamps"].float().sum() * 0.0
@@ -110,5 +109,5 @@ def count_nll(head: CountHead, unit_rows, batch: dict[str, Tensor], tasks: list[
         return batch["output_timestamps"].float().sum() * 0.0
     present, unit_index = torch.unique(row_unit, return_inverse=True)
     rows = unit_rows(present)[unit_index]
-    mu = head.rate(rows, tasks, batch["output_task_index"][q][row_q], label[q][row_q]) * span
+    mu = head.rate(rows, batch["output_task_index"][q][row_q], label[q][row_q]) * span
     return (mu - counts * torch.log(mu + 1e-6)).mean()

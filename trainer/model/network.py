@@ -79,9 +79,9 @@ class MultiModalPOYO(nn.Module):
                                              time_prior=c.time_prior, omega=omega)
         self.dec_ffn = FeedForward(dim=c.dim, mult=c.ffn_mult, dropout=c.ffn_dropout)
         self.heads = nn.ModuleDict({t.name: nn.Linear(c.dim, t.out_dim) for t in c.tasks})
-        self.count_head = (CountHead(dim=c.dim, rank=c.count_rank, n_classes={t.name: t.out_dim for t in c.tasks
-                                                                              if t.kind == "classification"},
-                                     norm=c.count_norm)
+        self.count_head = (CountHead(dim=c.dim, rank=c.count_rank, norm=c.count_norm,
+                                     tasks=[(t.name, t.out_dim if t.kind == "classification" else None)
+                                            for t in c.tasks])
                            if c.count_loss > 0 else None)
         if c.zero_init_residual:
             self._zero_residual_outputs()
@@ -229,8 +229,7 @@ class MultiModalPOYO(nn.Module):
             task_loss[task.name] = mean.detach()
         result = {"loss": total, "task_loss": task_loss}
         if self.count_head is not None and "output_labels" in batch:
-            names = [t.name if t.kind == "classification" else None for t in self.config.tasks]
-            nll = count_nll(self.count_head, self.unit_rows, batch, names, latency=self.config.count_latency_s,
+            nll = count_nll(self.count_head, self.unit_rows, batch, sample_of_query, latency=self.config.count_latency_s,
                             span=self.config.count_span_s, window_s=self.config.window_s)
             result["loss"] = total + self.config.count_loss * nll
             result["count_nll"] = nll.detach()
