@@ -117,8 +117,9 @@ class TokenConfig:
 
 
 def window_tokens(c: DecodedChunk, t0: float, config: TokenConfig, rng: np.random.Generator | None):
-    """(unit_index, times, values, q_times, q_task, q_label, q_presentation) of one window
-    [t0, t0 + window_s).
+    """(unit_index, times, values, q_times, q_task, q_label, q_presentation, q_span) of one window
+    [t0, t0 + window_s); a query's span is how long its presentation overlaps the window (the query time is the
+    overlap's midpoint).
 
     OPhys with ``calcium_lag_s`` = L: the frames of [t0 + L, t0 + window_s + L), stamped L earlier, so a
     presentation's calcium response (GCaMP peaks a few hundred ms after the stimulus) lands at the
@@ -176,7 +177,7 @@ def window_tokens(c: DecodedChunk, t0: float, config: TokenConfig, rng: np.rando
     q = overlap >= need - 1e-9
     q_times = ((lo[q] + hi[q]) / 2 - t0).astype(np.float32)
     ids = c.q_id if c.q_id is not None else presentation_id(c.q_start)
-    return units, rel, values, q_times, c.q_task[q], c.q_label[q], ids[q]
+    return units, rel, values, q_times, c.q_task[q], c.q_label[q], ids[q], overlap[q].astype(np.float32)
 
 
 def pack(windows: list[tuple], modality: list[int], session: list[int], window_s: float,
@@ -207,6 +208,7 @@ def pack(windows: list[tuple], modality: list[int], session: list[int], window_s
         "output_labels": cat([w[5] for w in windows]).astype(np.int64, copy=False),
         "output_weights": weights,
         "output_presentation": cat([w[6] for w in windows]).astype(np.int64, copy=False),
+        "output_span": cat([w[7] for w in windows]).astype(np.float32, copy=False),
         "output_cu_seqlens": cu_out,
         "window_s": np.float32(window_s),
     }

@@ -21,7 +21,7 @@ def brute_force(unit, time, cu, q_sample, lo, hi):
     return out
 
 
-def as_dict(row_q, row_unit, counts):
+def as_dict(row_q, row_unit, counts, _sums=None):
     return {(int(q), int(u)): int(c) for q, u, c in zip(row_q, row_unit, counts)}
 
 

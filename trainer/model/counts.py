@@ -27,9 +27,10 @@ from trainer.model.packing import segment_ids
 
 
 def query_unit_counts(unit: Tensor, time: Tensor, cu_in: Tensor, q_sample: Tensor, lo: Tensor,
-                      hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                      hi: Tensor, values: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """For every query q (its sample ``q_sample``, its span [lo, hi) in window time) and every unit that has a
-    token in q's sample: (query of the row, unit of the row, tokens of that unit in the span).
+    token in q's sample: (query of the row, unit of the row, tokens of that unit in the span, the sum of those
+    tokens' ``values`` ((N,) or (N, k), summed per column) or None when no values are given).
 
     Vectorised over the packed batch (no Python loop over samples): a query's rows are its sample's (sample,
     unit) pairs, and a token counts towards the row of its own pair when its time is in the query's span."""
@@ -57,7 +58,9 @@ def query_unit_counts(unit: Tensor, time: Tensor, cu_in: Tensor, q_sample: Tenso
     inside = (t >= lo[tq]) & (t < hi[tq])
     rows = row_start[tq] + pair_of_token[tt] - first_pair[tq]
     counts = torch.zeros(n_rows, device=device).index_add_(0, rows[inside], torch.ones_like(t[inside]))
-    return row_q, pairs[row_pair] % n_u, counts
+    sums = None if values is None else \
+        values.new_zeros((n_rows, *values.shape[1:])).index_add_(0, rows[inside], values[tt][inside])
+    return row_q, pairs[row_pair] % n_u, counts, sums
 
 
 class CountHead(nn.Module):
@@ -103,7 +106,7 @@ def count_nll(head: CountHead, unit_rows, batch: dict[str, Tensor], q_sample: Te
     if not bool(keep.any()):
         return batch["output_timestamps"].float().sum() * 0.0
     q = keep.nonzero().squeeze(1)
-    row_q, row_unit, counts = query_unit_counts(batch["input_unit_index"], batch["input_timestamps"].float(),
+    row_q, row_unit, counts, _ = query_unit_counts(batch["input_unit_index"], batch["input_timestamps"].float(),
                                                 batch["input_cu_seqlens"].long(), q_sample[q], lo[q], hi[q])
     if counts.numel() == 0:
         return batch["output_timestamps"].float().sum() * 0.0

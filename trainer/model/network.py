@@ -38,6 +38,7 @@ from trainer.model.config import ModelConfig
 from trainer.model.counts import CountHead, count_nll
 from trainer.model.embeddings import GrowableEmbedding
 from trainer.model.layers import Encoder, FeedForward, LatentBlock
+from trainer.model.likelihood import LikelihoodHead, likelihood_logits
 from trainer.model.packing import segment_ids
 from trainer.model.rotary import RotaryTimeEmbedding
 
@@ -83,6 +84,10 @@ class MultiModalPOYO(nn.Module):
                                      tasks=[(t.name, t.out_dim if t.kind == "classification" else None)
                                             for t in c.tasks])
                            if c.count_loss > 0 else None)
+        self.likelihood_head = (LikelihoodHead(dim=c.dim, rank=c.likelihood_rank,
+                                               tasks=[(t.name, t.out_dim if t.kind == "classification" else None)
+                                                      for t in c.tasks])
+                                if c.likelihood_readout else None)
         if c.zero_init_residual:
             self._zero_residual_outputs()
         if c.compile:  # dense, fixed-shape parts; in place, so state_dict keys do not change
@@ -114,6 +119,10 @@ class MultiModalPOYO(nn.Module):
                 latents = block(latents, latent_rope)
             outputs = self.decode(latents, batch, latent_rope)  # (Q, D)
             out = self.readout(outputs, batch["output_task_index"])
+        if self.likelihood_head is not None:
+            fit = self._add_likelihood(out, batch)
+            if fit is not None:
+                out["likelihood_nll"] = fit
         if "output_labels" in batch or "output_values" in batch:
             out.update(self.loss(out, batch))
         return out
@@ -199,6 +208,22 @@ class MultiModalPOYO(nn.Module):
             index[task.name] = rows
         return {"logits": logits, "query_index": index}
 
+    def _add_likelihood(self, out: dict[str, Any], batch: dict[str, Tensor]) -> Tensor | None:
+        """Add the likelihood readout's per-class log-likelihoods to the logits of the queries it scores; return
+        its encoding model's fit term (None when the batch has no labelled query it scores)."""
+        q_sample = segment_ids(batch["output_cu_seqlens"].long(), total=int(batch["output_task_index"].numel()))
+        terms, fit = likelihood_logits(self.likelihood_head, self.unit_rows, batch, q_sample,
+                                  latency=(self.config.likelihood_latency_ephys_s, self.config.likelihood_latency_ophys_s),
+                                   window_s=self.config.window_s)
+        for k, (rows, ll) in terms.items():
+            name = self.config.tasks[k].name
+            index, logits = out["query_index"][name], out["logits"][name]
+            position = torch.full((int(batch["output_task_index"].numel()),), -1, dtype=torch.long,
+                                  device=logits.device)
+            position[index] = torch.arange(len(index), device=logits.device)
+            out["logits"][name] = logits.index_add(0, position[rows], ll.to(logits.dtype))
+        return fit
+
     def loss(self, out: dict[str, Any], batch: dict[str, Tensor]) -> dict[str, Any]:
         """POYO+ weighting: each task's loss is its weighted mean over its queries, multiplied by the
         number of samples that ask for the task, summed, divided by the batch size (so a query's weight
@@ -228,6 +253,9 @@ class MultiModalPOYO(nn.Module):
             total = total + task.weight * mean * asking.sum() / n_samples
             task_loss[task.name] = mean.detach()
         result = {"loss": total, "task_loss": task_loss}
+        if "likelihood_nll" in out and self.config.likelihood_fit > 0:
+            result["loss"] = total = total + self.config.likelihood_fit * out["likelihood_nll"]
+            result["likelihood_nll"] = out["likelihood_nll"].detach()
         if self.count_head is not None and "output_labels" in batch:
             nll = count_nll(self.count_head, self.unit_rows, batch, sample_of_query, latency=self.config.count_latency_s,
                             span=self.config.count_span_s, window_s=self.config.window_s)
@@ -242,7 +270,8 @@ class MultiModalPOYO(nn.Module):
         session embeddings, then the decoder (task embedding, cross-attention, heads), then the
         encoders and the trunk."""
         decoder = [self.task_emb.weight, *self.dec_attn.parameters(), *self.dec_ffn.parameters(),
-                   *self.heads.parameters(), *(self.count_head.parameters() if self.count_head is not None else ())]
+                   *self.heads.parameters(), *(self.count_head.parameters() if self.count_head is not None else ()),
+                   *(self.likelihood_head.parameters() if self.likelihood_head is not None else ())]
         return {"embeddings": [self.unit_emb.weight, self.session_emb.weight], "decoder": decoder,
                 "encoder": [*(self.unit_up.parameters() if self.unit_up is not None else ()),
                             *self.encoders.parameters(), *self.trunk.parameters()]}

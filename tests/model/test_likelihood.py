@@ -1,0 +1,116 @@
+"""The likelihood readout (trainer.model.likelihood): per-class log-likelihoods of a query's units, checked against
+a per-unit loop, and what it adds to the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.model.support import N_SESSIONS, N_UNITS, batch_for, model_for, small
+from trainer.model.likelihood import LikelihoodHead, likelihood_logits
+from trainer.model.packing import segment_ids
+
+LATENCY = (0.05, 0.1)
+
+
+def brute_force(head: LikelihoodHead, rows: torch.Tensor, batch: dict) -> dict[int, dict[int, torch.Tensor]]:
+    """{task: {query: (classes,) log-likelihood}} by a loop over queries and units: the formula of the module's
+    docstring, written out once per (query, unit)."""
+    cu, cu_q = batch["input_cu_seqlens"].tolist(), batch["output_cu_seqlens"].tolist()
+    out: dict[int, dict[int, torch.Tensor]] = {}
+    for s in range(len(cu) - 1):
+        m = int(batch["modality"][s])
+        units = batch["input_unit_index"][cu[s]:cu[s + 1]]
+        times = batch["input_timestamps"][cu[s]:cu[s + 1]]
+        values = batch["input_values"][cu[s]:cu[s + 1]]
+        for q in range(cu_q[s], cu_q[s + 1]):
+            t, span = float(batch["output_timestamps"][q]), float(batch["output_span"][q])
+            lo = min(max(t - span / 2 + LATENCY[m], 0.0), 1.0)
+            hi = min(max(t + span / 2 + LATENCY[m], 0.0), 1.0)
+            if hi - lo < 0.05:
+                continue
+            k = int(batch["output_task_index"][q])
+            total = 0.0
+            for u in sorted(set(units.tolist())):
+                inside = (units == u) & (times >= lo) & (times < hi)
+                n = int(inside.sum())
+                b, sd, g, v = head.params(rows[u][None], m)
+                code = head.codes[head.tasks[k]]
+                drive = F.softplus(code @ v[0])
+                if m == 0:
+                    rate = F.softplus(b[0]) + g[0, k] * drive
+                    total = total + n * torch.log(rate + 1e-6) - (hi - lo) * rate
+                elif n:
+                    x = values[inside].mean()
+                    rate = b[0] + g[0, k] * drive
+                    total = total - n * (x - rate) ** 2 / (2 * sd[0] ** 2)
+            out.setdefault(k, {})[q] = total * head.log_scale[m, k].exp()
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_log_likelihoods_equal_a_loop_over_queries_and_units(seed):
+    torch.manual_seed(seed)
+    tasks = [("static_gratings", 6), ("drifting_gratings", 8), ("natural_scenes", 119)]
+    head = LikelihoodHead(dim=16, rank=4, tasks=tasks)
+    with torch.no_grad():  # gains well away from their near-zero start, so every class differs
+        for lin in head.unit_map:
+            lin.bias[2:5] = 1.0
+        head.log_scale.uniform_(-1, 1)
+    rows = torch.randn(N_UNITS, 16)
+    batch = batch_for(seed=seed)
+    batch["output_span"] = torch.rand(len(batch["output_span"]), generator=torch.Generator().manual_seed(seed)) + 0.1
+    q_sample = segment_ids(batch["output_cu_seqlens"].long())
+    got, _ = likelihood_logits(head, lambda i: rows[i], batch, q_sample, latency=LATENCY, window_s=1.0)
+    want = brute_force(head, rows, batch)
+    assert sorted(got) == sorted(want)
+    for k, (queries, ll) in got.items():
+        assert sorted(queries.tolist()) == sorted(want[k])
+        for q, row in zip(queries.tolist(), ll):
+            assert torch.allclose(row, want[k][q], rtol=1e-4, atol=1e-3), (k, q)
+            assert float((row.max() - row.min()).detach()) > 1e-3  # the classes differ
+
+
+def test_the_readout_adds_to_the_decoders_logits_and_trains_rows_and_codes():
+    """On: each scored query's logits are the decoder's plus its log-likelihoods, and the loss reaches the codes
+    and the rows of the batch's units; off, the model has no such head."""
+    assert model_for(small()).likelihood_head is None
+    model = model_for(small(likelihood_readout=True))
+    batch = batch_for()
+    out = model(batch)
+    q_sample = segment_ids(batch["output_cu_seqlens"].long())
+    terms, _ = likelihood_logits(model.likelihood_head, model.unit_rows, batch, q_sample, latency=LATENCY, window_s=1.0)
+    model.likelihood_head = None
+    plain = model(batch)
+    for k, (queries, ll) in terms.items():
+        name = model.config.tasks[k].name
+        position = {int(q): i for i, q in enumerate(out["query_index"][name])}
+        for q, row in zip(queries.tolist(), ll):
+            assert torch.allclose(out["logits"][name][position[q]], plain["logits"][name][position[q]] + row,
+                                  atol=1e-4)
+    model = model_for(small(likelihood_readout=True))
+    model(batch)["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.likelihood_head.codes.values())
+    touched = set(model.unit_emb.weight.grad.abs().sum(1).nonzero().squeeze(1).tolist())
+    assert touched == set(batch["input_unit_index"].tolist())
+
+
+def test_a_batch_without_spans_is_refused_in_one_line():
+    model = model_for(small(likelihood_readout=True))
+    batch = batch_for()
+    del batch["output_span"]
+    with pytest.raises(ValueError, match="output_span") as e:
+        model(batch)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_readout_settings_are_refused():
+    with pytest.raises(ValueError, match="likelihood_rank"):
+        small(likelihood_readout=True, likelihood_rank=0)
+
+
+def test_checkpointed_config_round_trips():
+    c = small(likelihood_readout=True, likelihood_latency_ephys_s=0.04, likelihood_latency_ophys_s=0.2)
+    assert type(c).from_dict(c.to_dict()) == c
+    assert N_SESSIONS > 0
