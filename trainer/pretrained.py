@@ -85,10 +85,11 @@ def session_of(unit_id: str, sessions: set[str]) -> str | None:
 
 
 class StoreToModel:
-    """A batch's store indices (``input_unit_index``, ``session_index``) -> the grown model's rows."""
+    """A batch's store indices (``input_unit_index``, ``sample_unit_index``, ``session_index``) -> the grown
+    model's rows."""
 
     def __init__(self, unit_map: torch.Tensor, session_map: torch.Tensor):
-        self.maps = {"input_unit_index": unit_map, "session_index": session_map}
+        self.maps = {"input_unit_index": unit_map, "sample_unit_index": unit_map, "session_index": session_map}
 
     @classmethod
     def from_rows(cls, vocab, unit_row: dict[str, int], session_row: dict[str, int]) -> StoreToModel:
@@ -102,4 +103,4 @@ class StoreToModel:
         return cls(units, sessions)
 
     def __call__(self, batch: dict) -> dict:
-        return {**batch, **{k: m.to(batch[k].device)[batch[k]] for k, m in self.maps.items()}}
+        return {**batch, **{k: m.to(batch[k].device)[batch[k]] for k, m in self.maps.items() if k in batch}}

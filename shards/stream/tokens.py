@@ -117,9 +117,10 @@ class TokenConfig:
 
 
 def window_tokens(c: DecodedChunk, t0: float, config: TokenConfig, rng: np.random.Generator | None):
-    """(unit_index, times, values, q_times, q_task, q_label, q_presentation, q_span) of one window
+    """(unit_index, times, values, q_times, q_task, q_label, q_presentation, q_span, units) of one window
     [t0, t0 + window_s); a query's span is how long its presentation overlaps the window (the query time is the
-    overlap's midpoint).
+    overlap's midpoint); ``units`` are the window's units, those unit dropout kept, whether they have a token in
+    the window or not (a silent unit is evidence too).
 
     OPhys with ``calcium_lag_s`` = L: the frames of [t0 + L, t0 + window_s + L), stamped L earlier, so a
     presentation's calcium response (GCaMP peaks a few hundred ms after the stimulus) lands at the
@@ -177,7 +178,8 @@ def window_tokens(c: DecodedChunk, t0: float, config: TokenConfig, rng: np.rando
     q = overlap >= need - 1e-9
     q_times = ((lo[q] + hi[q]) / 2 - t0).astype(np.float32)
     ids = c.q_id if c.q_id is not None else presentation_id(c.q_start)
-    return units, rel, values, q_times, c.q_task[q], c.q_label[q], ids[q], overlap[q].astype(np.float32)
+    members = c.unit_index if keep is None else c.unit_index[keep]
+    return units, rel, values, q_times, c.q_task[q], c.q_label[q], ids[q], overlap[q].astype(np.float32), members
 
 
 def pack(windows: list[tuple], modality: list[int], session: list[int], window_s: float,
@@ -188,6 +190,8 @@ def pack(windows: list[tuple], modality: list[int], session: list[int], window_s
     when None)."""
     n_in = np.array([len(w[0]) for w in windows], dtype=np.int64)
     n_out = np.array([len(w[3]) for w in windows], dtype=np.int64)
+    cu_units = np.zeros(len(windows) + 1, dtype=np.int32)
+    np.cumsum([len(w[8]) for w in windows], out=cu_units[1:])
     cu_in = np.zeros(len(windows) + 1, dtype=np.int32)
     cu_out = np.zeros(len(windows) + 1, dtype=np.int32)
     np.cumsum(n_in, out=cu_in[1:])
@@ -209,6 +213,8 @@ def pack(windows: list[tuple], modality: list[int], session: list[int], window_s
         "output_weights": weights,
         "output_presentation": cat([w[6] for w in windows]).astype(np.int64, copy=False),
         "output_span": cat([w[7] for w in windows]).astype(np.float32, copy=False),
+        "sample_unit_index": cat([w[8] for w in windows]).astype(np.int64, copy=False),
+        "sample_unit_cu_seqlens": cu_units,
         "output_cu_seqlens": cu_out,
         "window_s": np.float32(window_s),
     }

@@ -14,14 +14,17 @@ from trainer.model.packing import segment_ids
 LATENCY = (0.05, 0.1)
 
 
-def brute_force(head: LikelihoodHead, rows: torch.Tensor, batch: dict) -> dict[int, dict[int, torch.Tensor]]:
-    """{task: {query: (classes,) log-likelihood}} by a loop over queries and units: the formula of the module's
-    docstring, written out once per (query, unit)."""
+def brute_force(head: LikelihoodHead, rows: torch.Tensor, batch: dict):
+    """{task: {query: (classes,) log-likelihood}} and the mean fit term per (query, unit) by a loop over queries
+    and units: the formulas of the module's docstring, written out once per (query, unit) and token."""
+    fits = []
     cu, cu_q = batch["input_cu_seqlens"].tolist(), batch["output_cu_seqlens"].tolist()
     out: dict[int, dict[int, torch.Tensor]] = {}
     for s in range(len(cu) - 1):
         m = int(batch["modality"][s])
         units = batch["input_unit_index"][cu[s]:cu[s + 1]]
+        cu_m = batch["sample_unit_cu_seqlens"].tolist()
+        members = batch["sample_unit_index"][cu_m[s]:cu_m[s + 1]]
         times = batch["input_timestamps"][cu[s]:cu[s + 1]]
         values = batch["input_values"][cu[s]:cu[s + 1]]
         for q in range(cu_q[s], cu_q[s + 1]):
@@ -32,21 +35,24 @@ def brute_force(head: LikelihoodHead, rows: torch.Tensor, batch: dict) -> dict[i
                 continue
             k = int(batch["output_task_index"][q])
             total = 0.0
-            for u in sorted(set(units.tolist())):
+            for u in sorted(set(members.tolist())):
                 inside = (units == u) & (times >= lo) & (times < hi)
                 n = int(inside.sum())
                 b, sd, g, v = head.params(rows[u][None], m)
                 code = head.codes[head.tasks[k]]
                 drive = F.softplus(code @ v[0])
+                y = int(batch["output_labels"][q])
                 if m == 0:
                     rate = F.softplus(b[0]) + g[0, k] * drive
                     total = total + n * torch.log(rate + 1e-6) - (hi - lo) * rate
+                    fits.append((hi - lo) * rate[y] - n * torch.log(rate[y] + 1e-6))
                 elif n:
                     x = values[inside].mean()
                     rate = b[0] + g[0, k] * drive
                     total = total - n * (x - rate) ** 2 / (2 * sd[0] ** 2)
+                    fits.append(sum((xk - rate[y]) ** 2 / (2 * sd[0] ** 2) + torch.log(sd[0]) for xk in values[inside]))
             out.setdefault(k, {})[q] = total * head.log_scale[m, k].exp()
-    return out
+    return out, torch.stack(fits).mean()
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -59,11 +65,13 @@ def test_log_likelihoods_equal_a_loop_over_queries_and_units(seed):
             lin.bias[2:5] = 1.0
         head.log_scale.uniform_(-1, 1)
     rows = torch.randn(N_UNITS, 16)
-    batch = batch_for(seed=seed)
+    batch = batch_for(seed=seed, spike_rate_hz=1.0)  # some units silent in their window
+    assert len(set(batch["sample_unit_index"].tolist())) > len(set(batch["input_unit_index"].tolist()))
     batch["output_span"] = torch.rand(len(batch["output_span"]), generator=torch.Generator().manual_seed(seed)) + 0.1
     q_sample = segment_ids(batch["output_cu_seqlens"].long())
-    got, _ = likelihood_logits(head, lambda i: rows[i], batch, q_sample, latency=LATENCY, window_s=1.0)
-    want = brute_force(head, rows, batch)
+    got, fit = likelihood_logits(head, lambda i: rows[i], batch, q_sample, latency=LATENCY, window_s=1.0)
+    want, want_fit = brute_force(head, rows, batch)
+    assert torch.allclose(fit, want_fit, rtol=1e-4)
     assert sorted(got) == sorted(want)
     for k, (queries, ll) in got.items():
         assert sorted(queries.tolist()) == sorted(want[k])
@@ -93,7 +101,7 @@ def test_the_readout_adds_to_the_decoders_logits_and_trains_rows_and_codes():
     model(batch)["loss"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.likelihood_head.codes.values())
     touched = set(model.unit_emb.weight.grad.abs().sum(1).nonzero().squeeze(1).tolist())
-    assert touched == set(batch["input_unit_index"].tolist())
+    assert touched == set(batch["sample_unit_index"].tolist())  # silent units' rows too
 
 
 def test_a_batch_without_spans_is_refused_in_one_line():

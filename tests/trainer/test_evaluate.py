@@ -296,10 +296,17 @@ def test_the_training_plan_and_tokens_are_those_of_before():
     assert list(b)[:-1] == list(pack(wins, [0, 1] * 12, [0] * 24, 1.0, [False] * 23 + [True]))
     crc = 0
     for k, v in b.items():
-        if k not in ("output_presentation", "record_index", "calcium_bin", "output_span"):
+        if k not in ("output_presentation", "record_index", "calcium_bin", "output_span", "sample_unit_index",
+                     "sample_unit_cu_seqlens"):
             crc = zlib.crc32(k.encode() + np.ascontiguousarray(v).tobytes(), crc)
     assert crc == 3642167818
     # each query's span is its presentation's overlap with the window: all of a 0.25-s presentation, or at least half
+    # each window lists the units dropout kept: every unit with a token, and silent ones
+    cu_m, cu_in = b["sample_unit_cu_seqlens"], b["input_cu_seqlens"]
+    for i in range(24):
+        listed = set(b["sample_unit_index"][cu_m[i]:cu_m[i + 1]].tolist())
+        assert set(b["input_unit_index"][cu_in[i]:cu_in[i + 1]].tolist()) <= listed <= set(range(3, 10)) | set(range(5))
+    assert any(len(set(b["sample_unit_index"][cu_m[i]:cu_m[i + 1]].tolist())) < (7, 5)[i % 2] for i in range(24))
     assert ((b["output_span"] >= 0.125 - 1e-6) & (b["output_span"] <= 0.25 + 1e-6)).all()
     assert int(b["calcium_bin"]) == 1  # the default: one token per frame, the tokens of before
     assert b["output_presentation"].dtype == np.int64 and len(b["output_presentation"]) == len(b["output_labels"])

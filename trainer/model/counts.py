@@ -27,10 +27,12 @@ from trainer.model.packing import segment_ids
 
 
 def query_unit_counts(unit: Tensor, time: Tensor, cu_in: Tensor, q_sample: Tensor, lo: Tensor,
-                      hi: Tensor, values: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                      hi: Tensor, values: Tensor | None = None, members: tuple[Tensor, Tensor] | None = None
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """For every query q (its sample ``q_sample``, its span [lo, hi) in window time) and every unit that has a
-    token in q's sample: (query of the row, unit of the row, tokens of that unit in the span, the sum of those
-    tokens' ``values`` ((N,) or (N, k), summed per column) or None when no values are given).
+    token in q's sample, or is listed for it in ``members`` (units, cu: each sample's units, silent ones too):
+    (query of the row, unit of the row, tokens of that unit in the span, the sum of those tokens' ``values``
+    ((N,) or (N, k), summed per column) or None when no values are given).
 
     Vectorised over the packed batch (no Python loop over samples): a query's rows are its sample's (sample,
     unit) pairs, and a token counts towards the row of its own pair when its time is in the query's span."""
@@ -38,7 +40,15 @@ def query_unit_counts(unit: Tensor, time: Tensor, cu_in: Tensor, q_sample: Tenso
     n_samples = cu_in.numel() - 1
     sample_of_token = segment_ids(cu_in, unit.numel())
     n_u = int(unit.max()) + 1 if unit.numel() else 1
-    pairs, pair_of_token = torch.unique(sample_of_token * n_u + unit, return_inverse=True)  # sorted: by sample
+    if members is None:
+        pairs, pair_of_token = torch.unique(sample_of_token * n_u + unit, return_inverse=True)  # sorted: by sample
+    else:
+        m_unit, cu_m = members
+        n_u = max(n_u, int(m_unit.max()) + 1 if m_unit.numel() else 1)
+        token_key = sample_of_token * n_u + unit
+        listed = segment_ids(cu_m.long(), m_unit.numel()) * n_u + m_unit
+        pairs = torch.unique(torch.cat([token_key, listed]))  # sorted: by sample
+        pair_of_token = torch.searchsorted(pairs, token_key)
     pair_sample = pairs // n_u
     per_sample = torch.bincount(pair_sample, minlength=n_samples)
     first_pair = F.pad(per_sample.cumsum(0), (1, 0))[q_sample]  # each query's first row of its sample's pairs

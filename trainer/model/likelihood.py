@@ -16,7 +16,9 @@ pretrained code carries over as the shared part of the corpus does. The query's 
     EPhys:  sum_u  n_u log rate[u, c] - T rate[u, c]                  (Poisson counts n_u in the span of length T)
     OPhys:  sum_u -k_u (x_u - rate[u, c])^2 / (2 s_u^2)              (mean dF/F x_u of the k_u tokens in the span)
 
-(class-independent terms dropped), over the units that have a token in the query's window. The same encoding model
+(class-independent terms dropped), over every unit of the query's window (``sample_unit_index``: those unit
+dropout kept, silent ones included: a unit that does not fire is evidence against the classes that drive it, and
+leaving it out biases a 1-s drifting grating's counts upwards). The same encoding model
 is also fit to the responses it explains (``likelihood_fit``): the negative log-likelihood of each unit's response
 under the query's true class, the generative fit the new-session observer makes (docs/model.md section 11). The
 cross-entropy alone reaches a class's code only through that class's share of the posterior, and a code that
@@ -102,6 +104,9 @@ def likelihood_logits(head: LikelihoodHead, unit_rows, batch: dict[str, Tensor],
     if not bool(keep.any()):
         return out, None
     labels = batch["output_labels"]
+    # every unit the window kept, silent ones included (batches without the list: the units with a token)
+    members = ((batch["sample_unit_index"], batch["sample_unit_cu_seqlens"]) if "sample_unit_index" in batch
+               else None)
     fit_sum, fit_n = t.new_zeros(()), 0
     parts: dict[int, list[tuple[Tensor, Tensor]]] = {}
     for m_name, m in MODALITY_INDEX.items():
@@ -111,7 +116,7 @@ def likelihood_logits(head: LikelihoodHead, unit_rows, batch: dict[str, Tensor],
         x_in = batch["input_values"].float()
         row_q, row_unit, n_tok, v_sum = query_unit_counts(
             batch["input_unit_index"], batch["input_timestamps"].float(), batch["input_cu_seqlens"].long(),
-            q_sample[q], lo[q], hi[q], values=torch.stack([x_in, x_in * x_in], 1))
+            q_sample[q], lo[q], hi[q], values=torch.stack([x_in, x_in * x_in], 1), members=members)
         ephys = m_name == "ephys"
         if not ephys:  # a ROI with no token in the span says nothing about it
             has = n_tok > 0

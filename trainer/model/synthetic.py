@@ -26,7 +26,7 @@ def synthetic_batch(*, modalities: Sequence[int], n_units: int, n_sessions: int,
     """
     tasks = (config or ModelConfig.small()).tasks
     rng = np.random.default_rng(seed)
-    unit_idx, times, values, lens = [], [], [], []
+    unit_idx, times, values, lens, members = [], [], [], [], []
     for mod in modalities:
         units = rng.choice(n_units, size=min(n_units, units_per_sample if mod == 0 else rois_per_sample), replace=False)
         if mod == 0:
@@ -39,6 +39,7 @@ def synthetic_batch(*, modalities: Sequence[int], n_units: int, n_sessions: int,
             u = np.tile(units, len(frames))
             t = np.repeat(frames, len(units))
             v = rng.gamma(1.0, 0.3, size=len(u))
+        members.append(np.sort(units))
         order = np.argsort(t, kind="stable")
         unit_idx.append(u[order]), times.append(t[order]), values.append(v[order]), lens.append(len(u))
     n = len(modalities)
@@ -59,5 +60,7 @@ def synthetic_batch(*, modalities: Sequence[int], n_units: int, n_sessions: int,
         "output_labels": torch.from_numpy((rng.random(q.sum()) * classes[task]).astype(np.int64)),
         "output_weights": torch.ones(int(q.sum()), dtype=torch.float32),
         "output_cu_seqlens": cu(q),
+        "sample_unit_index": torch.from_numpy(np.concatenate(members).astype(np.int64)),
+        "sample_unit_cu_seqlens": cu([len(m) for m in members]),
         "window_s": torch.tensor(window_s, dtype=torch.float32),
     }
