@@ -122,3 +122,33 @@ def test_checkpointed_config_round_trips():
     c = small(likelihood_readout=True, likelihood_latency_ephys_s=0.04, likelihood_latency_ophys_s=0.2)
     assert type(c).from_dict(c.to_dict()) == c
     assert N_SESSIONS > 0
+
+
+def test_the_readout_can_leave_ophys_to_the_decoder():
+    """likelihood_ophys=False: the readout scores EPhys queries only, so OPhys logits are the decoder's."""
+    model = model_for(small(likelihood_readout=True, likelihood_ophys=False))
+    batch = batch_for()
+    q_sample = segment_ids(batch["output_cu_seqlens"].long())
+    terms, _ = likelihood_logits(model.likelihood_head, model.unit_rows, batch, q_sample, latency=LATENCY,
+                                 window_s=1.0, ophys=False)
+    scored = torch.cat([rows for rows, _ in terms.values()])
+    assert scored.numel() and (batch["modality"][q_sample[scored]] == 0).all()
+    both, _ = likelihood_logits(model.likelihood_head, model.unit_rows, batch, q_sample, latency=LATENCY, window_s=1.0)
+    assert (batch["modality"][q_sample[torch.cat([rows for rows, _ in both.values()])]] == 1).any()
+
+
+def test_the_decoder_is_also_trained_on_its_own_logits():
+    """loss = tasks' loss on the summed logits + likelihood_decoder_loss x the same on the decoder's logits alone
+    + likelihood_fit x the encoding model's fit; the decoder's logits are the model's without the readout."""
+    model = model_for(small(likelihood_readout=True, likelihood_decoder_loss=0.5, likelihood_fit=2.0))
+    batch = batch_for()
+    out = model(batch)
+    q_sample = segment_ids(batch["output_cu_seqlens"].long())
+    summed, _ = model._task_losses(out["logits"], out["query_index"], batch, q_sample)
+    alone, _ = model._task_losses(out["decoder_logits"], out["query_index"], batch, q_sample)
+    assert torch.isclose(out["loss"], summed + 0.5 * alone + 2.0 * out["likelihood_nll"])
+    assert not torch.isclose(summed, alone)
+    model.likelihood_head = None
+    plain = model(batch)
+    for name, logits in plain["logits"].items():
+        assert torch.allclose(out["decoder_logits"][name], logits)

@@ -83,6 +83,8 @@ class ModelConfig:
     count_latency_s: float = 0.05  # the count loss's span starts this long after the query's span starts
     count_span_s: float = 0.25  # the count loss's span around a query's time
     likelihood_readout: bool = False  # classification logits gain the units' log-likelihood per class (likelihood.py)
+    likelihood_ophys: bool = True  # the readout also scores OPhys queries (off: EPhys only)
+    likelihood_decoder_loss: float = 1.0  # weight of the decoder's own logits' loss beside the summed logits'
     likelihood_fit: float = 1.0  # weight of its encoding model's own fit (negative log-likelihood) in the loss
     likelihood_rank: int = 16  # width of the likelihood readout's class code
     likelihood_latency_ephys_s: float = 0.05  # its spans start this long after the presentation's, EPhys
@@ -108,9 +110,9 @@ class ModelConfig:
         if self.count_loss < 0 or self.count_rank < 1 or not 0 < self.count_span_s <= self.window_s:
             raise ValueError(f"count_loss must be >= 0, count_rank >= 1 and count_span_s in (0, window_s], got "
                              f"{self.count_loss}, {self.count_rank}, {self.count_span_s}")
-        if self.likelihood_rank < 1 or self.likelihood_fit < 0:
-            raise ValueError(f"likelihood_rank must be >= 1 and likelihood_fit >= 0, got {self.likelihood_rank}, "
-                             f"{self.likelihood_fit}")
+        if self.likelihood_rank < 1 or self.likelihood_fit < 0 or self.likelihood_decoder_loss < 0:
+            raise ValueError(f"likelihood_rank must be >= 1, likelihood_fit and likelihood_decoder_loss >= 0, got "
+                             f"{self.likelihood_rank}, {self.likelihood_fit}, {self.likelihood_decoder_loss}")
         if self.dim_head % 2:
             raise ValueError("dim_head must be even (rotary pairs)")
         if self.encoder_ca_depth < 1 or self.depth < 0 or self.modality_depth < 0:

@@ -83,12 +83,13 @@ class LikelihoodHead(nn.Module):
 
 
 def likelihood_logits(head: LikelihoodHead, unit_rows, batch: dict[str, Tensor], q_sample: Tensor, *,
-                      latency: tuple[float, float], window_s: float
+                      latency: tuple[float, float], window_s: float, ophys: bool = True
                       ) -> tuple[dict[int, tuple[Tensor, Tensor]], Tensor | None]:
     """Per task index: (query rows, their (Q_k, classes) log-likelihoods) for the batch's classification queries
     whose span has at least ``MIN_SPAN_S`` inside the window; and the mean negative log-likelihood per (query,
     unit) of the labelled ones under their own class (None without any). ``latency``: (EPhys, OPhys) response
-    latency in s; ``unit_rows(index)`` gives the D-wide rows of global unit indices."""
+    latency in s; ``unit_rows(index)`` gives the D-wide rows of global unit indices; ``ophys`` False leaves OPhys
+    queries to the decoder alone."""
     if "output_span" not in batch:
         raise ValueError("the likelihood readout needs the batch key 'output_span' (docs/batch.md); this batch has none")
     t = batch["output_timestamps"].float()
@@ -110,6 +111,8 @@ def likelihood_logits(head: LikelihoodHead, unit_rows, batch: dict[str, Tensor],
     fit_sum, fit_n = t.new_zeros(()), 0
     parts: dict[int, list[tuple[Tensor, Tensor]]] = {}
     for m_name, m in MODALITY_INDEX.items():
+        if m_name == "ophys" and not ophys:
+            continue
         q = (keep & (modality == m)).nonzero().squeeze(1)
         if q.numel() == 0:
             continue

@@ -120,6 +120,7 @@ class MultiModalPOYO(nn.Module):
             outputs = self.decode(latents, batch, latent_rope)  # (Q, D)
             out = self.readout(outputs, batch["output_task_index"])
         if self.likelihood_head is not None:
+            out["decoder_logits"] = dict(out["logits"])
             fit = self._add_likelihood(out, batch)
             if fit is not None:
                 out["likelihood_nll"] = fit
@@ -214,7 +215,8 @@ class MultiModalPOYO(nn.Module):
         q_sample = segment_ids(batch["output_cu_seqlens"].long(), total=int(batch["output_task_index"].numel()))
         terms, fit = likelihood_logits(self.likelihood_head, self.unit_rows, batch, q_sample,
                                   latency=(self.config.likelihood_latency_ephys_s, self.config.likelihood_latency_ophys_s),
-                                   window_s=self.config.window_s)
+                                   window_s=self.config.window_s,
+                                        ophys=self.config.likelihood_ophys)
         for k, (rows, ll) in terms.items():
             name = self.config.tasks[k].name
             index, logits = out["query_index"][name], out["logits"][name]
@@ -230,14 +232,33 @@ class MultiModalPOYO(nn.Module):
         falls as its task asks for more predictions), times the task's configured weight.
         Classification: cross-entropy on ``output_labels`` (label < 0 = unlabelled, ignored).
         Regression: MSE on ``output_values`` (Q, out_dim) float."""
+        sample_of_query = segment_ids(batch["output_cu_seqlens"].long())
+        total, task_loss = self._task_losses(out["logits"], out["query_index"], batch, sample_of_query)
+        result = {"loss": total, "task_loss": task_loss}
+        if "decoder_logits" in out and self.config.likelihood_decoder_loss > 0:
+            # the decoder's own logits trained alone too, so its trunk keeps learning the shared code from EPhys
+            # queries that the readout already decodes (docs/model.md section 18)
+            alone, _ = self._task_losses(out["decoder_logits"], out["query_index"], batch, sample_of_query)
+            result["loss"] = total = total + self.config.likelihood_decoder_loss * alone
+        if "likelihood_nll" in out and self.config.likelihood_fit > 0:
+            result["loss"] = total = total + self.config.likelihood_fit * out["likelihood_nll"]
+            result["likelihood_nll"] = out["likelihood_nll"].detach()
+        if self.count_head is not None and "output_labels" in batch:
+            nll = count_nll(self.count_head, self.unit_rows, batch, sample_of_query, latency=self.config.count_latency_s,
+                            span=self.config.count_span_s, window_s=self.config.window_s)
+            result["loss"] = total + self.config.count_loss * nll
+            result["count_nll"] = nll.detach()
+        return result
+
+    def _task_losses(self, logits_by_task: dict[str, Tensor], query_index: dict[str, Tensor],
+                     batch: dict[str, Tensor], sample_of_query: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted sum of the tasks' losses (``loss``'s weighting) and each task's mean, for these logits."""
         n_samples = batch["modality"].numel()
-        cu_q = batch["output_cu_seqlens"].long()
-        sample_of_query = segment_ids(cu_q)
         weights = batch.get("output_weights")
-        total = sum(x.sum() for x in out["logits"].values()) * 0.0  # a graph-connected zero (no labels at all)
+        total = sum(x.sum() for x in logits_by_task.values()) * 0.0  # a graph-connected zero (no labels at all)
         task_loss = {}
         for task in self.config.tasks:
-            rows, logits = out["query_index"][task.name], out["logits"][task.name]
+            rows, logits = query_index[task.name], logits_by_task[task.name]
             if rows.numel() == 0:
                 continue
             w = weights[rows].float() if weights is not None else torch.ones(len(rows), device=logits.device)
@@ -252,16 +273,7 @@ class MultiModalPOYO(nn.Module):
             asking = torch.zeros(n_samples, device=logits.device).index_fill_(0, sample_of_query[rows][w > 0], 1.0)
             total = total + task.weight * mean * asking.sum() / n_samples
             task_loss[task.name] = mean.detach()
-        result = {"loss": total, "task_loss": task_loss}
-        if "likelihood_nll" in out and self.config.likelihood_fit > 0:
-            result["loss"] = total = total + self.config.likelihood_fit * out["likelihood_nll"]
-            result["likelihood_nll"] = out["likelihood_nll"].detach()
-        if self.count_head is not None and "output_labels" in batch:
-            nll = count_nll(self.count_head, self.unit_rows, batch, sample_of_query, latency=self.config.count_latency_s,
-                            span=self.config.count_span_s, window_s=self.config.window_s)
-            result["loss"] = total + self.config.count_loss * nll
-            result["count_nll"] = nll.detach()
-        return result
+        return total, task_loss
 
     # -- finetuning ----------------------------------------------------------------------------
 
