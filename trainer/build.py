@@ -68,8 +68,11 @@ def init_rows_by_pca(model: torch.nn.Module, stream: MixtureStream) -> dict:
     features, _, _ = response_features(stream.config.store, sessions, n_classes, plan)
     weight = model.unit_emb.weight
     rows, fit = pca_rows(features, n_classes, weight.shape[1], model.unit_emb.init_scale, plan.seed)
+    own = model.readout_emb.weight if getattr(model, "readout_emb", None) is not None else None
     for u, row in rows.items():
         weight[stream.vocab.units[u]] = torch.as_tensor(row, dtype=weight.dtype)
+        if own is not None:  # the likelihood readout's own table starts from the same rows
+            own[stream.vocab.units[u]] = torch.as_tensor(row, dtype=own.dtype)
     return fit
 
 

@@ -152,3 +152,22 @@ def test_the_decoder_is_also_trained_on_its_own_logits():
     plain = model(batch)
     for name, logits in plain["logits"].items():
         assert torch.allclose(out["decoder_logits"][name], logits)
+
+
+def test_own_rows_keep_the_readout_off_the_encoders_rows_and_grow_with_the_vocabulary():
+    """likelihood_own_rows: the encoding model's fit moves the readout's own table only, never the rows the encoder
+    reads; finetuning's vocabulary growth adds rows to both tables."""
+    from trainer.model.io import grow_vocab
+
+    model = model_for(small(likelihood_readout=True, likelihood_own_rows=True))
+    batch = batch_for()
+    with torch.no_grad():
+        out = model(batch)
+    fit = model._add_likelihood({"logits": dict(out["decoder_logits"]), "query_index": out["query_index"]}, batch)
+    fit.backward()
+    assert model.unit_emb.weight.grad is None or model.unit_emb.weight.grad.abs().sum() == 0
+    assert model.readout_emb.weight.grad.abs().sum() > 0
+    assert any(p is model.readout_emb.weight for p in model.param_groups()["embeddings"])
+    n = len(model.unit_emb)
+    grow_vocab(model, n_units=3)
+    assert len(model.unit_emb) == len(model.readout_emb) == n + 3

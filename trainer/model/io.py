@@ -65,4 +65,6 @@ def load_checkpoint_with_extra(path: str, map_location: str | torch.device = "cp
 def grow_vocab(model: MultiModalPOYO, *, n_units: int = 0, n_sessions: int = 0) -> tuple[Tensor, Tensor]:
     """Add rows for new units / sessions, keeping the old ones bit for bit; returns the new rows' indices
     (units, sessions). Rebuild the optimizer afterwards (the embedding Parameters are replaced)."""
+    if model.readout_emb is not None:
+        model.readout_emb.grow(n_units)
     return model.unit_emb.grow(n_units), model.session_emb.grow(n_sessions)

@@ -88,6 +88,9 @@ class MultiModalPOYO(nn.Module):
                                                tasks=[(t.name, t.out_dim if t.kind == "classification" else None)
                                                       for t in c.tasks])
                                 if c.likelihood_readout else None)
+        # own_rows: the readout's units are their own table, so fitting rates never moves the rows the encoder reads
+        self.readout_emb = (GrowableEmbedding(num=n_units, dim=c.dim, init_scale=c.emb_init_scale)
+                            if c.likelihood_readout and c.likelihood_own_rows else None)
         if c.zero_init_residual:
             self._zero_residual_outputs()
         if c.compile:  # dense, fixed-shape parts; in place, so state_dict keys do not change
@@ -213,7 +216,8 @@ class MultiModalPOYO(nn.Module):
         """Add the likelihood readout's per-class log-likelihoods to the logits of the queries it scores; return
         its encoding model's fit term (None when the batch has no labelled query it scores)."""
         q_sample = segment_ids(batch["output_cu_seqlens"].long(), total=int(batch["output_task_index"].numel()))
-        terms, fit = likelihood_logits(self.likelihood_head, self.unit_rows, batch, q_sample,
+        rows = self.unit_rows if self.readout_emb is None else self.readout_emb
+        terms, fit = likelihood_logits(self.likelihood_head, rows, batch, q_sample,
                                   latency=(self.config.likelihood_latency_ephys_s, self.config.likelihood_latency_ophys_s),
                                    window_s=self.config.window_s,
                                         ophys=self.config.likelihood_ophys)
@@ -284,7 +288,8 @@ class MultiModalPOYO(nn.Module):
         decoder = [self.task_emb.weight, *self.dec_attn.parameters(), *self.dec_ffn.parameters(),
                    *self.heads.parameters(), *(self.count_head.parameters() if self.count_head is not None else ()),
                    *(self.likelihood_head.parameters() if self.likelihood_head is not None else ())]
-        return {"embeddings": [self.unit_emb.weight, self.session_emb.weight], "decoder": decoder,
+        own = [self.readout_emb.weight] if self.readout_emb is not None else []
+        return {"embeddings": [self.unit_emb.weight, self.session_emb.weight, *own], "decoder": decoder,
                 "encoder": [*(self.unit_up.parameters() if self.unit_up is not None else ()),
                             *self.encoders.parameters(), *self.trunk.parameters()]}
 
@@ -297,5 +302,5 @@ def n_parameters(model: nn.Module, *, embeddings: bool = True) -> int:
     the data, and are the same in every architecture variant)."""
     skip = set()
     if not embeddings and isinstance(model, MultiModalPOYO):
-        skip = {id(model.unit_emb.weight), id(model.session_emb.weight)}
+        skip = {id(p) for p in model.param_groups()["embeddings"]}
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
