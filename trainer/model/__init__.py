@@ -4,7 +4,8 @@
 One module per part: ``config`` (ModelConfig, TaskSpec), ``rotary`` (rotary time embedding),
 ``packing`` (index arithmetic of packed batches), ``attention`` (varlen attention over packed batches),
 ``embeddings`` (unit/session/task tables, calcium value projection), ``layers`` (dropout, feed-forward
-net, latent block, cross-attention encoder), ``network`` (the model and its loss), ``variants`` (the
+net, latent block, cross-attention encoder), ``network`` (the model and its loss), ``counts`` (the count loss),
+``likelihood`` (the likelihood readout: units' log-likelihood per class, added to the logits), ``variants`` (the
 paper's architecture ablations, ``build_model``), ``io`` (checkpoints and vocabulary growth),
 ``synthetic`` (fake packed batches for tests and benchmarks).
 ``from trainer.model import build_model, ModelConfig`` imports torch only when used.

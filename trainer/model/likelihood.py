@@ -55,7 +55,8 @@ class LikelihoodHead(nn.Module):
         width = 2 + self.n_tasks + rank  # b, s, g per task, v
         self.unit_map = nn.ModuleList(nn.Linear(dim, width) for _ in MODALITY_INDEX)
         with torch.no_grad():
-            for m, lin in zip(MODALITY_INDEX, self.unit_map):
+            for m, i in MODALITY_INDEX.items():
+                lin = self.unit_map[i]
                 lin.weight.mul_(0.5)
                 lin.bias.zero_()
                 # EPhys: a ~3 Hz baseline; OPhys: dF/F near 0, noise sd ~0.1; task gains ~0.02, so every class

@@ -8,6 +8,8 @@
       -> decoder: queries (task embedding + session embedding) at the output times cross-attend
          to their sample's latents
       -> task heads: one linear layer per task (classes, or regression dimension)
+      -> (likelihood_readout) + each query's units' log-likelihood per class under a shared encoding model
+         read from their rows (trainer.model.likelihood)
       -> loss: per-task mean (cross-entropy / MSE), times the share of samples asking for the task
 
 Every attention block rotates queries and keys by their timestamps (trainer.model.rotary). Token
@@ -215,17 +217,16 @@ class MultiModalPOYO(nn.Module):
     def _add_likelihood(self, out: dict[str, Any], batch: dict[str, Tensor]) -> Tensor | None:
         """Add the likelihood readout's per-class log-likelihoods to the logits of the queries it scores; return
         its encoding model's fit term (None when the batch has no labelled query it scores)."""
-        q_sample = segment_ids(batch["output_cu_seqlens"].long(), total=int(batch["output_task_index"].numel()))
-        rows = self.unit_rows if self.readout_emb is None else self.readout_emb
-        terms, fit = likelihood_logits(self.likelihood_head, rows, batch, q_sample,
-                                  latency=(self.config.likelihood_latency_ephys_s, self.config.likelihood_latency_ophys_s),
-                                   window_s=self.config.window_s,
-                                        ophys=self.config.likelihood_ophys)
+        c = self.config
+        n_queries = int(batch["output_task_index"].numel())
+        q_sample = segment_ids(batch["output_cu_seqlens"].long(), total=n_queries)
+        terms, fit = likelihood_logits(self.likelihood_head, self.unit_rows if self.readout_emb is None else
+                                       self.readout_emb, batch, q_sample, window_s=c.window_s, ophys=c.likelihood_ophys,
+                                       latency=(c.likelihood_latency_ephys_s, c.likelihood_latency_ophys_s))
         for k, (rows, ll) in terms.items():
             name = self.config.tasks[k].name
             index, logits = out["query_index"][name], out["logits"][name]
-            position = torch.full((int(batch["output_task_index"].numel()),), -1, dtype=torch.long,
-                                  device=logits.device)
+            position = torch.full((n_queries,), -1, dtype=torch.long, device=logits.device)
             position[index] = torch.arange(len(index), device=logits.device)
             out["logits"][name] = logits.index_add(0, position[rows], ll.to(logits.dtype))
         return fit
