@@ -117,12 +117,13 @@ def likelihood_logits(head: LikelihoodHead, unit_rows, batch: dict[str, Tensor],
         q = (keep & (modality == m)).nonzero().squeeze(1)
         if q.numel() == 0:
             continue
-        x_in = batch["input_values"].float()
+        ephys = m_name == "ephys"
+        x_in = None if ephys else batch["input_values"].float()  # EPhys needs counts only (its values are 0)
         row_q, row_unit, n_tok, v_sum = query_unit_counts(
             batch["input_unit_index"], batch["input_timestamps"].float(), batch["input_cu_seqlens"].long(),
-            q_sample[q], lo[q], hi[q], values=torch.stack([x_in, x_in * x_in], 1), members=members)
-        ephys = m_name == "ephys"
-        if not ephys:  # a ROI with no token in the span says nothing about it
+            q_sample[q], lo[q], hi[q], values=None if x_in is None else torch.stack([x_in, x_in * x_in], 1),
+            members=members)
+        if v_sum is not None:  # OPhys: a ROI with no token in the span says nothing about it
             has = n_tok > 0
             row_q, row_unit, n_tok, v_sum = row_q[has], row_unit[has], n_tok[has], v_sum[has]
         if row_q.numel() == 0:
@@ -142,6 +143,7 @@ def likelihood_logits(head: LikelihoodHead, unit_rows, batch: dict[str, Tensor],
                 ll = n_tok[r, None] * torch.log(rate + 1e-6) - span[:, None] * rate
                 fit = span[mine] * own - n_tok[r][mine] * torch.log(own + 1e-6)
             else:
+                assert v_sum is not None
                 n, sums = n_tok[r], v_sum[r]
                 x = sums[:, 0] / n
                 ll = -n[:, None] * (x[:, None] - rate) ** 2 / (2 * s[r, None] ** 2)

@@ -82,13 +82,11 @@ class MultiModalPOYO(nn.Module):
                                              time_prior=c.time_prior, omega=omega)
         self.dec_ffn = FeedForward(dim=c.dim, mult=c.ffn_mult, dropout=c.ffn_dropout)
         self.heads = nn.ModuleDict({t.name: nn.Linear(c.dim, t.out_dim) for t in c.tasks})
-        self.count_head = (CountHead(dim=c.dim, rank=c.count_rank, norm=c.count_norm,
-                                     tasks=[(t.name, t.out_dim if t.kind == "classification" else None)
-                                            for t in c.tasks])
+        # the heads that code classes: each task's (name, classes), None for a regression
+        class_tasks = [(t.name, t.out_dim if t.kind == "classification" else None) for t in c.tasks]
+        self.count_head = (CountHead(dim=c.dim, rank=c.count_rank, norm=c.count_norm, tasks=class_tasks)
                            if c.count_loss > 0 else None)
-        self.likelihood_head = (LikelihoodHead(dim=c.dim, rank=c.likelihood_rank,
-                                               tasks=[(t.name, t.out_dim if t.kind == "classification" else None)
-                                                      for t in c.tasks])
+        self.likelihood_head = (LikelihoodHead(dim=c.dim, rank=c.likelihood_rank, tasks=class_tasks)
                                 if c.likelihood_readout else None)
         # own_rows: the readout's units are their own table, so fitting rates never moves the rows the encoder reads
         self.readout_emb = (GrowableEmbedding(num=n_units, dim=c.dim, init_scale=c.emb_init_scale)
@@ -223,12 +221,13 @@ class MultiModalPOYO(nn.Module):
         terms, fit = likelihood_logits(self.likelihood_head, self.unit_rows if self.readout_emb is None else
                                        self.readout_emb, batch, q_sample, window_s=c.window_s, ophys=c.likelihood_ophys,
                                        latency=(c.likelihood_latency_ephys_s, c.likelihood_latency_ophys_s))
+        # each query's row in its task's logits (the tasks' query lists are disjoint, so one map serves all)
+        position = torch.full((n_queries,), -1, dtype=torch.long, device=q_sample.device)
+        for index in out["query_index"].values():
+            position[index] = torch.arange(len(index), device=q_sample.device)
         for k, (rows, ll) in terms.items():
-            name = self.config.tasks[k].name
-            index, logits = out["query_index"][name], out["logits"][name]
-            position = torch.full((n_queries,), -1, dtype=torch.long, device=logits.device)
-            position[index] = torch.arange(len(index), device=logits.device)
-            out["logits"][name] = logits.index_add(0, position[rows], ll.to(logits.dtype))
+            name = c.tasks[k].name
+            out["logits"][name] = out["logits"][name].index_add(0, position[rows], ll.to(out["logits"][name].dtype))
         return fit
 
     def loss(self, out: dict[str, Any], batch: dict[str, Tensor]) -> dict[str, Any]:
