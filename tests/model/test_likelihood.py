@@ -46,11 +46,23 @@ def brute_force(head: LikelihoodHead, rows: torch.Tensor, batch: dict):
                     rate = F.softplus(b[0]) + g[0, k] * drive
                     total = total + n * torch.log(rate + 1e-6) - (hi - lo) * rate
                     fits.append((hi - lo) * rate[y] - n * torch.log(rate[y] + 1e-6))
-                elif n:
-                    x = values[inside].mean()
-                    rate = b[0] + g[0, k] * drive
-                    total = total - n * (x - rate) ** 2 / (2 * sd[0] ** 2)
-                    fits.append(sum((xk - rate[y]) ** 2 / (2 * sd[0] ** 2) + torch.log(sd[0]) for xk in values[inside]))
+                else:  # OPhys: the innovations x_k - exp(-dt / tau) x_(k-1) of the ROI's tokens in the span
+                    amp, tau, off = head.calcium(rows[u][None])
+                    mine = (units == u).nonzero().squeeze(1).tolist()
+                    mine.sort(key=lambda i: float(times[i]))
+                    total_d, n_in = 0.0, 0
+                    for j, i in zip(mine[:-1], mine[1:]):
+                        if lo <= float(times[i]) < hi:
+                            total_d = total_d + values[i] - torch.exp(-(times[i] - times[j]) / tau[0]) * values[j]
+                            n_in += 1
+                    if not n_in:
+                        continue
+                    rate = F.softplus(b[0]) + g[0, k] * drive
+                    spikes = rate * (hi - lo) * n_in / n
+                    mean, var = off[0] * n_in + amp[0] * spikes, sd[0] ** 2 * n_in + amp[0] ** 2 * spikes
+                    ll = -(total_d - mean) ** 2 / (2 * var) - 0.5 * torch.log(var)
+                    total = total + ll
+                    fits.append(-ll[y])
             out.setdefault(k, {})[q] = total * head.log_scale[m, k].exp()
     return out, torch.stack(fits).mean()
 
