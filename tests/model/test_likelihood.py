@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.model.support import N_SESSIONS, N_UNITS, batch_for, model_for, small
-from trainer.model.likelihood import LikelihoodHead, likelihood_logits
+from trainer.model.likelihood import LikelihoodHead, calcium_innovations, likelihood_logits
 from trainer.model.packing import segment_ids
 
 LATENCY = (0.05, 0.1)
@@ -114,6 +114,34 @@ def test_the_readout_adds_to_the_decoders_logits_and_trains_rows_and_codes():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.likelihood_head.codes.values())
     touched = set(model.unit_emb.weight.grad.abs().sum(1).nonzero().squeeze(1).tolist())
     assert touched == set(batch["sample_unit_index"].tolist())  # silent units' rows too
+
+
+def test_calcium_innovations_remove_the_decay_in_any_token_order():
+    """Two ROIs decaying exponentially at their own tau, one with a jump (a spike's arrival): the innovations are 0
+    everywhere but at the jump, where they are its size; each ROI's first token has none; a shuffled token order
+    and a second sample with the same ROI give the same values per token."""
+    tau = {3: 0.5, 7: 0.2}
+    t = torch.arange(10) * 0.1
+    x3 = torch.exp(-t / tau[3])
+    x3[6:] += 0.4 * torch.exp(-(t[6:] - t[6]) / tau[3])  # a jump of 0.4 at token 6
+    x7 = 2.0 * torch.exp(-t / tau[7])
+    unit = torch.cat([torch.full((10,), 3), torch.full((10,), 7), torch.full((10,), 3)])
+    time = torch.cat([t, t, t])
+    values = torch.cat([x3, x7, x3 + 1.0])  # the third block: ROI 3 again, in another sample, offset by 1
+    cu = torch.tensor([0, 20, 30])
+    taus = torch.tensor([tau[int(u)] for u in unit])
+    d, has = calcium_innovations(unit, time, cu, values, taus)
+    assert has.tolist() == [i % 10 != 0 for i in range(30)]
+    want = torch.zeros(30)
+    want[6] = 0.4
+    want[21:] = 1.0 - torch.exp(-0.1 / torch.tensor(0.5))  # the offset decays too: (1 - a) per token
+    want[26] += 0.4
+    assert torch.allclose(d, want, atol=1e-5)
+    perm = torch.randperm(30, generator=torch.Generator().manual_seed(0))
+    # shuffle within each sample (the packing keeps samples contiguous)
+    order = torch.cat([perm[perm < 20], perm[perm >= 20]])
+    d2, has2 = calcium_innovations(unit[order], time[order], cu, values[order], taus[order])
+    assert torch.equal(has2, has[order]) and torch.allclose(d2, d[order], atol=1e-6)
 
 
 def test_a_batch_without_spans_is_refused_in_one_line():
