@@ -84,7 +84,7 @@ class ModelConfig:
     count_span_s: float = 0.25  # the count loss's span around a query's time
     likelihood_readout: bool = False  # classification logits gain the units' log-likelihood per class (likelihood.py)
     likelihood_own_rows: bool = False  # the readout reads its own unit table (True) or the encoder's rows
-    likelihood_ophys: bool = True  # the readout also scores OPhys queries (off: EPhys only)
+    likelihood_ophys: bool = True  # the readout also scores OPhys queries, by calcium innovations (off: EPhys only)
     likelihood_decoder_loss: float = 1.0  # weight of the decoder's own logits' loss beside the summed logits'
     likelihood_fit: float = 1.0  # weight of its encoding model's own fit (negative log-likelihood) in the loss
     likelihood_rank: int = 16  # width of the likelihood readout's class code

@@ -16,16 +16,6 @@ pretrained code carries over as the shared part of the corpus does. The query's 
     EPhys:  sum_u  n_u log rate[u, c] - T rate[u, c]                  (Poisson counts n_u in the span of length T)
     OPhys:  sum_u  log N(S_u; o_u k_u + A_u T rate[u, c],  s_u^2 k_u + A_u^2 T rate[u, c])
 
-OPhys reads each ROI's calcium *innovations*, not its dF/F: d_k = x_k - exp(-dt_k / tau_u) x_(k-1), each token
-minus the decay of the ROI's previous token (``calcium_innovations``). Back-to-back 0.25-s presentations overlap in
-the calcium (GCaMP decays over 0.4-0.7 s), so a presentation's mean dF/F is mostly its predecessors' response, and a
-Gaussian on it cost OPhys natural scenes 0.15 (docs/model.md section 18). The decay removed, what is left in the span
-is the response to the span's own spikes: their sum S_u over the span's k_u innovations is, given the class, a
-Poisson number of spikes (mean T rate) times a per-spike amplitude A_u plus noise, whose mean and variance the
-Gaussian above matches (the compound-Poisson form of the benchmark's ideal observer; ``A``, ``tau``, the offset
-``o`` and the noise ``s`` are read from the ROI's row like ``b, g, v``). A ROI's first token of the window has no
-predecessor and is left out.
-
 (class-independent terms dropped), over every unit of the query's window (``sample_unit_index``: those unit
 dropout kept, silent ones included: a unit that does not fire is evidence against the classes that drive it, and
 leaving it out biases a 1-s drifting grating's counts upwards). The same encoding model
@@ -36,6 +26,16 @@ starts uninformative can stay so (measured: drifting gratings decoded below chan
 the presentation inside the window (``output_span``), shifted by the modality's response latency and clipped to the
 window. The sum is added to the decoder's logits (a product of experts, trained end to end by the same
 cross-entropy), so the model can lean on either.
+
+OPhys reads each ROI's calcium *innovations*, not its dF/F: d_k = x_k - exp(-dt_k / tau_u) x_(k-1), each token
+minus the decay of the ROI's previous token (``calcium_innovations``). Back-to-back 0.25-s presentations overlap in
+the calcium (GCaMP decays over 0.4-0.7 s), so a presentation's mean dF/F is mostly its predecessors' response, and a
+Gaussian on it cost OPhys natural scenes 0.15 (docs/model.md section 18; the innovations: section 19). The decay
+removed, what is left in the span is the response to the span's own spikes: their sum S_u over the span's k_u
+innovations is, given the class, a Poisson number of spikes (mean T rate) times a per-spike amplitude A_u plus
+noise, whose mean and variance the Gaussian above matches (the compound-Poisson form of the benchmark's ideal
+observer; ``A``, ``tau``, the offset ``o`` and the noise ``s`` are read from the ROI's row like ``b, g, v``). A
+ROI's first token of the window has no predecessor and is left out.
 """
 
 from __future__ import annotations
