@@ -27,7 +27,7 @@ demo: setup
 	$(PY) -m shards verify $(DEMO)/store
 	$(PY) -m shards mix $(DEMO)/store --mix ephys=0.5,ophys=0.5 --batch-size 16 --batches 20 --world-size 2
 	$(PY) -m trainer.train --shards $(DEMO)/store --mix ephys=0.5,ophys=0.5 --out $(DEMO)/run --workers 2 \
-		--preset small --epochs 25 --log-every 100
+		--preset small --epochs 25 --log-every 100 --model-override=likelihood_readout=true
 	$(PY) bench/vs_ideal.py --run $(DEMO)/run --store $(DEMO)/store --truth $(DEMO)/nwb --split valid
 # the papers' experiment in small: pretrain on EPhys fractions 0 (OPhys only), 0.5 and 1 (EPhys only) x 2 seeds,
 # finetune on one held-out session per area and modality, print the table (docs/sweeps.md)

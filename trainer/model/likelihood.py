@@ -169,8 +169,9 @@ def likelihood_logits(head: LikelihoodHead, unit_rows, batch: dict[str, Tensor],
             roi = torch.unique(unit_in[mine_tok])
             if roi.numel() == 0:
                 continue
-            b_roi, s_roi, g_roi, v_roi = head.params(unit_rows(roi), m)
-            amp_roi, tau_roi, off_roi = head.calcium(unit_rows(roi))
+            roi_rows = unit_rows(roi)
+            b_roi, s_roi, g_roi, v_roi = head.params(roi_rows, m)
+            amp_roi, tau_roi, off_roi = head.calcium(roi_rows)
             at = torch.searchsorted(roi, unit_in).clamp(max=len(roi) - 1)
             d, has = calcium_innovations(unit_in, t_in, cu_in, batch["input_values"].float(), tau_roi[at])
             has = has & mine_tok
