@@ -55,17 +55,19 @@ def selectors(store: Path, held: list[str]) -> list[str]:
 
 def run_trial(config: dict, work: Path, store: Path, held: list[str], seeds: list[int], cfg: BenchConfig) -> dict:
     """One proposed mixture: pretrain on it, finetune on the held-out sessions, once per training seed; its score
-    (the mean over seeds), test accuracies (the same) and trial-steps (summed over seeds)."""
-    scores, tests, steps = [], [], 0
+    (the mean over seeds), test accuracies (the same), trial-steps (summed over seeds) and its run folders under
+    ``WORK/bayes`` (``runs``, one per training seed)."""
+    scores, tests, steps, runs = [], [], 0, []
     for seed in seeds:
         point = point_of({**config, "seed": seed}, ExperimentSpec(seeds=[seed]))
         run = work / "bayes" / point.key
+        runs.append(point.key)
         pre = pretrain(run, "pretrain", store, held, cfg, seed, mix=point.mix(), extra=SINGLE_REGION_EPOCH)
         tests.append(finetune(run, "finetuned", pre, store, held, cfg, seed).get("ophys", {}))
         score, ft_steps = finetune_record(run / "finetuned")  # the OPhys valid score the grid picks its best ratio by
         scores.append(score)
         steps += int(json.loads((pre / "metrics.json").read_text())["total_steps"]) + ft_steps
-    return {"key": point.key, "weights": point.weights, "ratio": point.ratio, "mix": point.mix(),
+    return {"runs": runs, "weights": point.weights, "ratio": point.ratio, "mix": point.mix(),
             "score": float(np.mean(scores)), "score_per_seed": scores, "seeds": seeds,
             "test": {t: float(np.mean([x.get(t, np.nan) for x in tests])) for t in tests[0]},
             "trial_steps": steps}
