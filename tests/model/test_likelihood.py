@@ -128,9 +128,9 @@ def test_calcium_innovations_remove_the_decay_in_any_token_order():
     unit = torch.cat([torch.full((10,), 3), torch.full((10,), 7), torch.full((10,), 3)])
     time = torch.cat([t, t, t])
     values = torch.cat([x3, x7, x3 + 1.0])  # the third block: ROI 3 again, in another sample, offset by 1
-    cu = torch.tensor([0, 20, 30])
+    sample = segment_ids(torch.tensor([0, 20, 30]))
     taus = torch.tensor([tau[int(u)] for u in unit])
-    d, has = calcium_innovations(unit, time, cu, values, taus)
+    d, has = calcium_innovations(unit, time, sample, values, taus)
     assert has.tolist() == [i % 10 != 0 for i in range(30)]
     want = torch.zeros(30)
     want[6] = 0.4
@@ -140,7 +140,7 @@ def test_calcium_innovations_remove_the_decay_in_any_token_order():
     perm = torch.randperm(30, generator=torch.Generator().manual_seed(0))
     # shuffle within each sample (the packing keeps samples contiguous)
     order = torch.cat([perm[perm < 20], perm[perm >= 20]])
-    d2, has2 = calcium_innovations(unit[order], time[order], cu, values[order], taus[order])
+    d2, has2 = calcium_innovations(unit[order], time[order], sample[order], values[order], taus[order])
     assert torch.equal(has2, has[order]) and torch.allclose(d2, d[order], atol=1e-6)
 
 

@@ -104,14 +104,15 @@ class LikelihoodHead(nn.Module):
         return F.softplus(b)[:, None] + g[:, task, None] * drive
 
 
-def calcium_innovations(unit: Tensor, time: Tensor, cu: Tensor, values: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
+def calcium_innovations(unit: Tensor, time: Tensor, sample: Tensor, values: Tensor, tau: Tensor
+                        ) -> tuple[Tensor, Tensor]:
     """Per token: its value minus the decay of the previous token of the same (sample, unit), ``x_k - exp(-(t_k -
-    t_j) / tau_k) x_j``, and whether it has such a predecessor. ``tau`` (N,): each token's unit's decay (s).
-    Works on any token order (one stable sort by time, then by sample and unit)."""
+    t_j) / tau_k) x_j``, and whether it has such a predecessor. ``sample`` (N,): each token's sample; ``tau`` (N,):
+    each token's unit's decay (s). Works on any token order (one stable sort by time, then by sample and unit)."""
     n = unit.numel()
     if n == 0:
         return values.new_zeros(0), torch.zeros(0, dtype=torch.bool, device=unit.device)
-    key = segment_ids(cu, n) * (int(unit.max()) + 1) + unit
+    key = sample * (int(unit.max()) + 1) + unit
     by_time = torch.sort(time, stable=True).indices
     order = by_time[torch.sort(key[by_time], stable=True).indices]
     k, t, x, tk = key[order], time[order], values[order], tau[order]
@@ -153,6 +154,7 @@ def likelihood_logits(head: LikelihoodHead, unit_rows, batch: dict[str, Tensor],
     # every unit the window kept, silent ones included (batches without the list: the units with a token)
     members = ((batch["sample_unit_index"], batch["sample_unit_cu_seqlens"]) if "sample_unit_index" in batch
                else None)
+    unit_in, t_in, cu_in = batch["input_unit_index"], batch["input_timestamps"].float(), batch["input_cu_seqlens"].long()
     fit_sum, fit_n = t.new_zeros(()), 0
     parts: dict[int, list[tuple[Tensor, Tensor]]] = {}
     for m_name, m in MODALITY_INDEX.items():
@@ -162,23 +164,22 @@ def likelihood_logits(head: LikelihoodHead, unit_rows, batch: dict[str, Tensor],
         if q.numel() == 0:
             continue
         ephys = m_name == "ephys"
-        values, unit_in, cu_in = None, batch["input_unit_index"], batch["input_cu_seqlens"].long()
-        if not ephys:  # OPhys: the calcium innovations of every token with a predecessor (EPhys needs counts only)
-            t_in = batch["input_timestamps"].float()
-            mine_tok = batch["modality"][segment_ids(cu_in, unit_in.numel())] == m
-            roi = torch.unique(unit_in[mine_tok])
+        values = None
+        if not ephys:  # OPhys: each token's calcium innovation, and whether it has one (EPhys needs counts only)
+            sample_in = segment_ids(cu_in, unit_in.numel())
+            sel = (batch["modality"][sample_in] == m).nonzero().squeeze(1)
+            roi = torch.unique(unit_in[sel])
             if roi.numel() == 0:
                 continue
             roi_rows = unit_rows(roi)
             b_roi, s_roi, g_roi, v_roi = head.params(roi_rows, m)
             amp_roi, tau_roi, off_roi = head.calcium(roi_rows)
-            at = torch.searchsorted(roi, unit_in).clamp(max=len(roi) - 1)
-            d, has = calcium_innovations(unit_in, t_in, cu_in, batch["input_values"].float(), tau_roi[at])
-            has = has & mine_tok
-            values = torch.stack([torch.where(has, d, torch.zeros_like(d)), has.float()], 1)
-        row_q, row_unit, n_tok, v_sum = query_unit_counts(
-            unit_in, batch["input_timestamps"].float(), cu_in, q_sample[q], lo[q], hi[q], values=values,
-            members=members)
+            d, has = calcium_innovations(unit_in[sel], t_in[sel], sample_in[sel], batch["input_values"][sel].float(),
+                                         tau_roi[torch.searchsorted(roi, unit_in[sel])])
+            values = d.new_zeros(unit_in.numel(), 2)
+            values[sel] = torch.stack([torch.where(has, d, torch.zeros_like(d)), has.to(d.dtype)], 1)
+        row_q, row_unit, n_tok, v_sum = query_unit_counts(unit_in, t_in, cu_in, q_sample[q], lo[q], hi[q],
+                                                          values=values, members=members)
         if v_sum is not None:  # OPhys: a ROI with no innovation in the span says nothing about it
             keep_row = v_sum[:, 1] > 0
             row_q, row_unit, n_tok, v_sum = row_q[keep_row], row_unit[keep_row], n_tok[keep_row], v_sum[keep_row]
