@@ -24,6 +24,7 @@ from trainer.checkpoint import make_meta
 from trainer.config import TrainConfig
 from trainer.model.variants import build_model as build_variant
 from trainer.pretrained import load_pretrained
+from trainer.row_prior import RowPrior
 from trainer.unit_init import pca_rows, response_features
 
 
@@ -32,6 +33,7 @@ class Built:
     model: torch.nn.Module
     meta: str  # JSON: variant, model config, vocabulary ids in model-row order
     to_model: Callable[[dict], dict]  # store indices -> model rows (identity unless vocabularies were grown)
+    prior: RowPrior | None = None  # finetuning with unit_prior: the new rows' Gaussian prior (trainer.row_prior)
 
 
 def same_rows(batch: dict) -> dict:

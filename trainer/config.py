@@ -86,6 +86,7 @@ class TrainConfig:
     # the pretrained rows) | pca (a fresh model's units, from the principal components of their train responses);
     # trainer.unit_init
     unit_init: str = "random"
+    unit_prior: float = 0.0  # finetuning: weight of a Gaussian prior on the new rows, fit to the pretrained ones; they start at its mean (0: none; trainer.row_prior)
     save_epoch_models: bool = False  # RUN/model_epoch{e}.pt after each epoch
     # ---- run ----
     out: str = ""  # the run folder: config.yaml, metrics.json, tb/, checkpoints in ray/
@@ -225,6 +226,10 @@ class TrainConfig:
             raise self._bad("train_fraction", "must be in (0, 1] (the share of each record's train chunks)")
         if self.unit_init not in ("random", "tuning", "pca"):
             raise self._bad("unit_init", "random, tuning (finetuning a pretrained model) or pca (a fresh model)")
+        if not 0.0 <= self.unit_prior < 1e6:
+            raise self._bad("unit_prior", "must be in [0, 1e6) (the weight of the new rows' prior)")
+        if self.unit_prior and not self.init_from:
+            raise self._bad("unit_prior", "is a prior for a finetuning's new rows (needs a pretrained model)")
         if self.unit_init == "pca" and self.init_from:
             raise self._bad("unit_init", "pca starts a fresh model; a finetuning's new units use tuning")
         if not self.embed_lr_scale > 0:

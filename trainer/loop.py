@@ -244,6 +244,9 @@ def train_epoch(w: Worker, s: RunState) -> bool:
 def train_step(w: Worker, batch: dict, frozen: list[torch.nn.Parameter]) -> dict:
     """One optimizer step: forward, backward, (finetune: no update of the frozen parts), clip, step."""
     out = w.model(w.built.to_model(batch))
+    if w.built.prior is not None:  # finetuning's new rows: the posterior, not the likelihood (trainer.row_prior)
+        out["row_prior"] = w.built.prior.penalty(w.net.unit_emb.weight)
+        out["loss"] = out["loss"] + out["row_prior"]
     w.optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     for p in frozen:  # gradual unfreezing: frozen parts get no update (not even weight decay)

@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import torch
 
+from shards import manifest
+from shards.store import Store
 from shards.stream.plan import PlanConfig
 from trainer.checkpoint import load_model_file, make_meta
 from trainer.config import TrainConfig
 from trainer.model.config import ModelConfig
 from trainer.model.io import grow_vocab, model_from_checkpoint
+from trainer.row_prior import RowPrior, fit_row_prior, start_at_prior_mean
 from trainer.unit_init import predict_rows, response_features
 
 
 def load_pretrained(cfg: TrainConfig, vocab, sessions_here: list[str], init_rows: bool = True):
     """The model in ``cfg.init_from`` with new unit and session rows for this run's sessions that it never
-    trained on; returns (model, meta, to_model), the last taking a batch's store indices to model rows.
-    ``init_rows`` False: leave the new rows random even with ``unit_init=tuning`` (a DDP rank other than 0,
-    whose parameters rank 0's broadcast replaces)."""
+    trained on; returns (model, meta, to_model, prior), the third taking a batch's store indices to model rows,
+    the last the new rows' Gaussian prior when ``unit_prior`` > 0 (trainer.row_prior; else None).
+    ``init_rows`` False: leave the new rows random even with ``unit_init=tuning`` or a prior (a DDP rank other
+    than 0, whose parameters rank 0's broadcast replaces)."""
     ck = load_model_file(cfg.init_from)
     meta = ck["meta"]
     model = model_from_checkpoint(ck, amp=cfg.bf16)  # bf16 as this run asks (it shapes no parameter)
@@ -40,6 +44,11 @@ def load_pretrained(cfg: TrainConfig, vocab, sessions_here: list[str], init_rows
     init = {}
     if cfg.unit_init == "tuning" and new_units and init_rows:
         init = init_from_responses(cfg, model, unit_row, session_row, new_units, new_sessions, seen | here)
+    prior = None
+    if cfg.unit_prior > 0 and new_units:
+        prior = row_prior(cfg, model.unit_emb.weight, unit_row, set(new_units), seen | here)
+        if cfg.unit_init == "random" and init_rows:
+            start_at_prior_mean(model.unit_emb.weight, prior)
 
     to_model = StoreToModel.from_rows(vocab, unit_row, session_row)
     meta_out = make_meta(variant=meta["variant"], model_config=ModelConfig.from_dict(meta["model_config"]),
@@ -47,7 +56,18 @@ def load_pretrained(cfg: TrainConfig, vocab, sessions_here: list[str], init_rows
                          session_ids=list(meta["session_ids"]) + new_sessions,
                          trained_sessions=sorted(seen | here), finetuned_from=cfg.init_from,
                          new_units=len(new_units), new_sessions=new_sessions, **init)
-    return model, meta_out, to_model
+    return model, meta_out, to_model, prior
+
+
+def row_prior(cfg: TrainConfig, table, unit_row: dict[str, int], new_units: set[str], sessions: set[str]) -> RowPrior:
+    """The new rows' prior from the trained ones, each unit's modality read from the store's session table
+    (a unit whose session the store does not hold falls to the pooled fit)."""
+    st = manifest.load(Store(cfg.shards)).sessions.to_pandas()
+    modality = dict(zip(st.session_id, st.modality))
+    def of(u: str) -> str | None:
+        return modality.get(session_of(u, sessions) or "")
+    known = {r: of(u) for u, r in unit_row.items() if u not in new_units}
+    return fit_row_prior(table, known, {unit_row[u]: of(u) for u in new_units}, cfg.unit_prior)
 
 
 @torch.no_grad()

@@ -1,0 +1,94 @@
+"""A Gaussian prior on a finetuning's new unit rows, fit to the rows the pretraining trained (``unit_prior``).
+
+Why: a new session's units get fresh rows of 64 numbers each, fit by gradient descent on that session's train
+split alone; the likelihood readout reads ~21 encoding parameters from each (trainer.model.likelihood), where the
+benchmark's new-session observer fits 10 per unit *under the corpus's priors* and reaches 0.97 of the ideal on
+drifting gratings against the model's 0.77 (docs/model.md sections 11 and 19). The finetuning overfits (twice
+the epochs lose, section 19), and its rows start as N(0, 0.02) noise, which is off the pretrained rows'
+manifold: those vary ~100 times less in their weakest directions (eigenvalues 1.6e-5 against the noise's 4e-4
+per dimension on the benchmark's seed 0), so a new row starts far from anything the trunk and the readout learnt to
+read, along directions the data must then undo.
+
+The prior is the empirical-Bayes answer: the pretrained rows of each modality are samples of what a unit's row
+is, so a new unit's row gets their mean as its start and their Gaussian (mean, covariance shrunk towards its
+average variance by ``SHRINK`` so no direction is infinitely stiff) as its prior, and the finetuning maximises
+the posterior instead of the likelihood: ``loss += weight * mean over new units of 0.5 (r - mu)' P (r - mu)``.
+Scale: the data term of a row is a mean over the (query, unit) pairs of a batch, so a MAP-consistent weight is
+about (new units) / (presentations per unit x units per window), ~1e-3 on the benchmark; ``unit_prior`` is that
+weight, chosen by measurement (docs/model.md section 20).
+
+A modality whose pretrained rows are too few to estimate a covariance (< ``MIN_ROWS``), or whose sessions the
+store does not describe, uses the pooled fit of all pretrained rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+SHRINK = 0.1  # covariance -> (1 - SHRINK) cov + SHRINK (trace / D) I
+MIN_ROWS_PER_DIM = 2  # a modality needs this many pretrained rows per row dimension for its own fit
+
+
+@dataclass
+class RowPrior:
+    """The prior of the new rows: ``rows`` (N,) model rows, each in ``group`` (N,) with ``mean`` (G, D) and
+    ``precision`` (G, D, D)."""
+
+    rows: Tensor
+    group: Tensor
+    mean: Tensor
+    precision: Tensor
+    weight: float
+
+    def penalty(self, table: Tensor) -> Tensor:
+        """``weight`` x the mean over new rows of 0.5 x their Mahalanobis distance to their group's mean."""
+        if self.rows.device != table.device:
+            self.rows, self.group = self.rows.to(table.device), self.group.to(table.device)
+            self.mean, self.precision = self.mean.to(table.device), self.precision.to(table.device)
+        d = table[self.rows].float() - self.mean[self.group]
+        total = d.new_zeros(())
+        for g in range(self.mean.shape[0]):
+            dg = d[self.group == g]
+            total = total + (dg @ self.precision[g] * dg).sum()
+        return self.weight * 0.5 * total / max(1, len(self.rows))
+
+
+def gaussian(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, precision) of rows ``x`` (n, D), the covariance shrunk towards its average variance."""
+    mean = x.mean(0)
+    cov = np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
+    cov = (1 - SHRINK) * cov + SHRINK * np.trace(cov) / x.shape[1] * np.eye(x.shape[1])
+    return mean, np.linalg.inv(cov)
+
+
+def fit_row_prior(table: Tensor, known: dict[int, str | None], new: dict[int, str | None], weight: float) -> RowPrior:
+    """The prior of the ``new`` rows {model row: modality or None} from the ``known`` (pretrained) rows {model row:
+    modality or None} of ``table`` (rows, D)."""
+    if not known:
+        raise ValueError("unit_prior: the pretrained model has no trained unit rows to fit a prior to")
+    w = table.detach().float().cpu().numpy()
+    dim = w.shape[1]
+    pooled = gaussian(w[sorted(known)])
+    fits: dict[str | None, tuple[np.ndarray, np.ndarray]] = {}
+    for m in sorted({m for m in new.values() if m is not None}):
+        mine = sorted(r for r, k in known.items() if k == m)
+        fits[m] = gaussian(w[mine]) if len(mine) >= MIN_ROWS_PER_DIM * dim else pooled
+    fits[None] = pooled
+    names = list(fits)
+    rows = sorted(new)
+    return RowPrior(rows=torch.as_tensor(rows, dtype=torch.int64),
+                    group=torch.as_tensor([names.index(new[r] if new[r] in fits else None) for r in rows],
+                                          dtype=torch.int64),
+                    mean=torch.as_tensor(np.stack([fits[n][0] for n in names]), dtype=torch.float32),
+                    precision=torch.as_tensor(np.stack([fits[n][1] for n in names]), dtype=torch.float32),
+                    weight=weight)
+
+
+@torch.no_grad()
+def start_at_prior_mean(table: Tensor, prior: RowPrior) -> None:
+    """New rows start at their group's mean: the average pretrained unit, not noise off the rows' manifold."""
+    table[prior.rows] = prior.mean[prior.group].to(table.dtype)
