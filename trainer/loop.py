@@ -321,9 +321,11 @@ def validate(w: Worker, s: RunState) -> None:
 
 
 def finish(w: Worker, s: RunState) -> None:
-    """(finetune) the test split with the best weights; RUN/model_last.pt and RUN/metrics.json."""
+    """RUN/model_last.pt (the last weights); (finetune) the test split with the best weights; RUN/metrics.json."""
     cfg = w.cfg
     test = None
+    if w.rank == 0:  # the last weights, before the test loads the best ones over them
+        save_model_file(os.path.join(cfg.out, "model_last.pt"), w.net, w.built.meta, step=s.step)
     if cfg.test_at_end and s.status not in ("stopped", "interrupted"):
         if s.best_model is not None:
             w.net.load_state_dict(s.best_model)
@@ -336,7 +338,6 @@ def finish(w: Worker, s: RunState) -> None:
         w.say("test split (best weights): " + accuracy_line(test))
     s.progress["skipped_samples"] = s.skipped_before + sum(gather(s.skipped_mine))  # (every rank calls gather)
     if w.rank == 0:
-        save_model_file(os.path.join(cfg.out, "model_last.pt"), w.net, w.built.meta, step=s.step)
         write_json(os.path.join(cfg.out, "metrics.json"), {
             "status": s.status, "step": s.step, "total_steps": s.total_steps, "epochs": w.loader.state.epoch,
             "train": {"first_loss": s.progress["first_loss"], "last_loss": w.timer.last_loss},

@@ -64,6 +64,14 @@ def make_store(uri: str, records: list[SessionRecord], shard_bytes: int = 96 << 
     return store
 
 
+def held_out_records() -> list[SessionRecord]:
+    """Two pretraining sessions per modality and one to hold out each (e2, o2), long enough for valid and test
+    splits."""
+    return [ephys("e0", "VISp", 200.0, seed=1), ephys("e1", "VISp", 200.0, seed=2, first_id=100),
+            ephys("e2", "VISp", 120.0, seed=3, first_id=200),
+            ophys("o0", "VISp", 200.0, seed=4), ophys("o1", "VISl", 200.0, seed=5), ophys("o2", "VISal", 120.0, seed=6)]
+
+
 def uneven_records() -> list[SessionRecord]:
     """EPhys in two regions (one session spans both), OPhys in two regions, very different sizes."""
     return [

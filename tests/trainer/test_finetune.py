@@ -13,7 +13,7 @@ import torch
 
 from shards.stream.dataset import MixtureStream
 from tests.support.runs import short_pretraining
-from tests.support.storegen import make_store, uneven_records
+from tests.support.storegen import held_out_records, make_store, uneven_records
 from trainer.build import frozen_parameters
 from trainer.checkpoint import load_model_file
 from trainer.config import TrainConfig
@@ -82,6 +82,21 @@ def test_finetune_grows_vocab_and_unfreezes_gradually(store, pretrained, tmp_pat
     for e in test["modality"].values():
         assert all(0 <= v["acc"] <= 1 for v in e["tasks"].values())
     assert "epoch 1: unfreezing" in open(out / "train.log").read()
+
+
+def test_model_last_holds_the_last_weights_when_the_best_came_earlier(tmp_path):
+    """The test split is scored with the best weights; model_last.pt must still be the last ones."""
+    store = make_store(str(tmp_path / "store"), held_out_records())  # held-out sessions with a valid split
+    pretrained = short_pretraining(store.uri, tmp_path / "pre", HELD_OUT, steps=4)
+    out = tmp_path / "ft"
+    finetune(ft_args(store, pretrained, out, "--epochs", "2", "--unfreeze-epoch", "1", "--save-epoch-models",
+                     "--lr", "1e9"))  # epoch 1, unfrozen at this rate, wrecks the model: epoch 0 stays the best
+    best = torch.load(out / "model_best.pt", weights_only=True)
+    last = torch.load(out / "model_last.pt", weights_only=True)
+    assert best["step"] < last["step"]
+    ep1, _ = model_of(out / "model_epoch1.pt")
+    assert all(torch.allclose(v, ep1.state_dict()[k], rtol=0, atol=0, equal_nan=True)  # wrecked: NaNs are equal
+               for k, v in last["state_dict"].items())
 
 
 def test_frozen_parameters_are_all_but_the_embeddings():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.support.runs import short_pretraining
-from tests.support.storegen import ephys, make_store, ophys
+from tests.support.storegen import held_out_records, make_store
 from trainer.checkpoint import load_model_file
 from trainer.finetune import main as finetune
 from trainer.row_prior import SHRINK, fit_row_prior
@@ -55,10 +55,7 @@ def test_an_empty_pretraining_is_refused():
 @pytest.fixture(scope="module")
 def store_and_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rp")
-    st = make_store(str(tmp / "store"), [
-        ephys("e0", "VISp", 200.0, seed=1), ephys("e1", "VISp", 200.0, seed=2, first_id=100),
-        ephys("e2", "VISp", 120.0, seed=3, first_id=200), ophys("o0", "VISp", 200.0, seed=4),
-        ophys("o1", "VISl", 200.0, seed=5), ophys("o2", "VISal", 120.0, seed=6)])
+    st = make_store(str(tmp / "store"), held_out_records())
     return st, short_pretraining(st.uri, tmp / "pre", HELD_OUT)
 
 

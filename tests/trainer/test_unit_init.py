@@ -12,7 +12,7 @@ import torch
 from shards.schema import TASKS
 from shards.stream.plan import PlanConfig
 from tests.support.runs import short_pretraining
-from tests.support.storegen import ephys, make_store, ophys
+from tests.support.storegen import held_out_records, make_store
 from trainer.checkpoint import load_model_file
 from trainer.config import ConfigError, TrainConfig
 from trainer.finetune import finetune_config
@@ -48,18 +48,11 @@ def test_tuning_features_mark_the_preferred_class_and_ignore_absent_presentation
     assert stats[1, 0] == pytest.approx(5.0)
 
 
-def records():
-    """Two pretraining sessions per modality, one held out each."""
-    return [ephys("e0", "VISp", 200.0, seed=1), ephys("e1", "VISp", 200.0, seed=2, first_id=100),
-            ephys("e2", "VISp", 120.0, seed=3, first_id=200),
-            ophys("o0", "VISp", 200.0, seed=4), ophys("o1", "VISl", 200.0, seed=5), ophys("o2", "VISal", 120.0, seed=6)]
-
-
 @pytest.fixture(scope="module")
 def store_and_run(tmp_path_factory):
     """The store and a short pretraining on its sessions but the held-out ones."""
     tmp = tmp_path_factory.mktemp("ui")
-    st = make_store(str(tmp / "store"), records())
+    st = make_store(str(tmp / "store"), held_out_records())
     return st, short_pretraining(st.uri, tmp / "pre", HELD_OUT)
 
 
