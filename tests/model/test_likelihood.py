@@ -211,3 +211,25 @@ def test_own_rows_keep_the_readout_off_the_encoders_rows_and_grow_with_the_vocab
     n = len(model.unit_emb)
     grow_vocab(model, n_units=3)
     assert len(model.unit_emb) == len(model.readout_emb) == n + 3
+
+
+def test_shared_task_gains_differ_between_tasks_by_the_same_offset_for_every_unit():
+    """likelihood_task_gains=shared: a unit's gains on two tasks differ (before the softplus) by a learned offset
+    per (modality, task), the same for every unit; per unit (the default) they are free."""
+    tasks = [("static_gratings", 6), ("drifting_gratings", 8), ("natural_scenes", 119)]
+    torch.manual_seed(0)
+    rows = torch.randn(20, 16)
+    shared = LikelihoodHead(dim=16, rank=4, tasks=tasks, shared_task_gains=True)
+    free = LikelihoodHead(dim=16, rank=4, tasks=tasks)
+    with torch.no_grad():
+        shared.task_gain_offset.uniform_(-1, 1)
+    for m in (0, 1):
+        logit = torch.log(torch.expm1(shared.params(rows, m)[2].double()))  # softplus^-1
+        step = logit - logit[:, :1]
+        assert torch.allclose(step, (shared.task_gain_offset[m] - shared.task_gain_offset[m, 0]).double().expand_as(step),
+                              atol=1e-4)
+        free_step = torch.log(torch.expm1(free.params(rows, m)[2].double()))
+        assert (free_step[:, 1] - free_step[:, 0]).std() > 0.01
+    assert free.task_gain_offset is None
+    with pytest.raises(ValueError, match="likelihood_task_gains"):
+        small(likelihood_readout=True, likelihood_task_gains="region")

@@ -56,7 +56,8 @@ class LikelihoodHead(nn.Module):
     """Per-modality maps from a unit's row to its encoding parameters, and the shared class codes.
     ``tasks``: the model's tasks in order as (name, classes or None for a regression)."""
 
-    def __init__(self, *, dim: int, rank: int, tasks: list[tuple[str, int | None]]) -> None:
+    def __init__(self, *, dim: int, rank: int, tasks: list[tuple[str, int | None]],
+                 shared_task_gains: bool = False) -> None:
         super().__init__()
         self.rank = rank
         self.tasks = [name if n is not None else None for name, n in tasks]
@@ -87,11 +88,19 @@ class LikelihoodHead(nn.Module):
         # proportion to the evidence (hundreds of units over a 1-s drifting grating), and the cross-entropy can
         # only calibrate it through this
         self.log_scale = nn.Parameter(torch.zeros(len(MODALITY_INDEX), self.n_tasks))
+        # shared task gains: a unit's gain on task k is softplus(its one gain + an offset per (modality, task)), so
+        # how strongly a task drives a unit relative to another is the corpus's, not fit per unit from a few
+        # presentations (the generator's task gains are per region; a finetuning's per-unit drifting-grating gains
+        # fit noise: its tuning came out 1.5 times too deep, docs/model.md section 20)
+        self.task_gain_offset = (nn.Parameter(torch.zeros(len(MODALITY_INDEX), self.n_tasks))
+                                 if shared_task_gains else None)
 
     def params(self, rows: Tensor, modality: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """rows (R, D) of one modality -> b (R,), noise sd s (R,), task gains g (R, n_tasks), v (R, rank)."""
         h = self.unit_map[modality](self.norm(rows))
-        return h[:, 0], F.softplus(h[:, 1]) + 1e-3, F.softplus(h[:, 2:2 + self.n_tasks]), h[:, 2 + self.n_tasks:]
+        gains = (h[:, 2:2 + self.n_tasks] if self.task_gain_offset is None
+                 else h[:, 2:3] + self.task_gain_offset[modality])
+        return h[:, 0], F.softplus(h[:, 1]) + 1e-3, F.softplus(gains), h[:, 2 + self.n_tasks:]
 
     def calcium(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """rows (R, D) of OPhys ROIs -> per-spike amplitude A (R,), decay time constant tau in s (R,), offset o (R,)."""

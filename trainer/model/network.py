@@ -86,7 +86,8 @@ class MultiModalPOYO(nn.Module):
         class_tasks = [(t.name, t.out_dim if t.kind == "classification" else None) for t in c.tasks]
         self.count_head = (CountHead(dim=c.dim, rank=c.count_rank, norm=c.count_norm, tasks=class_tasks)
                            if c.count_loss > 0 else None)
-        self.likelihood_head = (LikelihoodHead(dim=c.dim, rank=c.likelihood_rank, tasks=class_tasks)
+        self.likelihood_head = (LikelihoodHead(dim=c.dim, rank=c.likelihood_rank, tasks=class_tasks,
+                                               shared_task_gains=c.likelihood_task_gains == "shared")
                                 if c.likelihood_readout else None)
         # own_rows: the readout's units are their own table, so fitting rates never moves the rows the encoder reads
         self.readout_emb = (GrowableEmbedding(num=n_units, dim=c.dim, init_scale=c.emb_init_scale)
