@@ -79,6 +79,7 @@ class TrainConfig:
     val_batches: int | None = None  # cap on validation batches per rank (None: the whole split)
     eval_stride_s: float | None = None  # valid/test windows start this far apart (None: half a window)
     test_at_end: bool = False  # evaluate the best weights on the test split at the end
+    test_weights: str = "best"  # the weights the test split scores: best (by validation) | last (the schedule's end)
     # ---- finetuning (trainer.finetune) ----
     init_from: str | None = None  # a pretrained model file (RUN/model_best.pt)
     unfreeze_epoch: int = 0  # before this epoch only unit and session embeddings train
@@ -226,6 +227,8 @@ class TrainConfig:
             raise self._bad("train_fraction", "must be in (0, 1] (the share of each record's train chunks)")
         if self.unit_init not in ("random", "tuning", "pca"):
             raise self._bad("unit_init", "random, tuning (finetuning a pretrained model) or pca (a fresh model)")
+        if self.test_weights not in ("best", "last"):
+            raise self._bad("test_weights", "best (the best validation's) or last (the schedule's end)")
         if not 0.0 <= self.unit_prior < 1e6:
             raise self._bad("unit_prior", "must be in [0, 1e6) (the weight of the new rows' prior)")
         if self.unit_prior and not self.init_from:

@@ -13,7 +13,7 @@
                every rank calls it)
                every epoch end: validate, keep the best, stop early, checkpoint
                Ctrl-C (the driver's RUN/.interrupt): checkpoint this step and stop
-    end        (finetune) test split with the best weights; RUN/metrics.json, model_last.pt
+    end        model_last.pt; (finetune) test split with the best or last weights (test_weights); RUN/metrics.json
 
 Steps are global optimizer steps (one batch per rank each). A checkpoint holds model, optimizer,
 scheduler, the stream's position (global windows consumed) and every rank's RNG states, so a
@@ -300,7 +300,7 @@ def validate(w: Worker, s: RunState) -> None:
         if improved:
             progress.update(best_score=score, best_step=s.step, bad_validations=0,
                             best_metrics=json.dumps({"epoch": epoch, "step": s.step, **summary}))
-            if cfg.test_at_end:
+            if cfg.test_at_end and cfg.test_weights == "best":
                 s.best_model = copy.deepcopy(w.net.state_dict())
             if w.rank == 0:
                 save_model_file(os.path.join(cfg.out, "model_best.pt"), w.net, w.built.meta, step=s.step,
@@ -321,7 +321,8 @@ def validate(w: Worker, s: RunState) -> None:
 
 
 def finish(w: Worker, s: RunState) -> None:
-    """RUN/model_last.pt (the last weights); (finetune) the test split with the best weights; RUN/metrics.json."""
+    """RUN/model_last.pt (the last weights); (finetune) the test split with the best or last weights
+    (``test_weights``); RUN/metrics.json."""
     cfg = w.cfg
     test = None
     if w.rank == 0:  # the last weights, before the test loads the best ones over them
@@ -335,7 +336,7 @@ def finish(w: Worker, s: RunState) -> None:
         test = tally.summary()
         w.tb.scalars(tally.scalars("test", sessions=True), s.step)
         w.tb.confusion(tally.confusion_matrices(), s.step, prefix="test")
-        w.say("test split (best weights): " + accuracy_line(test))
+        w.say(f"test split ({cfg.test_weights} weights): " + accuracy_line(test))
     s.progress["skipped_samples"] = s.skipped_before + sum(gather(s.skipped_mine))  # (every rank calls gather)
     if w.rank == 0:
         write_json(os.path.join(cfg.out, "metrics.json"), {

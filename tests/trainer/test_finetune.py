@@ -20,6 +20,7 @@ from trainer.config import TrainConfig
 from trainer.finetune import finetune_config
 from trainer.finetune import main as finetune
 from trainer.model.network import MultiModalPOYO
+from trainer.score import score
 from trainer.sessions import finetune_mix
 
 HELD_OUT = ["e2", "o2"]
@@ -84,19 +85,32 @@ def test_finetune_grows_vocab_and_unfreezes_gradually(store, pretrained, tmp_pat
     assert "epoch 1: unfreezing" in open(out / "train.log").read()
 
 
-def test_model_last_holds_the_last_weights_when_the_best_came_earlier(tmp_path):
-    """The test split is scored with the best weights; model_last.pt must still be the last ones."""
+@pytest.mark.parametrize("weights", ["best", "last"])
+def test_the_test_split_scores_the_weights_asked_for_and_model_last_holds_the_last(weights, tmp_path):
+    """``--test-weights``: the test split is scored with the best weights by validation or the last ones;
+    model_last.pt is the last weights either way."""
     store = make_store(str(tmp_path / "store"), held_out_records())  # held-out sessions with a valid split
     pretrained = short_pretraining(store.uri, tmp_path / "pre", HELD_OUT, steps=4)
     out = tmp_path / "ft"
-    finetune(ft_args(store, pretrained, out, "--epochs", "2", "--unfreeze-epoch", "1", "--save-epoch-models",
-                     "--lr", "1e9"))  # epoch 1, unfrozen at this rate, wrecks the model: epoch 0 stays the best
+    metrics = finetune(ft_args(store, pretrained, out, "--epochs", "2", "--unfreeze-epoch", "1", "--save-epoch-models",
+                               "--lr", "1e9", "--test-weights", weights))  # wrecked; epoch 0's score is not beaten
     best = torch.load(out / "model_best.pt", weights_only=True)
     last = torch.load(out / "model_last.pt", weights_only=True)
     assert best["step"] < last["step"]
     ep1, _ = model_of(out / "model_epoch1.pt")
-    assert all(torch.allclose(v, ep1.state_dict()[k], rtol=0, atol=0, equal_nan=True)  # wrecked: NaNs are equal
-               for k, v in last["state_dict"].items())
+    assert same(last["state_dict"], ep1.state_dict())
+    # the best weights are kept for the test only when asked for (the last checkpoint carries them)
+    state = torch.load(sorted((out / "ray").glob("checkpoint_*/train_state.pt"))[-1], weights_only=True)
+    assert (state.get("best_model") is None) == (weights == "last")
+    if weights == "best":
+        assert same(state["best_model"], best["state_dict"])
+    assert metrics["test"]["modality"] == score(str(out), ("test",), weights)["test"]["modality"]
+    assert f"test split ({weights} weights)" in open(out / "train.log").read()
+
+
+def same(a: dict, b: dict) -> bool:
+    """Two state dicts hold the same numbers (NaNs equal: a wrecked model's)."""
+    return a.keys() == b.keys() and all(torch.allclose(v, b[k], rtol=0, atol=0, equal_nan=True) for k, v in a.items())
 
 
 def test_frozen_parameters_are_all_but_the_embeddings():
