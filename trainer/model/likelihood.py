@@ -180,9 +180,7 @@ def likelihood_logits(head: LikelihoodHead, unit_rows, batch: dict[str, Tensor],
             roi = torch.unique(unit_in[sel])
             if roi.numel() == 0:
                 continue
-            roi_rows = unit_rows(roi)
-            b_roi, s_roi, g_roi, v_roi = head.params(roi_rows, m)
-            amp_roi, tau_roi, off_roi = head.calcium(roi_rows)
+            tau_roi = head.calcium(unit_rows(roi))[1]
             d, has = calcium_innovations(unit_in[sel], t_in[sel], sample_in[sel], batch["input_values"][sel].float(),
                                          tau_roi[torch.searchsorted(roi, unit_in[sel])])
             values = d.new_zeros(unit_in.numel(), 2)
@@ -194,13 +192,11 @@ def likelihood_logits(head: LikelihoodHead, unit_rows, batch: dict[str, Tensor],
             row_q, row_unit, n_tok, v_sum = row_q[keep_row], row_unit[keep_row], n_tok[keep_row], v_sum[keep_row]
         if row_q.numel() == 0:
             continue
-        if ephys:
-            present, unit_index = torch.unique(row_unit, return_inverse=True)
-            b, s, g, v = head.params(unit_rows(present), m)
-            b, s, g, v = b[unit_index], s[unit_index], g[unit_index], v[unit_index]
-        else:
-            at = torch.searchsorted(roi, row_unit)
-            b, s, g, v, amp, off = b_roi[at], s_roi[at], g_roi[at], v_roi[at], amp_roi[at], off_roi[at]
+        present, unit_index = torch.unique(row_unit, return_inverse=True)  # each (query, unit)'s parameters
+        rows = unit_rows(present)
+        b, s, g, v = (x[unit_index] for x in head.params(rows, m))
+        if not ephys:
+            amp, _, off = (x[unit_index] for x in head.calcium(rows))
         qt = task[q][row_q]
         for k in qt.unique().tolist():
             r = (qt == k).nonzero().squeeze(1)
