@@ -14,8 +14,9 @@ is, so a new unit's row gets their mean as its start and their Gaussian (mean, c
 average variance by ``SHRINK`` so no direction is infinitely stiff) as its prior, and the finetuning maximises
 the posterior instead of the likelihood: ``loss += weight * mean over new units of 0.5 (r - mu)' P (r - mu)``.
 Scale: the data term of a row is a mean over the (query, unit) pairs of a batch, so a MAP-consistent weight is
-about (new units) / (presentations per unit x units per window), ~1e-3 on the benchmark; ``unit_prior`` is that
-weight, chosen by measurement (docs/model.md section 20).
+about (new units) / (presentations per unit x units per window), ~1e-3 on the benchmark. Measured, 0.3 does better
+(1e-3 to 1 on two seeds, docs/model.md section 20): the cross-entropy also moves the rows, and the pretrained rows'
+spread holds their own overfit, so the prior is wider than the truth's and needs the extra weight.
 
 A modality whose pretrained rows are too few to estimate a covariance (< ``MIN_ROWS``), or whose sessions the
 store does not describe, uses the pooled fit of all pretrained rows.
