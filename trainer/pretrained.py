@@ -46,9 +46,11 @@ def load_pretrained(cfg: TrainConfig, vocab, sessions_here: list[str], init_rows
         init = init_from_responses(cfg, model, unit_row, session_row, new_units, new_sessions, seen | here)
     prior = None
     if cfg.unit_prior > 0 and new_units:
-        prior = row_prior(cfg, model.unit_emb.weight, unit_row, set(new_units), seen | here)
+        modality = session_modalities(cfg.shards)
+        prior = row_prior(model.unit_emb.weight, unit_row, set(new_units), seen | here, modality, cfg.unit_prior)
         if cfg.unit_init == "random" and init_rows:
-            start_at_prior_mean(model.unit_emb.weight, prior)
+            start_at_prior_mean(model.unit_emb.weight, prior)  # (new sessions' rows at their modality's mean
+            # trained row too was level: docs/model.md section 20)
 
     to_model = StoreToModel.from_rows(vocab, unit_row, session_row)
     meta_out = make_meta(variant=meta["variant"], model_config=ModelConfig.from_dict(meta["model_config"]),
@@ -59,15 +61,31 @@ def load_pretrained(cfg: TrainConfig, vocab, sessions_here: list[str], init_rows
     return model, meta_out, to_model, prior
 
 
-def row_prior(cfg: TrainConfig, table, unit_row: dict[str, int], new_units: set[str], sessions: set[str]) -> RowPrior:
-    """The new rows' prior from the trained ones, each unit's modality read from the store's session table
-    (a unit whose session the store does not hold falls to the pooled fit)."""
-    st = manifest.load(Store(cfg.shards)).sessions.to_pandas()
-    modality = dict(zip(st.session_id, st.modality))
+def session_modalities(store_uri: str) -> dict[str, str]:
+    """{session id: modality} of the sessions the store holds."""
+    st = manifest.load(Store(store_uri)).sessions.to_pandas()
+    return dict(zip(st.session_id, st.modality))
+
+
+def row_prior(table, unit_row: dict[str, int], new_units: set[str], sessions: set[str], modality: dict[str, str],
+              weight: float) -> RowPrior:
+    """The new rows' prior from the trained ones, each unit's modality its session's (a unit whose session the
+    store does not hold falls to the pooled fit)."""
     def of(u: str) -> str | None:
         return modality.get(session_of(u, sessions) or "")
     known = {r: of(u) for u, r in unit_row.items() if u not in new_units}
-    return fit_row_prior(table, known, {unit_row[u]: of(u) for u in new_units}, cfg.unit_prior)
+    return fit_row_prior(table, known, {unit_row[u]: of(u) for u in new_units}, weight)
+
+
+@torch.no_grad()
+def start_sessions_at_mean(table, session_row: dict[str, int], new_sessions: list[str],
+                           modality: dict[str, str]) -> None:
+    """Each new session's row = the mean trained row of its modality (a new session's row is otherwise the one
+    input of the decoder that is pure noise); a modality without trained sessions keeps its noise."""
+    for s in new_sessions:
+        same = [r for t, r in session_row.items() if t not in new_sessions and modality.get(t) == modality.get(s)]
+        if same:
+            table[session_row[s]] = table[same].mean(0)
 
 
 @torch.no_grad()
@@ -84,13 +102,8 @@ def init_from_responses(cfg: TrainConfig, model, unit_row: dict[str, int], sessi
     rows, fits = predict_rows(features, known, new_units, session_of, modality_of, cfg.shards)
     for u, row in rows.items():
         weight[unit_row[u]] = torch.as_tensor(row, dtype=weight.dtype)
-    mod_of_session = {session_of[u]: m for u, m in modality_of.items()}
-    table = model.session_emb.weight
-    for s in new_sessions:
-        same = [r for t, r in session_row.items()
-                if t not in new_sessions and mod_of_session.get(t) == mod_of_session.get(s)]
-        if same:
-            table[session_row[s]] = table[same].mean(0)
+    start_sessions_at_mean(model.session_emb.weight, session_row, new_sessions,
+                           {session_of[u]: m for u, m in modality_of.items()})
     return {"unit_init": fits}
 
 
