@@ -18,8 +18,9 @@ about (new units) / (presentations per unit x units per window), ~1e-3 on the be
 (1e-3 to 1 on two seeds, docs/model.md section 20): the cross-entropy also moves the rows, and the pretrained rows'
 spread holds their own overfit, so the prior is wider than the truth's and needs the extra weight.
 
-A modality whose pretrained rows are too few to estimate a covariance (< ``MIN_ROWS``), or whose sessions the
-store does not describe, uses the pooled fit of all pretrained rows.
+A modality whose pretrained rows are too few to estimate a covariance (< ``MIN_ROWS_PER_DIM`` per row dimension),
+or whose sessions the store does not describe, uses the pooled fit of all pretrained rows. The prior is on the
+encoder's table (``unit_emb``); with ``likelihood_own_rows`` the readout's own table is left free.
 """
 
 from __future__ import annotations
