@@ -219,7 +219,7 @@ def train_epoch(w: Worker, s: RunState) -> bool:
         out = train_step(w, batch, frozen)
         s.step += 1
         s.train_tally.add(out, batch)
-        timer.add_loss(out["loss"])
+        timer.add_loss(out["loss"], out)
         testhooks.inject_failure(w.hooks, cfg.out, s.step, w.rank, w.world, w.say)
         if s.step % cfg.log_every == 0 or s.step == 1:
             log_train(w, s, epoch)

@@ -45,6 +45,12 @@ def gather(obj: Any) -> list:
     return [obj]
 
 
+#: The loss's terms besides the tasks' that a step's output may carry, logged as ``train/{name}`` (their mean over the
+#: steps that had them): the likelihood readout's fit, the count loss, a finetuning's row prior. A fixed list, so every
+#: rank reduces the same tensor whichever terms its own batches had.
+LOSS_TERMS = ("likelihood_nll", "count_nll", "row_prior")
+
+
 class Timer:
     """Data-wait and step-rate bookkeeping between two log lines (reports/validation excluded)."""
 
@@ -54,6 +60,7 @@ class Timer:
         self.steps = 0
         self.loss_sum: Any = 0.0
         self.last_loss = math.nan
+        self.terms = torch.zeros(len(LOSS_TERMS), 2, dtype=torch.float64)  # (sum, steps) per term
 
     def timed(self, iterable):
         """Yield from iterable, adding the time blocked in next() to self.wait."""
@@ -77,9 +84,16 @@ class Timer:
         finally:
             self.skip += time.perf_counter() - t
 
-    def add_loss(self, loss: torch.Tensor) -> None:
-        """Sum the step's loss (on a GPU as a tensor: no sync per step)."""
+    def add_loss(self, loss: torch.Tensor, out: dict | None = None) -> None:
+        """Sum the step's loss (on a GPU as a tensor: no sync per step), and the terms of ``LOSS_TERMS`` that the
+        step's output ``out`` holds."""
         self.loss_sum += float(loss.detach()) if loss.device.type == "cpu" else loss.detach()
+        for i, name in enumerate(LOSS_TERMS):
+            if out is not None and name in out:
+                if self.terms.device != out[name].device:
+                    self.terms = self.terms.to(out[name].device)
+                self.terms[i, 0] += out[name].detach().double()
+                self.terms[i, 1] += 1
 
     def summary(self, tally: Tally, optimizer, device) -> dict[str, float]:
         """Scalars since the last call, summed (counts) or averaged (rates) over ranks; then reset."""
@@ -103,6 +117,13 @@ class Timer:
             "perf/tokens_per_s": tally.tokens / wall_per_rank,
             "perf/data_wait_fraction": wait / wall,
         })
+        terms = self.terms.to(tally.sums.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(terms)
+        for name, (total, n) in zip(LOSS_TERMS, terms.tolist()):
+            if n > 0:
+                out[f"train/{name}"] = total / n
+        self.terms = torch.zeros_like(self.terms)
         if device.type == "cuda":
             out["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
             out["perf/gpu_mem_reserved_gb"] = torch.cuda.memory_reserved(device) / 1e9

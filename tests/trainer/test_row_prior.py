@@ -84,6 +84,19 @@ def test_a_finetunings_new_rows_start_at_the_prior_mean_and_a_heavier_prior_hold
         _, rows, _ = finetuned_rows(store, pretrained, tmp_path / weight, "--unit-prior", weight, "--lr", "3e-2")
         spread[weight] = (rows[n_old:] - mean).norm(dim=1).mean().item()
     assert spread["1e3"] < 0.5 * spread["1e-6"]
+    # the penalty is logged beside the loss (TensorBoard): 0 at the first step (the rows at the mean), then larger
+    # under the heavier weight
+    logged = {w: [e.value for e in tb_scalars(tmp_path / w / "tb", "train/row_prior")] for w in spread}
+    assert len(logged["1e-6"]) > 1 and logged["1e-6"][0] == logged["1e3"][0] == 0.0
+    assert min(logged["1e3"][1:]) > max(logged["1e-6"]) > 0
+
+
+def tb_scalars(folder, tag: str) -> list:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc.Scalars(tag) if tag in acc.Tags()["scalars"] else []
 
 
 def test_a_prior_without_a_pretrained_model_is_refused(store_and_run, tmp_path):
