@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from shards import manifest
-from shards.store import Store
 from shards.stream.plan import PlanConfig
 from trainer.checkpoint import load_model_file, make_meta
 from trainer.config import TrainConfig
 from trainer.model.config import ModelConfig
 from trainer.model.io import grow_vocab, model_from_checkpoint
 from trainer.row_prior import RowPrior, fit_row_prior, start_at_prior_mean
+from trainer.sessions import session_modalities
 from trainer.unit_init import predict_rows, response_features
 
 
@@ -59,12 +58,6 @@ def load_pretrained(cfg: TrainConfig, vocab, sessions_here: list[str], init_rows
                          trained_sessions=sorted(seen | here), finetuned_from=cfg.init_from,
                          new_units=len(new_units), new_sessions=new_sessions, **init)
     return model, meta_out, to_model, prior
-
-
-def session_modalities(store_uri: str) -> dict[str, str]:
-    """{session id: modality} of the sessions the store holds."""
-    st = manifest.load(Store(store_uri)).sessions.to_pandas()
-    return dict(zip(st.session_id, st.modality))
 
 
 def row_prior(table, unit_row: dict[str, int], new_units: set[str], sessions: set[str], modality: dict[str, str],

@@ -17,9 +17,12 @@ def _sessions_table(store: str, sessions: list[str]):
     return table[table.session_id.isin(set(sessions))]
 
 
-def session_modalities(store: str, sessions: list[str]) -> dict[str, str]:
+def session_modalities(store: str, sessions: list[str] | None = None) -> dict[str, str]:
     """{session id: modality} for ``sessions``, from the store's sessions table; ValueError naming the
-    sessions it does not hold."""
+    sessions it does not hold. None: every session the store holds."""
+    if sessions is None:
+        table = manifest.load(Store(store)).sessions.to_pandas()
+        return dict(zip(table.session_id, table.modality))
     table = _sessions_table(store, sessions)
     mods = dict(zip(table.session_id, table.modality))
     return {s: mods[s] for s in sessions}

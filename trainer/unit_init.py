@@ -34,10 +34,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from shards import manifest
-from shards.store import Store
 from shards.stream.plan import PlanConfig, train_chunks
 from trainer.presentations import EPHYS_LATENCY_S, TASKS, iter_records, record_features
+from trainer.sessions import session_modalities
 
 RIDGE_GRID = (1.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 PCA_COMPONENTS = 16  # leading components that seed a fresh row; the rest of the row is noise
@@ -57,8 +56,7 @@ def too_few_sessions(store_uri: str, modality: str, found: int) -> UnitInitError
 def check_store(store_uri: str, trained: Iterable[str], new: Iterable[str]) -> None:
     """Before any training: the store must hold >= MIN_FIT_SESSIONS trained sessions of each new session's
     modality (UnitInitError naming the store otherwise)."""
-    st = manifest.load(Store(store_uri)).sessions.to_pandas()
-    mod = dict(zip(st.session_id, st.modality))
+    mod = session_modalities(store_uri)
     trained = set(trained)
     for m in sorted({mod[s] for s in new if s in mod}):
         n = len({s for s in trained if mod.get(s) == m})
