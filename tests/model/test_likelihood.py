@@ -38,9 +38,9 @@ def brute_force(head: LikelihoodHead, rows: torch.Tensor, batch: dict):
             for u in sorted(set(members.tolist())):
                 inside = (units == u) & (times >= lo) & (times < hi)
                 n = int(inside.sum())
-                b, sd, g, v = head.params(rows[u][None], m)
+                b, sd, g, v, sharp = head.params(rows[u][None], m)
                 code = head.codes[head.tasks[k]]
-                drive = F.softplus(code @ v[0])
+                drive = F.softplus(sharp[0, k] * (code @ v[0]))
                 y = int(batch["output_labels"][q])
                 if m == 0:
                     rate = F.softplus(b[0]) + g[0, k] * drive
@@ -67,14 +67,17 @@ def brute_force(head: LikelihoodHead, rows: torch.Tensor, batch: dict):
     return out, torch.stack(fits).mean()
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_log_likelihoods_equal_a_loop_over_queries_and_units(seed):
+@pytest.mark.parametrize(("seed", "gains"), [(0, "unit"), (1, "unit"), (0, "inside")])
+def test_log_likelihoods_equal_a_loop_over_queries_and_units(seed, gains):
+    """The batched readout against a loop; ``inside``: its sharpness per task inside the softplus as well."""
     torch.manual_seed(seed)
     tasks = [("static_gratings", 6), ("drifting_gratings", 8), ("natural_scenes", 119)]
-    head = LikelihoodHead(dim=16, rank=4, tasks=tasks)
-    with torch.no_grad():  # gains well away from their near-zero start, so every class differs
+    head = LikelihoodHead(dim=16, rank=4, tasks=tasks, task_gains=gains)
+    with torch.no_grad():  # gains (and sharpness) well away from their start, so every class differs
         for lin in head.unit_map:
-            lin.bias[2:5] = 1.0
+            lin.bias[2:6 if gains == "inside" else 5] = 1.0
+            if gains == "inside":
+                lin.bias[2:5] = torch.tensor([0.5, 1.0, 2.0])
         head.log_scale.uniform_(-1, 1)
     rows = torch.randn(N_UNITS, 16)
     batch = batch_for(seed=seed, spike_rate_hz=1.0)  # some units silent in their window
@@ -219,7 +222,7 @@ def test_shared_task_gains_differ_between_tasks_by_the_same_offset_for_every_uni
     tasks = [("static_gratings", 6), ("drifting_gratings", 8), ("natural_scenes", 119)]
     torch.manual_seed(0)
     rows = torch.randn(20, 16)
-    shared = LikelihoodHead(dim=16, rank=4, tasks=tasks, shared_task_gains=True)
+    shared = LikelihoodHead(dim=16, rank=4, tasks=tasks, task_gains="shared")
     free = LikelihoodHead(dim=16, rank=4, tasks=tasks)
     with torch.no_grad():
         shared.task_gain_offset.uniform_(-1, 1)

@@ -66,7 +66,8 @@ def test_tiny_sweep_writes_results_and_a_restore_runs_only_the_missing_trial(sto
                                                                              monkeypatch):
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     sweep = str(tmp_path / "sweep")
-    args = ["--experiment", spec_file(), "--ratios", "0,0.5", "--seeds", "0", "--shards", store, "--out", sweep,
+    spec = spec_file(finetune={"unit_prior": 0.3, "test_weights": "last"})
+    args = ["--experiment", spec, "--ratios", "0,0.5", "--seeds", "0", "--shards", store, "--out", sweep,
             "--workers", "0", "--cpus-per-worker", "0.5", "--concurrent", "2", "--max-failures", "0"]
     mixed = Point(ratio=0.5, seed=0).key
     monkeypatch.setenv("NEUROMIX_TUNE_FAIL", mixed)  # fails once, after its pretraining
@@ -81,6 +82,11 @@ def test_tiny_sweep_writes_results_and_a_restore_runs_only_the_missing_trial(sto
     only_ophys = Point(ratio=0.0, seed=0).key
     assert attempts(sweep, only_ophys) == 1 and attempts(sweep, mixed) == 2
     assert pretraining_runs(sweep, only_ophys) == 1 and pretraining_runs(sweep, mixed) == 1  # retried from its stage
+    for point in (only_ophys, mixed):  # the spec's finetune fields reach the finetunings, not the pretraining
+        run = {stage: yaml.safe_load(open(os.path.join(sweep, "trials", point, stage, "config.yaml")))
+               for stage in ("pretrain", "finetune_ophys")}
+        assert run["finetune_ophys"]["unit_prior"] == 0.3 and run["finetune_ophys"]["test_weights"] == "last"
+        assert run["pretrain"]["unit_prior"] == 0.0 and run["pretrain"]["test_weights"] == "best"
 
     df = pd.read_parquet(os.path.join(sweep, "results.parquet"))
     held = json.load(open(os.path.join(sweep, "heldout.json")))["sessions"]
@@ -195,6 +201,8 @@ def test_a_trials_score_leaves_out_records_that_name_no_area():
     ([], {"ratio": [0.5]}, "spec.yaml: unknown key 'ratio' \\(did you mean 'ratios'\\?\\)"),
     ([], {"seeds": "0"}, "spec.yaml: seeds = '0': expected a list of integers"),
     ([], {"variants": ["main", "common_ca"]}, "spec.yaml: variants = .*unknown variant 'common_ca'"),
+    ([], {"finetune": {"unit_prio": 0.3}}, "spec.yaml \\(finetune\\): unknown config key 'unit_prio'"),
+    ([], {"finetune": {"epochs": 3}}, "finetune = .*epochs is set by the sweep itself"),
     (["--experiment", "fig99"], None, "--experiment fig99: no such spec file, and not a named experiment"),
 ])
 def test_bad_input_is_one_line_before_any_trial(store, spec_file, tmp_path, flags, spec, message):

@@ -57,14 +57,15 @@ class LikelihoodHead(nn.Module):
     ``tasks``: the model's tasks in order as (name, classes or None for a regression)."""
 
     def __init__(self, *, dim: int, rank: int, tasks: list[tuple[str, int | None]],
-                 shared_task_gains: bool = False) -> None:
+                 task_gains: str = "unit") -> None:
         super().__init__()
         self.rank = rank
         self.tasks = [name if n is not None else None for name, n in tasks]
         self.n_tasks = len(tasks)
         # the map reads each row's direction: rows start at 0.02 scale and the encoder reads them too
         self.norm = nn.LayerNorm(dim, elementwise_affine=False)
-        width = 2 + self.n_tasks + rank  # b, s, g per task, v
+        self.inside = task_gains == "inside"
+        width = 2 + self.n_tasks + int(self.inside) + rank  # b, s, g (or sharpness) per task, [one gain,] v
         self.unit_map = nn.ModuleList(nn.Linear(dim, width) for _ in MODALITY_INDEX)
         with torch.no_grad():
             for m, i in MODALITY_INDEX.items():
@@ -76,6 +77,9 @@ class LikelihoodHead(nn.Module):
                 lin.bias[0] = 3.0 if m == "ephys" else 0.0
                 lin.bias[1] = -2.2
                 lin.bias[2:2 + self.n_tasks] = -4.0
+                if self.inside:  # sharpness softplus(0.5413) = 1 per task; the one outer gain starts like the others
+                    lin.bias[2:2 + self.n_tasks] = 0.5413
+                    lin.bias[2 + self.n_tasks] = -4.0
         # OPhys: per-spike amplitude A (dF/F summed over the innovations; ~0.1), decay tau (s; ~0.5) and the
         # innovations' offset o per token (0), from the ROI's row like the rest
         self.calcium_map = nn.Linear(dim, 3)
@@ -93,23 +97,29 @@ class LikelihoodHead(nn.Module):
         # presentations (the generator's task gains are per region; a finetuning's per-unit drifting-grating gains
         # fit noise: its tuning came out 1.5 times too deep, docs/model.md section 20)
         self.task_gain_offset = (nn.Parameter(torch.zeros(len(MODALITY_INDEX), self.n_tasks))
-                                 if shared_task_gains else None)
+                                 if task_gains == "shared" else None)
 
-    def params(self, rows: Tensor, modality: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """rows (R, D) of one modality -> b (R,), noise sd s (R,), task gains g (R, n_tasks), v (R, rank)."""
+    def params(self, rows: Tensor, modality: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """rows (R, D) of one modality -> b (R,), noise sd s (R,), task gains g (R, n_tasks), v (R, rank), and the
+        drive's sharpness per task k (R, n_tasks): ones but with ``task_gains="inside"``, where g is one gain per
+        unit and k scales ``v . code`` inside the softplus instead (the generator's form, ingest.synth.generative:
+        a region's task gain sharpens the tuning, so one v can serve every task from one shared code subspace)."""
         h = self.unit_map[modality](self.norm(rows))
-        gains = (h[:, 2:2 + self.n_tasks] if self.task_gain_offset is None
-                 else h[:, 2:3] + self.task_gain_offset[modality])
-        return h[:, 0], F.softplus(h[:, 1]) + 1e-3, F.softplus(gains), h[:, 2 + self.n_tasks:]
+        n = self.n_tasks
+        if self.inside:
+            return (h[:, 0], F.softplus(h[:, 1]) + 1e-3, F.softplus(h[:, 2 + n:3 + n]).expand(-1, n),
+                    h[:, 3 + n:], F.softplus(h[:, 2:2 + n]))
+        gains = h[:, 2:2 + n] if self.task_gain_offset is None else h[:, 2:3] + self.task_gain_offset[modality]
+        return h[:, 0], F.softplus(h[:, 1]) + 1e-3, F.softplus(gains), h[:, 2 + n:], torch.ones_like(gains)
 
     def calcium(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """rows (R, D) of OPhys ROIs -> per-spike amplitude A (R,), decay time constant tau in s (R,), offset o (R,)."""
         h = self.calcium_map(self.norm(rows))
         return F.softplus(h[:, 0]) + 1e-3, F.softplus(h[:, 1]) + 0.02, h[:, 2]
 
-    def rates(self, b: Tensor, g: Tensor, v: Tensor, task: int) -> Tensor:
-        """(R, classes) firing rate (Hz) of each row's unit during each class of ``task``."""
-        drive = F.softplus(v @ self.codes[self.tasks[task]].T)  # type: ignore[index]
+    def rates(self, b: Tensor, g: Tensor, v: Tensor, k: Tensor, task: int) -> Tensor:
+        """(R, classes) firing rate (Hz) of each row's unit during each class of ``task`` (``k``: sharpness)."""
+        drive = F.softplus(k[:, task, None] * (v @ self.codes[self.tasks[task]].T))  # type: ignore[index]
         return F.softplus(b)[:, None] + g[:, task, None] * drive
 
 
@@ -194,13 +204,13 @@ def likelihood_logits(head: LikelihoodHead, unit_rows, batch: dict[str, Tensor],
             continue
         present, unit_index = torch.unique(row_unit, return_inverse=True)  # each (query, unit)'s parameters
         rows = unit_rows(present)
-        b, s, g, v = (x[unit_index] for x in head.params(rows, m))
+        b, s, g, v, sharp = (x[unit_index] for x in head.params(rows, m))
         if not ephys:
             amp, _, off = (x[unit_index] for x in head.calcium(rows))
         qt = task[q][row_q]
         for k in qt.unique().tolist():
             r = (qt == k).nonzero().squeeze(1)
-            rate = head.rates(b[r], g[r], v[r], k)
+            rate = head.rates(b[r], g[r], v[r], sharp[r], k)
             y = labels[q][row_q[r]]
             mine = y >= 0
             span = (hi - lo)[q][row_q[r]]

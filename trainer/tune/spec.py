@@ -55,6 +55,7 @@ class ExperimentSpec:
     preset: str = "small"  # model preset: small | paper
     model_overrides: dict = field(default_factory=dict)  # ModelConfig fields
     train: dict = field(default_factory=dict)  # further TrainConfig fields for every run (batch_size, ...)
+    finetune: dict = field(default_factory=dict)  # and for every finetuning only (unit_prior, test_weights, lr, ...)
     # ---- search ----
     search: str = "grid"  # grid | asha | bayes
     samples: int = 8  # bayes: trials the searcher proposes (per-region mixture weights)
@@ -103,13 +104,15 @@ class ExperimentSpec:
             raise bad("preset", "small or paper")
         if self.search not in SEARCHES:
             raise bad("search", f"one of {', '.join(SEARCHES)}")
-        try:  # the extra TrainConfig fields: same checks as a --config file
-            TrainConfig.from_dict(self.train, at("train", "spec") + " (train)")
-        except ConfigError as exc:
-            raise ConfigError(str(exc)) from None
-        owned = sorted(set(self.train) & OWNED_FIELDS)
-        if owned:
-            raise bad("train", f"{owned[0]} is set by the sweep itself (use the spec's own fields)")
+        for name in ("train", "finetune"):
+            extra = getattr(self, name)
+            try:  # the extra TrainConfig fields: same checks as a --config file
+                TrainConfig.from_dict(extra, at(name, "spec") + f" ({name})")
+            except ConfigError as exc:
+                raise ConfigError(str(exc)) from None
+            owned = sorted(set(extra) & OWNED_FIELDS)
+            if owned:
+                raise bad(name, f"{owned[0]} is set by the sweep itself (use the spec's own fields)")
         return self
 
 
