@@ -29,6 +29,7 @@ the environment (trainer.testhooks), never from the config.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -166,6 +167,8 @@ def setup(cfg: TrainConfig) -> Worker:
     vocab = train_stream.vocab
 
     built = build_model(cfg, train_stream, rank)
+    if built.prior is not None:
+        built = dataclasses.replace(built, prior=built.prior.to(device))
     model = ray.train.torch.prepare_model(built.model, parallel_strategy_kwargs={"find_unused_parameters": True})
     optimizer = make_optimizer(cfg, unwrap(model))
     return Worker(cfg=cfg, hooks=testhooks.from_env(), rank=rank, world=world, device=device,

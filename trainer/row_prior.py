@@ -25,6 +25,7 @@ encoder's table (``unit_emb``); with ``likelihood_own_rows`` the readout's own t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,11 +47,14 @@ class RowPrior:
     precision: Tensor
     weight: float
 
+    def to(self, device: torch.device | str) -> RowPrior:
+        """The same prior on ``device`` (the model's: the worker moves both once, before training)."""
+        return dataclasses.replace(self, rows=self.rows.to(device), group=self.group.to(device),
+                                   mean=self.mean.to(device), precision=self.precision.to(device))
+
     def penalty(self, table: Tensor) -> Tensor:
-        """``weight`` x the mean over new rows of 0.5 x their Mahalanobis distance to their group's mean."""
-        if self.rows.device != table.device:
-            self.rows, self.group = self.rows.to(table.device), self.group.to(table.device)
-            self.mean, self.precision = self.mean.to(table.device), self.precision.to(table.device)
+        """``weight`` x the mean over new rows of 0.5 x their Mahalanobis distance to their group's mean (on the
+        prior's device: ``to``)."""
         d = table[self.rows].float() - self.mean[self.group]
         total = d.new_zeros(())
         for g in range(self.mean.shape[0]):

@@ -27,18 +27,20 @@ from trainer.model.packing import segment_ids
 
 
 def query_unit_counts(unit: Tensor, time: Tensor, cu_in: Tensor, q_sample: Tensor, lo: Tensor,
-                      hi: Tensor, values: Tensor | None = None, members: tuple[Tensor, Tensor] | None = None
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                      hi: Tensor, values: Tensor | None = None, members: tuple[Tensor, Tensor] | None = None,
+                      sample_of_token: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """For every query q (its sample ``q_sample``, its span [lo, hi) in window time) and every unit that has a
     token in q's sample, or is listed for it in ``members`` (units, cu: each sample's units, silent ones too):
     (query of the row, unit of the row, tokens of that unit in the span, the sum of those tokens' ``values``
-    ((N,) or (N, k), summed per column) or None when no values are given).
+    ((N,) or (N, k), summed per column) or None when no values are given). ``sample_of_token``: each token's
+    sample, ``segment_ids(cu_in)``, where the caller has it already.
 
     Vectorised over the packed batch (no Python loop over samples): a query's rows are its sample's (sample,
     unit) pairs, and a token counts towards the row of its own pair when its time is in the query's span."""
     device = unit.device
     n_samples = cu_in.numel() - 1
-    sample_of_token = segment_ids(cu_in, unit.numel())
+    if sample_of_token is None:
+        sample_of_token = segment_ids(cu_in, unit.numel())
     n_u = int(unit.max()) + 1 if unit.numel() else 1
     if members is None:
         pairs, pair_of_token = torch.unique(sample_of_token * n_u + unit, return_inverse=True)  # sorted: by sample

@@ -174,6 +174,7 @@ def likelihood_logits(head: LikelihoodHead, unit_rows, batch: dict[str, Tensor],
     members = ((batch["sample_unit_index"], batch["sample_unit_cu_seqlens"]) if "sample_unit_index" in batch
                else None)
     unit_in, t_in, cu_in = batch["input_unit_index"], batch["input_timestamps"].float(), batch["input_cu_seqlens"].long()
+    sample_in = segment_ids(cu_in, unit_in.numel())
     fit_sum, fit_n = t.new_zeros(()), 0
     parts: dict[int, list[tuple[Tensor, Tensor]]] = {}
     for m_name, m in MODALITY_INDEX.items():
@@ -185,7 +186,6 @@ def likelihood_logits(head: LikelihoodHead, unit_rows, batch: dict[str, Tensor],
         ephys = m_name == "ephys"
         values = None
         if not ephys:  # OPhys: each token's calcium innovation, and whether it has one (EPhys needs counts only)
-            sample_in = segment_ids(cu_in, unit_in.numel())
             sel = (batch["modality"][sample_in] == m).nonzero().squeeze(1)
             roi = torch.unique(unit_in[sel])
             if roi.numel() == 0:
@@ -196,7 +196,7 @@ def likelihood_logits(head: LikelihoodHead, unit_rows, batch: dict[str, Tensor],
             values = d.new_zeros(unit_in.numel(), 2)
             values[sel] = torch.stack([torch.where(has, d, torch.zeros_like(d)), has.to(d.dtype)], 1)
         row_q, row_unit, n_tok, v_sum = query_unit_counts(unit_in, t_in, cu_in, q_sample[q], lo[q], hi[q],
-                                                          values=values, members=members)
+                                                          values=values, members=members, sample_of_token=sample_in)
         if v_sum is not None:  # OPhys: a ROI with no innovation in the span says nothing about it
             keep_row = v_sum[:, 1] > 0
             row_q, row_unit, n_tok, v_sum = row_q[keep_row], row_unit[keep_row], n_tok[keep_row], v_sum[keep_row]
