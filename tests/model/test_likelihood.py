@@ -67,16 +67,16 @@ def brute_force(head: LikelihoodHead, rows: torch.Tensor, batch: dict):
     return out, torch.stack(fits).mean()
 
 
-@pytest.mark.parametrize(("seed", "gains"), [(0, "unit"), (1, "unit"), (0, "inside")])
+@pytest.mark.parametrize(("seed", "gains"), [(0, "unit"), (1, "unit"), (0, "inside"), (1, "inside/unit")])
 def test_log_likelihoods_equal_a_loop_over_queries_and_units(seed, gains):
     """The batched readout against a loop; ``inside``: its sharpness per task inside the softplus as well."""
     torch.manual_seed(seed)
     tasks = [("static_gratings", 6), ("drifting_gratings", 8), ("natural_scenes", 119)]
     head = LikelihoodHead(dim=16, rank=4, tasks=tasks, task_gains=gains)
     with torch.no_grad():  # gains (and sharpness) well away from their start, so every class differs
-        for lin in head.unit_map:
-            lin.bias[2:6 if gains == "inside" else 5] = 1.0
-            if gains == "inside":
+        for lin, inside in zip(head.unit_map, head.inside):
+            lin.bias[2:6 if inside else 5] = 1.0
+            if inside:
                 lin.bias[2:5] = torch.tensor([0.5, 1.0, 2.0])
         head.log_scale.uniform_(-1, 1)
     rows = torch.randn(N_UNITS, 16)
@@ -234,5 +234,10 @@ def test_shared_task_gains_differ_between_tasks_by_the_same_offset_for_every_uni
         free_step = torch.log(torch.expm1(free.params(rows, m)[2].double()))
         assert (free_step[:, 1] - free_step[:, 0]).std() > 0.01
     assert free.task_gain_offset is None
+    mixed = LikelihoodHead(dim=16, rank=4, tasks=tasks, task_gains="inside/unit")  # EPhys / OPhys
+    assert mixed.inside == [True, False] and mixed.unit_map[0].out_features == mixed.unit_map[1].out_features + 1
+    assert torch.equal(mixed.params(rows, 1)[4], torch.ones(20, 3))  # OPhys: no sharpness
     with pytest.raises(ValueError, match="likelihood_task_gains"):
         small(likelihood_readout=True, likelihood_task_gains="region")
+    with pytest.raises(ValueError, match="likelihood_task_gains"):
+        small(likelihood_readout=True, likelihood_task_gains="inside/unit/shared")

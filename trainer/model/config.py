@@ -88,7 +88,7 @@ class ModelConfig:
     likelihood_decoder_loss: float = 1.0  # weight of the decoder's own logits' loss beside the summed logits'
     likelihood_fit: float = 1.0  # weight of its encoding model's own fit (negative log-likelihood) in the loss
     likelihood_rank: int = 16  # width of the likelihood readout's class code
-    likelihood_task_gains: str = "unit"  # unit: a gain per (unit, task); shared: one per unit + one per (modality, task); inside: one gain per unit, a sharpness per (unit, task) inside the softplus
+    likelihood_task_gains: str = "unit"  # unit: a gain per (unit, task); shared: one per unit + one per (modality, task); inside: one gain per unit, a sharpness per (unit, task) inside the softplus; X/Y: EPhys X, OPhys Y
     likelihood_latency_ephys_s: float = 0.05  # its spans start this long after the presentation's, EPhys
     likelihood_latency_ophys_s: float = 0.1  # and OPhys (calcium rises over ~0.1 s)
     # architecture variant (trainer.model.variants)
@@ -112,8 +112,9 @@ class ModelConfig:
         if self.count_loss < 0 or self.count_rank < 1 or not 0 < self.count_span_s <= self.window_s:
             raise ValueError(f"count_loss must be >= 0, count_rank >= 1 and count_span_s in (0, window_s], got "
                              f"{self.count_loss}, {self.count_rank}, {self.count_span_s}")
-        if self.likelihood_task_gains not in ("unit", "shared", "inside"):
-            raise ValueError(f"likelihood_task_gains must be unit, shared or inside, got {self.likelihood_task_gains!r}")
+        forms = self.likelihood_task_gains.split("/")
+        if len(forms) > 2 or any(f not in ("unit", "shared", "inside") for f in forms):
+            raise ValueError(f"likelihood_task_gains must be unit, shared or inside, or EPhys/OPhys (inside/unit), got {self.likelihood_task_gains!r}")
         if self.likelihood_rank < 1 or self.likelihood_fit < 0 or self.likelihood_decoder_loss < 0:
             raise ValueError(f"likelihood_rank must be >= 1, likelihood_fit and likelihood_decoder_loss >= 0, got "
                              f"{self.likelihood_rank}, {self.likelihood_fit}, {self.likelihood_decoder_loss}")

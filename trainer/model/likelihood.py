@@ -64,9 +64,12 @@ class LikelihoodHead(nn.Module):
         self.n_tasks = len(tasks)
         # the map reads each row's direction: rows start at 0.02 scale and the encoder reads them too
         self.norm = nn.LayerNorm(dim, elementwise_affine=False)
-        self.inside = task_gains == "inside"
-        width = 2 + self.n_tasks + int(self.inside) + rank  # b, s, g (or sharpness) per task, [one gain,] v
-        self.unit_map = nn.ModuleList(nn.Linear(dim, width) for _ in MODALITY_INDEX)
+        # one form per modality: "X" for both, or "X/Y" for EPhys / OPhys (ModelConfig.likelihood_task_gains)
+        forms = task_gains.split("/") if "/" in task_gains else [task_gains] * len(MODALITY_INDEX)
+        self.inside = [f == "inside" for f in forms]
+        # b, s, g (or sharpness) per task, [one gain,] v
+        self.unit_map = nn.ModuleList(nn.Linear(dim, 2 + self.n_tasks + int(self.inside[i]) + rank)
+                                      for i in MODALITY_INDEX.values())
         with torch.no_grad():
             for m, i in MODALITY_INDEX.items():
                 lin = self.unit_map[i]
@@ -77,7 +80,7 @@ class LikelihoodHead(nn.Module):
                 lin.bias[0] = 3.0 if m == "ephys" else 0.0
                 lin.bias[1] = -2.2
                 lin.bias[2:2 + self.n_tasks] = -4.0
-                if self.inside:  # sharpness softplus(0.5413) = 1 per task; the one outer gain starts like the others
+                if self.inside[i]:  # sharpness softplus(0.5413) = 1 per task; the one outer gain starts like the others
                     lin.bias[2:2 + self.n_tasks] = 0.5413
                     lin.bias[2 + self.n_tasks] = -4.0
         # OPhys: per-spike amplitude A (dF/F summed over the innovations; ~0.1), decay tau (s; ~0.5) and the
@@ -97,7 +100,8 @@ class LikelihoodHead(nn.Module):
         # presentations (the generator's task gains are per region; a finetuning's per-unit drifting-grating gains
         # fit noise: its tuning came out 1.5 times too deep, docs/model.md section 20)
         self.task_gain_offset = (nn.Parameter(torch.zeros(len(MODALITY_INDEX), self.n_tasks))
-                                 if task_gains == "shared" else None)
+                                 if "shared" in forms else None)
+        self.shared = [f == "shared" for f in forms]
 
     def params(self, rows: Tensor, modality: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """rows (R, D) of one modality -> b (R,), noise sd s (R,), task gains g (R, n_tasks), v (R, rank), and the
@@ -106,10 +110,11 @@ class LikelihoodHead(nn.Module):
         a region's task gain sharpens the tuning, so one v can serve every task from one shared code subspace)."""
         h = self.unit_map[modality](self.norm(rows))
         n = self.n_tasks
-        if self.inside:
+        if self.inside[modality]:
             return (h[:, 0], F.softplus(h[:, 1]) + 1e-3, F.softplus(h[:, 2 + n:3 + n]).expand(-1, n),
                     h[:, 3 + n:], F.softplus(h[:, 2:2 + n]))
-        gains = h[:, 2:2 + n] if self.task_gain_offset is None else h[:, 2:3] + self.task_gain_offset[modality]
+        gains = (h[:, 2:3] + self.task_gain_offset[modality] if self.task_gain_offset is not None and
+                 self.shared[modality] else h[:, 2:2 + n])
         return h[:, 0], F.softplus(h[:, 1]) + 1e-3, F.softplus(gains), h[:, 2 + n:], torch.ones_like(gains)
 
     def calcium(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
