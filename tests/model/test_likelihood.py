@@ -165,6 +165,10 @@ def test_checkpointed_config_round_trips():
     c = small(likelihood_readout=True, likelihood_latency_ephys_s=0.04, likelihood_latency_ophys_s=0.2)
     assert type(c).from_dict(c.to_dict()) == c
     assert N_SESSIONS > 0
+    assert c.likelihood_task_gains == "inside"  # the default since docs/model.md section 21
+    old = c.to_dict()
+    del old["likelihood_task_gains"]  # a checkpoint from before the field was trained with gains per (unit, task)
+    assert type(c).from_dict(old).likelihood_task_gains == "unit"
 
 
 def test_the_readout_can_leave_ophys_to_the_decoder():
