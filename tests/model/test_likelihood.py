@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.model.support import N_SESSIONS, N_UNITS, batch_for, model_for, small
-from trainer.model.likelihood import LikelihoodHead, calcium_innovations, likelihood_logits
+from trainer.model.likelihood import BEFORE_S, LikelihoodHead, calcium_innovations, likelihood_logits
 from trainer.model.packing import segment_ids
 
 LATENCY = (0.05, 0.1)
@@ -47,19 +47,23 @@ def brute_force(head: LikelihoodHead, rows: torch.Tensor, batch: dict):
                     total = total + n * torch.log(rate + 1e-6) - (hi - lo) * rate
                     fits.append((hi - lo) * rate[y] - n * torch.log(rate[y] + 1e-6))
                 else:  # OPhys: the innovations x_k - exp(-dt / tau) x_(k-1) of the ROI's tokens in the span
-                    amp, tau, off = head.calcium(rows[u][None])
+                    amp, tau, off, beta = head.calcium(rows[u][None])
                     mine = (units == u).nonzero().squeeze(1).tolist()
                     mine.sort(key=lambda i: float(times[i]))
-                    total_d, n_in = 0.0, 0
+                    total_d, n_in, pre_d, n_pre = 0.0, 0, 0.0, 0
                     for j, i in zip(mine[:-1], mine[1:]):
+                        d = values[i] - torch.exp(-(times[i] - times[j]) / tau[0]) * values[j]
                         if lo <= float(times[i]) < hi:
-                            total_d = total_d + values[i] - torch.exp(-(times[i] - times[j]) / tau[0]) * values[j]
-                            n_in += 1
+                            total_d, n_in = total_d + d, n_in + 1
+                        elif max(lo - BEFORE_S, 0.0) <= float(times[i]) < lo:  # the stretch before the span
+                            pre_d, n_pre = pre_d + d, n_pre + 1
                     if not n_in:
                         continue
                     rate = F.softplus(b[0]) + g[0, k] * drive
                     spikes = rate * (hi - lo) * n_in / n
                     mean, var = off[0] * n_in + amp[0] * spikes, sd[0] ** 2 * n_in + amp[0] ** 2 * spikes
+                    if head.before:
+                        mean = mean + beta[0] * pre_d / max(n_pre, 1)
                     ll = -(total_d - mean) ** 2 / (2 * var) - 0.5 * torch.log(var)
                     total = total + ll
                     fits.append(-ll[y])
@@ -67,13 +71,18 @@ def brute_force(head: LikelihoodHead, rows: torch.Tensor, batch: dict):
     return out, torch.stack(fits).mean()
 
 
-@pytest.mark.parametrize(("seed", "gains"), [(0, "unit"), (1, "unit"), (0, "inside"), (1, "inside/unit")])
-def test_log_likelihoods_equal_a_loop_over_queries_and_units(seed, gains):
-    """The batched readout against a loop; ``inside``: its sharpness per task inside the softplus as well."""
+@pytest.mark.parametrize(("seed", "gains", "before"), [(0, "unit", False), (1, "unit", False), (0, "inside", False),
+                                                      (1, "inside/unit", False), (0, "inside", True), (1, "unit", True)])
+def test_log_likelihoods_equal_a_loop_over_queries_and_units(seed, gains, before):
+    """The batched readout against a loop; ``inside``: its sharpness per task inside the softplus as well;
+    ``before``: OPhys spans conditioned on the innovations just before them."""
     torch.manual_seed(seed)
     tasks = [("static_gratings", 6), ("drifting_gratings", 8), ("natural_scenes", 119)]
-    head = LikelihoodHead(dim=16, rank=4, tasks=tasks, task_gains=gains)
+    head = LikelihoodHead(dim=16, rank=4, tasks=tasks, task_gains=gains, before=before)
     with torch.no_grad():  # gains (and sharpness) well away from their start, so every class differs
+        if before:  # and beta away from its 0 start
+            head.calcium_map.weight[3].uniform_(-0.5, 0.5)
+            head.calcium_map.bias[3] = -0.4
         for lin, inside in zip(head.unit_map, head.inside):
             lin.bias[2:6 if inside else 5] = 1.0
             if inside:

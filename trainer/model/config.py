@@ -88,6 +88,7 @@ class ModelConfig:
     likelihood_decoder_loss: float = 1.0  # weight of the decoder's own logits' loss beside the summed logits'
     likelihood_fit: float = 1.0  # weight of its encoding model's own fit (negative log-likelihood) in the loss
     likelihood_rank: int = 16  # width of the likelihood readout's class code
+    likelihood_ophys_before: bool = False  # OPhys: each span's innovations conditioned on the one just before it
     likelihood_task_gains: str = "inside"  # unit: a gain per (unit, task); shared: one per unit + one per (modality, task); inside: one gain per unit, a sharpness per (unit, task) inside the softplus; X/Y: EPhys X, OPhys Y
     likelihood_latency_ephys_s: float = 0.05  # its spans start this long after the presentation's, EPhys
     likelihood_latency_ophys_s: float = 0.1  # and OPhys (calcium rises over ~0.1 s)
@@ -174,5 +175,6 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
         d.setdefault("likelihood_task_gains", "unit")  # checkpoints from before the field: the form they were trained in
+        d.setdefault("likelihood_ophys_before", False)
         d["tasks"] = tuple(TaskSpec(**t) for t in d["tasks"])
         return cls(**d)

@@ -36,6 +36,16 @@ innovations is, given the class, a Poisson number of spikes (mean T rate) times 
 noise, whose mean and variance the Gaussian above matches (the compound-Poisson form of the benchmark's ideal
 observer; ``A``, ``tau``, the offset ``o`` and the noise ``s`` are read from the ROI's row like ``b, g, v``). A
 ROI's first token of the window has no predecessor and is left out.
+
+``before`` (``ModelConfig.likelihood_ophys_before``): a token's innovation carries its own noise minus ``a`` times the
+previous token's (``d_k = A n_k + e_k - a e_(k-1)``, ``a = exp(-dt / tau)``), so the span's sum S shares the noise
+of the token before the span with that token's innovation ``d_b``, whose content (the previous presentation's
+spikes) does not depend on this presentation's class. Conditioning on it is free information: S's mean gains
+``beta_u d_b`` (``beta`` read from the ROI's row, 0 at first; ``d_b`` the mean innovation in the ``BEFORE_S``
+before the span, 0 where there is none). With the generator's true rates this lifts the form's ceiling on static
+gratings and natural scenes by 0.01-0.03 (bench/readout_ceiling.py ``--before``, docs/model.md section 21). The
+token after the span would halve the noise again, but it holds the end of the span's own calcium rise, so its
+content depends on the class (the same probe: drifting gratings lower).
 """
 
 from __future__ import annotations
@@ -50,6 +60,8 @@ from trainer.model.packing import segment_ids
 
 #: spans shorter than this (seconds) after clipping to the window get no likelihood term
 MIN_SPAN_S = 0.05
+#: ``before``: the stretch before an OPhys span whose innovations condition its sum (one 3-frame token at 30 Hz)
+BEFORE_S = 0.1
 
 
 class LikelihoodHead(nn.Module):
@@ -57,7 +69,7 @@ class LikelihoodHead(nn.Module):
     ``tasks``: the model's tasks in order as (name, classes or None for a regression)."""
 
     def __init__(self, *, dim: int, rank: int, tasks: list[tuple[str, int | None]],
-                 task_gains: str = "unit") -> None:
+                 task_gains: str = "unit", before: bool = False) -> None:
         super().__init__()
         self.rank = rank
         self.tasks = [name if n is not None else None for name, n in tasks]
@@ -85,10 +97,14 @@ class LikelihoodHead(nn.Module):
                     lin.bias[2 + self.n_tasks] = -4.0
         # OPhys: per-spike amplitude A (dF/F summed over the innovations; ~0.1), decay tau (s; ~0.5) and the
         # innovations' offset o per token (0), from the ROI's row like the rest
-        self.calcium_map = nn.Linear(dim, 3)
+        # ``before``: a fourth number per ROI, the weight beta of the innovation just before the span (0 at first)
+        self.before = before
+        self.calcium_map = nn.Linear(dim, 4 if before else 3)
         with torch.no_grad():
             self.calcium_map.weight.mul_(0.1)
-            self.calcium_map.bias.copy_(torch.tensor([-2.25, -0.43, 0.0]))
+            self.calcium_map.bias.copy_(torch.tensor([-2.25, -0.43, 0.0, 0.0][:self.calcium_map.out_features]))
+            if before:
+                self.calcium_map.weight[3].zero_()
         self.codes = nn.ParameterDict({name: nn.Parameter(torch.randn(n, rank) * rank ** -0.5)
                                        for name, n in tasks if n is not None})
         # a learned log-temperature per (modality, task): a misspecified encoding model is over-confident in
@@ -117,10 +133,12 @@ class LikelihoodHead(nn.Module):
                  self.shared[modality] else h[:, 2:2 + n])
         return h[:, 0], F.softplus(h[:, 1]) + 1e-3, F.softplus(gains), h[:, 2 + n:], torch.ones_like(gains)
 
-    def calcium(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """rows (R, D) of OPhys ROIs -> per-spike amplitude A (R,), decay time constant tau in s (R,), offset o (R,)."""
+    def calcium(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """rows (R, D) of OPhys ROIs -> per-spike amplitude A (R,), decay time constant tau in s (R,), offset o (R,),
+        and the weight beta (R,) of the innovation before the span (zeros without ``before``)."""
         h = self.calcium_map(self.norm(rows))
-        return F.softplus(h[:, 0]) + 1e-3, F.softplus(h[:, 1]) + 0.02, h[:, 2]
+        beta = h[:, 3] if self.before else torch.zeros_like(h[:, 2])
+        return F.softplus(h[:, 0]) + 1e-3, F.softplus(h[:, 1]) + 0.02, h[:, 2], beta
 
     def rates(self, b: Tensor, g: Tensor, v: Tensor, k: Tensor, task: int) -> Tensor:
         """(R, classes) firing rate (Hz) of each row's unit during each class of ``task`` (``k``: sharpness)."""
@@ -202,8 +220,14 @@ def likelihood_logits(head: LikelihoodHead, unit_rows, batch: dict[str, Tensor],
             values[sel] = torch.stack([torch.where(has, d, torch.zeros_like(d)), has.to(d.dtype)], 1)
         row_q, row_unit, n_tok, v_sum = query_unit_counts(unit_in, t_in, cu_in, q_sample[q], lo[q], hi[q],
                                                           values=values, members=members, sample_of_token=sample_in)
+        prior_d = None
         if v_sum is not None:  # OPhys: a ROI with no innovation in the span says nothing about it
             keep_row = v_sum[:, 1] > 0
+            if head.before:  # the innovations in the token-long stretch before the span, rows as the span's
+                pre = query_unit_counts(unit_in, t_in, cu_in, q_sample[q], (lo[q] - BEFORE_S).clamp(min=0.0), lo[q],
+                                        values=values, members=members, sample_of_token=sample_in)[3]
+                assert pre is not None
+                prior_d = (pre[:, 0] / pre[:, 1].clamp(min=1.0))[keep_row]  # their mean; 0 where there is none
             row_q, row_unit, n_tok, v_sum = row_q[keep_row], row_unit[keep_row], n_tok[keep_row], v_sum[keep_row]
         if row_q.numel() == 0:
             continue
@@ -211,7 +235,7 @@ def likelihood_logits(head: LikelihoodHead, unit_rows, batch: dict[str, Tensor],
         rows = unit_rows(present)
         b, s, g, v, sharp = (x[unit_index] for x in head.params(rows, m))
         if not ephys:
-            amp, _, off = (x[unit_index] for x in head.calcium(rows))
+            amp, _, off, beta = (x[unit_index] for x in head.calcium(rows))
         qt = task[q][row_q]
         for k in qt.unique().tolist():
             r = (qt == k).nonzero().squeeze(1)
@@ -228,6 +252,8 @@ def likelihood_logits(head: LikelihoodHead, unit_rows, batch: dict[str, Tensor],
                 n_in = v_sum[r, 1]
                 spikes = rate * (span * n_in / n_tok[r])[:, None]  # expected spikes in the innovations' share
                 mean = off[r, None] * n_in[:, None] + amp[r, None] * spikes
+                if prior_d is not None:  # the span's sum given the innovation before it (module doc)
+                    mean = mean + (beta[r] * prior_d[r])[:, None]
                 var = s[r, None] ** 2 * n_in[:, None] + amp[r, None] ** 2 * spikes
                 ll = -(v_sum[r, 0, None] - mean) ** 2 / (2 * var) - 0.5 * torch.log(var)
                 fit = -ll[mine].gather(1, y[mine, None]).squeeze(1)

@@ -87,7 +87,8 @@ class MultiModalPOYO(nn.Module):
         self.count_head = (CountHead(dim=c.dim, rank=c.count_rank, norm=c.count_norm, tasks=class_tasks)
                            if c.count_loss > 0 else None)
         self.likelihood_head = (LikelihoodHead(dim=c.dim, rank=c.likelihood_rank, tasks=class_tasks,
-                                               task_gains=c.likelihood_task_gains)
+                                               task_gains=c.likelihood_task_gains,
+                                               before=c.likelihood_ophys_before)
                                 if c.likelihood_readout else None)
         # own_rows: the readout's units are their own table, so fitting rates never moves the rows the encoder reads
         self.readout_emb = (GrowableEmbedding(num=n_units, dim=c.dim, init_scale=c.emb_init_scale)
