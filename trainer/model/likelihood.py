@@ -8,10 +8,13 @@ sections 11-17). Neuroscience's own decoder is the inverse of an encoding model:
 and the class whose rates best explain the counts (a Poisson GLM). Here that model is *shared*: one learned code per
 (task, class), the same for both modalities (they see the same stimuli), and each unit's tuning read from its row,
 
-    rate[u, c] = softplus(b_u) + softplus(g_u[task]) * softplus(v_u . code[task][c])      (b, g, v) = A_m(LN(row_u))
+    rate[u, c] = softplus(b_u) + softplus(g_u) * softplus(k_u[task] v_u . code[task][c])      (b, g, k, v) = A_m(LN(row_u))
 
-with ``A_m`` one linear map per modality. A new session's units only need rows that this map reads right, so a
-pretrained code carries over as the shared part of the corpus does. The query's logits then gain
+with ``A_m`` one linear map per modality (``task_gains="inside"``, ModelConfig's default: a per-task sharpness
+``k`` inside the tuning curve, as the generator's region task gains; ``"unit"``, the earlier form, puts a gain per
+(unit, task) outside it instead, ``softplus(g_u[task]) * softplus(v_u . code)``; docs/model.md section 21). A new
+session's units only need rows that this map reads right, so a pretrained code carries over as the shared part of
+the corpus does. The query's logits then gain
 
     EPhys:  sum_u  n_u log rate[u, c] - T rate[u, c]                  (Poisson counts n_u in the span of length T)
     OPhys:  sum_u  log N(S_u; o_u k_u + A_u T rate[u, c],  s_u^2 k_u + A_u^2 T rate[u, c])
