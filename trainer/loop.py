@@ -122,7 +122,7 @@ class Worker:
                      f"{self.world} worker(s), {self.device.type}; global batch {cfg.global_batch}, peak lr "
                      f"{cfg.peak_lr:.3g}, {self.steps_per_epoch} steps per epoch, {self.total_steps} steps")
         s.train_tally = self.new_tally()
-        self.timer = Timer()
+        self.timer = Timer(self.device)
         self.interrupt = Interrupt(os.path.join(cfg.out, INTERRUPT_FILE), self.world, cfg.log_every, self.device)
 
     def new_tally(self) -> Tally:

@@ -54,13 +54,14 @@ LOSS_TERMS = ("likelihood_nll", "count_nll", "row_prior")
 class Timer:
     """Data-wait and step-rate bookkeeping between two log lines (reports/validation excluded)."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device | str = "cpu"):
         self.t0 = time.perf_counter()
         self.wait = self.skip = 0.0
         self.steps = 0
         self.loss_sum: Any = 0.0
         self.last_loss = math.nan
-        self.terms = torch.zeros(len(LOSS_TERMS), 2, dtype=torch.float64)  # (sum, steps) per term
+        # (sum, steps) per term, on the device the steps' terms are on (no sync per step)
+        self.terms = torch.zeros(len(LOSS_TERMS), 2, dtype=torch.float64, device=device)
 
     def timed(self, iterable):
         """Yield from iterable, adding the time blocked in next() to self.wait."""
@@ -90,8 +91,6 @@ class Timer:
         self.loss_sum += float(loss.detach()) if loss.device.type == "cpu" else loss.detach()
         for i, name in enumerate(LOSS_TERMS):
             if out is not None and name in out:
-                if self.terms.device != out[name].device:
-                    self.terms = self.terms.to(out[name].device)
                 self.terms[i, 0] += out[name].detach().double()
                 self.terms[i, 1] += 1
 
@@ -117,7 +116,7 @@ class Timer:
             "perf/tokens_per_s": tally.tokens / wall_per_rank,
             "perf/data_wait_fraction": wait / wall,
         })
-        terms = self.terms.to(tally.sums.device)
+        terms = self.terms
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(terms)
         for name, (total, n) in zip(LOSS_TERMS, terms.tolist()):

@@ -89,7 +89,9 @@ class ModelConfig:
     likelihood_fit: float = 1.0  # weight of its encoding model's own fit (negative log-likelihood) in the loss
     likelihood_rank: int = 16  # width of the likelihood readout's class code
     likelihood_ophys_before: bool = False  # OPhys: each span's innovations conditioned on the one just before it
-    likelihood_task_gains: str = "inside"  # unit: a gain per (unit, task); shared: one per unit + one per (modality, task); inside: one gain per unit, a sharpness per (unit, task) inside the softplus; X/Y: EPhys X, OPhys Y
+    # inside: one gain per unit, a sharpness per (unit, task) inside the softplus; unit: a gain per (unit, task)
+    # outside it; shared: one per unit + one per (modality, task); X/Y: EPhys X, OPhys Y
+    likelihood_task_gains: str = "inside"
     likelihood_latency_ephys_s: float = 0.05  # its spans start this long after the presentation's, EPhys
     likelihood_latency_ophys_s: float = 0.1  # and OPhys (calcium rises over ~0.1 s)
     # architecture variant (trainer.model.variants)
@@ -115,7 +117,8 @@ class ModelConfig:
                              f"{self.count_loss}, {self.count_rank}, {self.count_span_s}")
         forms = self.likelihood_task_gains.split("/")
         if len(forms) > 2 or any(f not in ("unit", "shared", "inside") for f in forms):
-            raise ValueError(f"likelihood_task_gains must be unit, shared or inside, or EPhys/OPhys (inside/unit), got {self.likelihood_task_gains!r}")
+            raise ValueError(f"likelihood_task_gains must be unit, shared or inside, or EPhys/OPhys (inside/unit), "
+                             f"got {self.likelihood_task_gains!r}")
         if self.likelihood_rank < 1 or self.likelihood_fit < 0 or self.likelihood_decoder_loss < 0:
             raise ValueError(f"likelihood_rank must be >= 1, likelihood_fit and likelihood_decoder_loss >= 0, got "
                              f"{self.likelihood_rank}, {self.likelihood_fit}, {self.likelihood_decoder_loss}")

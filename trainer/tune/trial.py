@@ -82,8 +82,8 @@ def finetune_run_config(context: dict, spec: ExperimentSpec, point: Point, pre: 
     res = context["resources"]
     base = finetune_config(pre, context["shards"], heldout_ids(context["heldout"], modality), out, "pretrained")
     extra = TrainConfig.from_dict(spec.finetune, "spec (finetune)")  # checked by spec.validate already
-    return dataclasses.replace(base, **{k: getattr(extra, k) for k in spec.finetune}, epochs=spec.finetune_epochs, unfreeze_epoch=spec.unfreeze_epoch,
-                               seed=point.seed, workers=res["workers"], cpus_per_worker=res["cpus_per_worker"],
+    return dataclasses.replace(base, **{k: getattr(extra, k) for k in spec.finetune},
+                               epochs=spec.finetune_epochs, unfreeze_epoch=spec.unfreeze_epoch, seed=point.seed, workers=res["workers"], cpus_per_worker=res["cpus_per_worker"],
                                use_gpu=res["use_gpu"])
 
 
