@@ -89,6 +89,10 @@ class ModelConfig:
     likelihood_fit: float = 1.0  # weight of its encoding model's own fit (negative log-likelihood) in the loss
     likelihood_rank: int = 16  # width of the likelihood readout's class code
     likelihood_ophys_before: bool = False  # OPhys: each span's innovations conditioned on the one just before it
+    # OPhys: "sum" of the span's innovations (likelihood.py), or "filter": a matched filter over the window's
+    # innovations with decision feedback for the neighbours (calcium_filter.py), this many feedback passes
+    likelihood_ophys_form: str = "sum"
+    likelihood_ophys_feedback: int = 2
     # inside: one gain per unit, a sharpness per (unit, task) inside the softplus; unit: a gain per (unit, task)
     # outside it; shared: one per unit + one per (modality, task); X/Y: EPhys X, OPhys Y
     likelihood_task_gains: str = "inside"
@@ -119,6 +123,12 @@ class ModelConfig:
         if len(forms) > 2 or any(f not in ("unit", "shared", "inside") for f in forms):
             raise ValueError(f"likelihood_task_gains must be unit, shared or inside, or EPhys/OPhys (inside/unit), "
                              f"got {self.likelihood_task_gains!r}")
+        if self.likelihood_ophys_form not in ("sum", "filter") or self.likelihood_ophys_feedback < 0:
+            raise ValueError(f"likelihood_ophys_form must be sum or filter and likelihood_ophys_feedback >= 0, got "
+                             f"{self.likelihood_ophys_form!r}, {self.likelihood_ophys_feedback}")
+        if self.likelihood_ophys_form == "filter" and self.likelihood_ophys_before:
+            raise ValueError("likelihood_ophys_before conditions the sum form's span; the filter form reads every "
+                             "token of the window already (set one of them)")
         if self.likelihood_rank < 1 or self.likelihood_fit < 0 or self.likelihood_decoder_loss < 0:
             raise ValueError(f"likelihood_rank must be >= 1, likelihood_fit and likelihood_decoder_loss >= 0, got "
                              f"{self.likelihood_rank}, {self.likelihood_fit}, {self.likelihood_decoder_loss}")

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shards.schema import MODALITY_INDEX
+from trainer.model import calcium_filter as cf
 from trainer.model.counts import query_unit_counts
 from trainer.model.packing import segment_ids
 
@@ -72,7 +73,8 @@ class LikelihoodHead(nn.Module):
     ``tasks``: the model's tasks in order as (name, classes or None for a regression)."""
 
     def __init__(self, *, dim: int, rank: int, tasks: list[tuple[str, int | None]],
-                 task_gains: str = "unit", before: bool = False) -> None:
+                 task_gains: str = "unit", before: bool = False, ophys_form: str = "sum",
+                 feedback: int = 2) -> None:
         super().__init__()
         self.rank = rank
         self.tasks = [name if n is not None else None for name, n in tasks]
@@ -108,6 +110,15 @@ class LikelihoodHead(nn.Module):
             self.calcium_map.bias.copy_(torch.tensor([-2.25, -0.43, 0.0, 0.0][:self.calcium_map.out_features]))
             if before:
                 self.calcium_map.weight[3].zero_()
+        # ``ophys_form="filter"`` (trainer.model.calcium_filter): per ROI the noise's lag-1 correlation and the taps
+        # A[-1], A[1], A[2] beside the amplitude A[0] above (started at the generator's rise: ~half a spike's
+        # calcium shows in the next token's innovation)
+        self.ophys_form, self.feedback = ophys_form, feedback
+        self.filter_map = nn.Linear(dim, 4) if ophys_form == "filter" else None
+        if self.filter_map is not None:
+            with torch.no_grad():
+                self.filter_map.weight.mul_(0.1)
+                self.filter_map.bias.copy_(torch.tensor([-0.5, 0.0, 0.05, 0.0]))
         self.codes = nn.ParameterDict({name: nn.Parameter(torch.randn(n, rank) * rank ** -0.5)
                                        for name, n in tasks if n is not None})
         # a learned log-temperature per (modality, task): a misspecified encoding model is over-confident in
@@ -142,6 +153,14 @@ class LikelihoodHead(nn.Module):
         h = self.calcium_map(self.norm(rows))
         beta = h[:, 3] if self.before else torch.zeros_like(h[:, 2])
         return F.softplus(h[:, 0]) + 1e-3, F.softplus(h[:, 1]) + 0.02, h[:, 2], beta
+
+    def filter_params(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """rows (R, D) of OPhys ROIs -> the noise's lag-1 correlation rho (R,), |rho| < 0.49, and the taps (R,
+        len(TAPS)) in ``calcium_filter.TAPS`` order (-1, 0, 1, 2), A[0] the amplitude of :meth:`calcium`."""
+        assert self.filter_map is not None
+        h = self.filter_map(self.norm(rows))
+        amp0 = self.calcium(rows)[0]
+        return 0.49 * torch.tanh(h[:, 0]), torch.stack([h[:, 1], amp0, h[:, 2], h[:, 3]], 1)
 
     def rates(self, b: Tensor, g: Tensor, v: Tensor, k: Tensor, task: int) -> Tensor:
         """(R, classes) firing rate (Hz) of each row's unit during each class of ``task`` (``k``: sharpness)."""
@@ -210,6 +229,17 @@ def likelihood_logits(head: LikelihoodHead, unit_rows, batch: dict[str, Tensor],
         if q.numel() == 0:
             continue
         ephys = m_name == "ephys"
+        if not ephys and head.ophys_form == "filter":
+            sel = (batch["modality"][sample_in] == m).nonzero().squeeze(1)
+            if sel.numel() == 0:
+                continue
+            terms, f_sum, f_n = ophys_filter_logits(
+                head, unit_rows, unit_in[sel], t_in[sel], sample_in[sel], batch["input_values"][sel].float(),
+                cu_in.numel() - 1, q_sample[q], lo[q], hi[q], task[q], labels[q], m)
+            for k, (local, summed) in terms.items():
+                parts.setdefault(k, []).append((q[local], summed))
+            fit_sum, fit_n = fit_sum + f_sum, fit_n + f_n
+            continue
         values = None
         if not ephys:  # OPhys: each token's calcium innovation, and whether it has one (EPhys needs counts only)
             sel = (batch["modality"][sample_in] == m).nonzero().squeeze(1)
@@ -270,3 +300,62 @@ def likelihood_logits(head: LikelihoodHead, unit_rows, batch: dict[str, Tensor],
     for k, items in parts.items():
         out[k] = (torch.cat([i for i, _ in items]), torch.cat([x for _, x in items]))
     return out, (fit_sum / fit_n if fit_n else None)
+
+
+def ophys_filter_logits(head: LikelihoodHead, unit_rows, unit: Tensor, time: Tensor, sample: Tensor, values: Tensor,
+                        n_samples: int, q_sample: Tensor, lo: Tensor, hi: Tensor, task: Tensor, labels: Tensor,
+                        modality: int) -> tuple[dict[int, tuple[Tensor, Tensor]], Tensor, int]:
+    """The OPhys queries' log-likelihoods by the matched filter with decision feedback (``ophys_form="filter"``,
+    :mod:`trainer.model.calcium_filter`): per task, (positions among the given queries, (Q_k, classes)), plus the
+    generative fit's summed negative log-likelihood and its number of (sample, ROI) groups. Tokens: the OPhys
+    samples' (``sample`` their sample of ``n_samples``); queries: their sample, span [lo, hi), task and label."""
+    grid = cf.token_grid(unit, time, sample, values, n_samples)
+    present, inv = torch.unique(grid.unit, return_inverse=True)
+    rows = unit_rows(present)
+    b, noise, gain, v, sharp = (x[inv] for x in head.params(rows, modality))
+    _, tau, off, _ = (x[inv] for x in head.calcium(rows))
+    rho, amp = (x[inv] for x in head.filter_params(rows))
+    d, valid, t_lo, t_hi = cf.innovations(grid, tau)
+    # pairs: every (query, group of its sample)
+    per_sample = torch.diff(grid.first)
+    reps = per_sample[q_sample]
+    start = F.pad(reps.cumsum(0), (1, 0))
+    n_pairs = int(start[-1])
+    pq = torch.repeat_interleave(torch.arange(len(q_sample), device=unit.device), reps, output_size=n_pairs)
+    pg = grid.first[q_sample][pq] + torch.arange(n_pairs, device=unit.device) - start[pq]
+    overlap = (torch.minimum(t_hi[pg], hi[pq, None]) - torch.maximum(t_lo[pg], lo[pq, None])).clamp(min=0.0)
+    overlap = overlap * valid[pg]
+    base = F.softplus(b)
+    inp = cf.FilterInputs(d, valid, (t_hi - t_lo) * valid, amp, off, noise ** 2, rho, base, pg, pq, overlap)
+    tasks = {k: (task[pq] == k).nonzero().squeeze(1) for k in task[pq].unique().tolist()
+             if head.tasks[k] is not None}
+    rate = {k: head.rates(b[pg[r]], gain[pg[r]], v[pg[r]], sharp[pg[r]], k) for k, r in tasks.items()}
+    rbar = base[pg]  # pairs of no scored task (none: the caller keeps scored queries) sit at the baseline
+    for k, r in tasks.items():
+        rbar = rbar.index_put((r,), rate[k].mean(1))
+    expected = rbar
+    out: dict[int, tuple[Tensor, Tensor]] = {}
+    for step in range(head.feedback + 1):
+        lam = cf.expected_counts(inp, expected - base[pg])
+        z, qq = cf.filter_terms(inp, lam, expected - rbar)
+        posterior_mean = expected
+        for k, r in tasks.items():
+            dr = rate[k] - rbar[r, None]
+            ll = (dr * z[r, None] - 0.5 * dr ** 2 * qq[r, None]) * head.log_scale[modality, k].exp()
+            local, which = torch.unique(pq[r], return_inverse=True)
+            summed = ll.new_zeros(len(local), ll.shape[1]).index_add_(0, which, ll)
+            out[k] = (local, summed)
+            if step < head.feedback:  # the neighbours at their posterior-mean rate in the next pass
+                post = torch.softmax(summed.detach(), dim=1)[which]
+                posterior_mean = posterior_mean.index_put((r,), (post * rate[k]).sum(1))
+        expected = posterior_mean
+    # the generative fit: every labelled presentation at its true class, the others at their decoded mean
+    truth = expected
+    for k, r in tasks.items():
+        y = labels[pq[r]]
+        own = rate[k].gather(1, y.clamp(min=0)[:, None]).squeeze(1)
+        truth = truth.index_put((r,), torch.where(y >= 0, own, expected[r]))
+    nll = cf.gaussian_nll(inp, cf.expected_counts(inp, truth - base[pg]))
+    labelled = torch.zeros(len(nll), dtype=torch.bool, device=unit.device)
+    labelled[pg[labels[pq] >= 0]] = True
+    return out, nll[labelled].sum(), int(labelled.sum())

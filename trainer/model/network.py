@@ -88,7 +88,9 @@ class MultiModalPOYO(nn.Module):
                            if c.count_loss > 0 else None)
         self.likelihood_head = (LikelihoodHead(dim=c.dim, rank=c.likelihood_rank, tasks=class_tasks,
                                                task_gains=c.likelihood_task_gains,
-                                               before=c.likelihood_ophys_before)
+                                               before=c.likelihood_ophys_before,
+                                               ophys_form=c.likelihood_ophys_form,
+                                               feedback=c.likelihood_ophys_feedback)
                                 if c.likelihood_readout else None)
         # own_rows: the readout's units are their own table, so fitting rates never moves the rows the encoder reads
         self.readout_emb = (GrowableEmbedding(num=n_units, dim=c.dim, init_scale=c.emb_init_scale)
