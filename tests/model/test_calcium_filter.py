@@ -94,7 +94,8 @@ def loop(head: LikelihoodHead, rows: torch.Tensor, batch: dict) -> tuple[dict, f
                 truth = [r["rates"][i][y] if y >= 0 else expected[j][i] for i, (*_, y) in enumerate(queries)]
                 mu, cov, _ = moments(r, np.array(truth) - r["base"])
                 resid = r["d"] - mu
-                nlls.append(0.5 * resid @ np.linalg.inv(cov) @ resid + 0.5 * np.linalg.slogdet(cov)[1])
+                nll = 0.5 * resid @ np.linalg.inv(cov) @ resid + 0.5 * np.linalg.slogdet(cov)[1]
+                nlls.append(nll / len(resid) if head.fit_norm == "token" else nll)
     return out, float(np.mean(nlls))
 
 
@@ -128,9 +129,11 @@ def test_filter_log_likelihoods_equal_a_loop_with_dense_matrices(seed, feedback)
             assert float(ll.max() - ll.min()) > 1e-3  # the classes differ
     # the fit on OPhys alone (with EPhys, its terms per (query, unit) join the same mean)
     alone = batch_for(modalities=[1, 1, 1], seed=seed, queries_per_sample=4)
-    _, fit = likelihood_logits(head, lambda i: rows[i], alone, segment_ids(alone["output_cu_seqlens"].long()),
-                               latency=LATENCY, window_s=1.0)
-    assert fit is not None and float(fit) == pytest.approx(loop(head, rows, alone)[1], rel=1e-3, abs=1e-3)
+    for norm in ("group", "token"):  # per (sample, ROI): the innovations' summed or mean negative log-likelihood
+        head.fit_norm = norm
+        _, fit = likelihood_logits(head, lambda i: rows[i], alone, segment_ids(alone["output_cu_seqlens"].long()),
+                                   latency=LATENCY, window_s=1.0)
+        assert fit is not None and float(fit) == pytest.approx(loop(head, rows, alone)[1], rel=1e-3, abs=1e-3)
 
 
 def test_the_grid_lays_each_sample_and_roi_out_in_time_order_from_any_token_order():
@@ -150,6 +153,7 @@ def test_the_grid_lays_each_sample_and_roi_out_in_time_order_from_any_token_orde
 def test_bad_filter_settings_are_refused_in_one_line():
     for kw, field in (({"likelihood_ophys_form": "kalman"}, "likelihood_ophys_form"),
                       ({"likelihood_ophys_feedback": -1}, "likelihood_ophys_feedback"),
+                      ({"likelihood_ophys_fit_norm": "roi"}, "likelihood_ophys_fit_norm"),
                       ({"likelihood_ophys_form": "filter", "likelihood_ophys_before": True}, "likelihood_ophys_before")):
         with pytest.raises(ValueError, match=field) as err:
             small(likelihood_readout=True, **kw)

@@ -178,6 +178,9 @@ def test_checkpointed_config_round_trips():
     old = c.to_dict()
     del old["likelihood_task_gains"]  # a checkpoint from before the field was trained with gains per (unit, task)
     assert type(c).from_dict(old).likelihood_task_gains == "unit"
+    assert c.likelihood_ophys_form == "filter"  # the default since docs/model.md section 22
+    del old["likelihood_ophys_form"]  # and before the field, OPhys was the span's summed innovations
+    assert type(c).from_dict(old).likelihood_ophys_form == "sum"
 
 
 def test_the_readout_can_leave_ophys_to_the_decoder():

@@ -89,10 +89,14 @@ class ModelConfig:
     likelihood_fit: float = 1.0  # weight of its encoding model's own fit (negative log-likelihood) in the loss
     likelihood_rank: int = 16  # width of the likelihood readout's class code
     likelihood_ophys_before: bool = False  # OPhys: each span's innovations conditioned on the one just before it
-    # OPhys: "sum" of the span's innovations (likelihood.py), or "filter": a matched filter over the window's
-    # innovations with decision feedback for the neighbours (calcium_filter.py), this many feedback passes
-    likelihood_ophys_form: str = "sum"
+    # OPhys: "filter", a matched filter over the window's innovations with decision feedback for the neighbours
+    # (calcium_filter.py; this many feedback passes), or "sum" of the span's innovations (likelihood.py; the form
+    # before docs/model.md section 22)
+    likelihood_ophys_form: str = "filter"
     likelihood_ophys_feedback: int = 2
+    # the filter's generative fit per (sample, ROI): its innovations' summed negative log-likelihood ("group"), or
+    # their mean ("token": one term per ROI and window, the scale of an EPhys (query, unit) term)
+    likelihood_ophys_fit_norm: str = "group"
     # inside: one gain per unit, a sharpness per (unit, task) inside the softplus; unit: a gain per (unit, task)
     # outside it; shared: one per unit + one per (modality, task); X/Y: EPhys X, OPhys Y
     likelihood_task_gains: str = "inside"
@@ -126,6 +130,8 @@ class ModelConfig:
         if self.likelihood_ophys_form not in ("sum", "filter") or self.likelihood_ophys_feedback < 0:
             raise ValueError(f"likelihood_ophys_form must be sum or filter and likelihood_ophys_feedback >= 0, got "
                              f"{self.likelihood_ophys_form!r}, {self.likelihood_ophys_feedback}")
+        if self.likelihood_ophys_fit_norm not in ("group", "token"):
+            raise ValueError(f"likelihood_ophys_fit_norm must be group or token, got {self.likelihood_ophys_fit_norm!r}")
         if self.likelihood_ophys_form == "filter" and self.likelihood_ophys_before:
             raise ValueError("likelihood_ophys_before conditions the sum form's span; the filter form reads every "
                              "token of the window already (set one of them)")
@@ -189,5 +195,6 @@ class ModelConfig:
         d = dict(d)
         d.setdefault("likelihood_task_gains", "unit")  # checkpoints from before the field: the form they were trained in
         d.setdefault("likelihood_ophys_before", False)
+        d.setdefault("likelihood_ophys_form", "sum")  # checkpoints from before the field: the span sum
         d["tasks"] = tuple(TaskSpec(**t) for t in d["tasks"])
         return cls(**d)

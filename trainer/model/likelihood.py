@@ -17,7 +17,11 @@ session's units only need rows that this map reads right, so a pretrained code c
 the corpus does. The query's logits then gain
 
     EPhys:  sum_u  n_u log rate[u, c] - T rate[u, c]                  (Poisson counts n_u in the span of length T)
-    OPhys:  sum_u  log N(S_u; o_u k_u + A_u T rate[u, c],  s_u^2 k_u + A_u^2 T rate[u, c])
+    OPhys:  sum_u  log N(S_u; o_u k_u + A_u T rate[u, c],  s_u^2 k_u + A_u^2 T rate[u, c])    (ophys_form="sum")
+
+(ModelConfig's OPhys default is ``ophys_form="filter"`` instead: a matched filter over every innovation of the
+window with decision feedback for the neighbouring presentations, :mod:`trainer.model.calcium_filter`, which
+reaches the ideal observer's lower bound with the true rates where this sum stops at 0.82-0.92 of it)
 
 (class-independent terms dropped), over every unit of the query's window (``sample_unit_index``: those unit
 dropout kept, silent ones included: a unit that does not fire is evidence against the classes that drive it, and
@@ -74,7 +78,7 @@ class LikelihoodHead(nn.Module):
 
     def __init__(self, *, dim: int, rank: int, tasks: list[tuple[str, int | None]],
                  task_gains: str = "unit", before: bool = False, ophys_form: str = "sum",
-                 feedback: int = 2) -> None:
+                 feedback: int = 2, fit_norm: str = "group") -> None:
         super().__init__()
         self.rank = rank
         self.tasks = [name if n is not None else None for name, n in tasks]
@@ -113,7 +117,7 @@ class LikelihoodHead(nn.Module):
         # ``ophys_form="filter"`` (trainer.model.calcium_filter): per ROI the noise's lag-1 correlation and the taps
         # A[-1], A[1], A[2] beside the amplitude A[0] above (started at the generator's rise: ~half a spike's
         # calcium shows in the next token's innovation)
-        self.ophys_form, self.feedback = ophys_form, feedback
+        self.ophys_form, self.feedback, self.fit_norm = ophys_form, feedback, fit_norm
         self.filter_map = nn.Linear(dim, 4) if ophys_form == "filter" else None
         if self.filter_map is not None:
             with torch.no_grad():
@@ -356,6 +360,8 @@ def ophys_filter_logits(head: LikelihoodHead, unit_rows, unit: Tensor, time: Ten
         own = rate[k].gather(1, y.clamp(min=0)[:, None]).squeeze(1)
         truth = truth.index_put((r,), torch.where(y >= 0, own, expected[r]))
     nll = cf.gaussian_nll(inp, cf.expected_counts(inp, truth - base[pg]))
+    if head.fit_norm == "token":  # one term per (sample, ROI), the scale of an EPhys (query, unit) term
+        nll = nll / valid.sum(1).clamp(min=1)
     labelled = torch.zeros(len(nll), dtype=torch.bool, device=unit.device)
     labelled[pg[labels[pq] >= 0]] = True
     return out, nll[labelled].sum(), int(labelled.sum())

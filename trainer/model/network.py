@@ -90,7 +90,8 @@ class MultiModalPOYO(nn.Module):
                                                task_gains=c.likelihood_task_gains,
                                                before=c.likelihood_ophys_before,
                                                ophys_form=c.likelihood_ophys_form,
-                                               feedback=c.likelihood_ophys_feedback)
+                                               feedback=c.likelihood_ophys_feedback,
+                                               fit_norm=c.likelihood_ophys_fit_norm)
                                 if c.likelihood_readout else None)
         # own_rows: the readout's units are their own table, so fitting rates never moves the rows the encoder reads
         self.readout_emb = (GrowableEmbedding(num=n_units, dim=c.dim, init_scale=c.emb_init_scale)
