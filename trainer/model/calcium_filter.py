@@ -8,8 +8,9 @@ the tokens around the span, which could denoise those edges, hold the neighbouri
 every ROI's true rates that form reaches 0.89 / 0.89 / 0.87 of the ideal observer's lower bound on the benchmark's
 held-out plane. The ideal's own decoder is a Gaussian matched filter over the presentation and its tail, re-run
 with the neighbours' calcium at their posterior-mean rates (decision feedback). Its token-level equivalent here,
-with the true rates, reaches 0.96 / 0.96 / 1.03 of that bound on the same plane and 0.99-1.04 on three others
-(``bench/readout_ceiling.py --filter``; docs/model.md section 22); without the feedback, 0.88 / 0.96 / 0.79.
+with the true rates, reaches 0.95 / 1.04 / 1.03 of that bound on the same plane and 1.00 / 0.97 / 1.00 on average
+over four planes (``bench/readout_ceiling.py --filter``; docs/model.md section 22); without the feedback, 0.87 /
+1.04 / 0.81 on that plane.
 
 The model, per ROI ``u`` of a window, over its innovations ``d_k`` (token ``k`` minus the decay of token ``k-1``,
 covering the interval ``(t_(k-1), t_k]``):
