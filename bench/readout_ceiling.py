@@ -46,11 +46,10 @@ from trainer.model.calcium_filter import TAPS  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def spans(store: Store, chunks, truth: SessionTruth, session: str, split: str, shift: float, frames_per_token: int):
-    """{task: [(S (J,), k, T, label, rates (J, C), ROI indices (J,), d_b (J,))]} of the split's scored presentations
-    (``d_b``: each ROI's innovation of the token before the span, 0 where the span starts at the sample's first)."""
+def binned(store: Store, chunks, truth: SessionTruth, session: str, split: str, frames_per_token: int):
+    """Per sample of the split, as the stream bins it: (sample, its ROIs' truth indices (J,), token start times (K,),
+    innovations (K - 1, J): each token minus the true decay of the one before)."""
     index = {str(u): i for i, u in enumerate(truth.unit_ids)}
-    out: dict[str, list] = {}
     for region in sorted(chunks[chunks.session_id == session].region.unique()):
         for s in manifest.record_samples(store, chunks, session, region, split):
             idx = np.asarray([index[u] for u in s.meta["units"]])
@@ -60,18 +59,25 @@ def spans(store: Store, chunks, truth: SessionTruth, session: str, split: str, s
             nb = len(ft) // frames_per_token
             x = dff[:nb * frames_per_token].reshape(nb, frames_per_token, -1).mean(1)
             tb = ft[:nb * frames_per_token:frames_per_token]
-            d = x[1:] - np.exp(-np.diff(tb)[:, None] / tau[None, :]) * x[:-1]
-            td = tb[1:]
-            units = subset_units(truth.units, idx)
-            for task, (start, end, label, _) in _queries(s.meta).items():
-                rates = class_rates(units, truth.model, task)
-                for p in range(len(start)):
-                    m = (td >= start[p] + shift) & (td < end[p] + shift)
-                    if m.any():
-                        first = int(np.argmax(m))
-                        d_b = d[first - 1] if first > 0 else np.zeros(d.shape[1])
-                        out.setdefault(task, []).append((d[m].sum(0), int(m.sum()), end[p] - start[p], label[p],
-                                                         rates, idx, d_b))
+            yield s, idx, tb, x[1:] - np.exp(-np.diff(tb)[:, None] / tau[None, :]) * x[:-1]
+
+
+def spans(store: Store, chunks, truth: SessionTruth, session: str, split: str, shift: float, frames_per_token: int):
+    """{task: [(S (J,), k, T, label, rates (J, C), ROI indices (J,), d_b (J,))]} of the split's scored presentations
+    (``d_b``: each ROI's innovation of the token before the span, 0 where the span starts at the sample's first)."""
+    out: dict[str, list] = {}
+    for s, idx, tb, d in binned(store, chunks, truth, session, split, frames_per_token):
+        td = tb[1:]
+        units = subset_units(truth.units, idx)
+        for task, (start, end, label, _) in _queries(s.meta).items():
+            rates = class_rates(units, truth.model, task)
+            for p in range(len(start)):
+                m = (td >= start[p] + shift) & (td < end[p] + shift)
+                if m.any():
+                    first = int(np.argmax(m))
+                    d_b = d[first - 1] if first > 0 else np.zeros(d.shape[1])
+                    out.setdefault(task, []).append((d[m].sum(0), int(m.sum()), end[p] - start[p], label[p],
+                                                     rates, idx, d_b))
     return out
 
 
@@ -113,23 +119,13 @@ def decode(test: dict[str, list], par: dict[int, tuple[float, float, float, floa
 def filter_samples(store: Store, chunks, truth: SessionTruth, session: str, split: str, frames_per_token: int):
     """Per sample of the split: its innovations (K, J), the intervals they cover, its ROIs, every presentation
     (task, start, end, label; -1 a blank) and its own span (presentations scored where their midpoint is in it)."""
-    index = {str(u): i for i, u in enumerate(truth.unit_ids)}
-    for region in sorted(chunks[chunks.session_id == session].region.unique()):
-        for s in manifest.record_samples(store, chunks, session, region, split):
-            idx = np.asarray([index[u] for u in s.meta["units"]])
-            tau = np.asarray(truth.ophys["tau_decay_s"])[idx]
-            ft = np.asarray(s.arrays["frame_times"])
-            dff = np.asarray(s.arrays["dff"], dtype=np.float64)
-            nb = len(ft) // frames_per_token
-            x = dff[:nb * frames_per_token].reshape(nb, frames_per_token, -1).mean(1)
-            tb = ft[:nb * frames_per_token:frames_per_token]
-            st = s.meta["stimuli"]
-            pres = [(str(t), float(a), float(b), int(y)) for t, a, b, y in
-                    zip(st["task"], st["start"], st["end"], st["label"])]
-            if pres:
-                yield {"d": x[1:] - np.exp(-np.diff(tb)[:, None] / tau[None, :]) * x[:-1], "t0": tb[:-1], "t1": tb[1:],
-                       "idx": idx, "units": subset_units(truth.units, idx), "pres": pres,
-                       "span": (s.meta["t_start"], s.meta["t_end"])}
+    for s, idx, tb, d in binned(store, chunks, truth, session, split, frames_per_token):
+        st = s.meta["stimuli"]
+        pres = [(str(t), float(a), float(b), int(y)) for t, a, b, y in
+                zip(st["task"], st["start"], st["end"], st["label"])]
+        if pres:
+            yield {"d": d, "t0": tb[:-1], "t1": tb[1:], "idx": idx, "units": subset_units(truth.units, idx),
+                   "pres": pres, "span": (s.meta["t_start"], s.meta["t_end"])}
 
 
 def _overlaps(smp: dict, shift: float) -> np.ndarray:
@@ -250,13 +246,13 @@ def main(argv: list[str] | None = None) -> int:
                                                                   if a.filter else "") + f"{'ideal':>7s} {'ratio':>6s} {'n':>5s}")
     for session in sessions:
         truth = SessionTruth.load(Path(a.truth) / session)
+        fs = ({split: list(filter_samples(store, chunks, truth, session, split, a.frames_per_token))
+               for split in ("train", "test")} if a.filter else {})
         for shift in shifts:
             args = (store, chunks, truth, session)
             test, train = (spans(*args, split, shift, a.frames_per_token) for split in ("test", "train"))
             accs = {f: decode(test, fit(train, before)) for f, before in forms.items()}
             if a.filter:
-                fs = {split: list(filter_samples(store, chunks, truth, session, split, a.frames_per_token))
-                      for split in ("train", "test")}
                 par = filter_fit(fs["train"], truth, shift)
                 accs["ceiling_filter"] = filter_decode(fs["test"], truth, par, shift, 2)
                 accs["ceiling_filter_nofeedback"] = filter_decode(fs["test"], truth, par, shift, 0)

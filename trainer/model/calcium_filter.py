@@ -115,7 +115,6 @@ class FilterInputs:
     rho: Tensor  # (G,) lag-1 correlation of the noise, |rho| < 0.49
     base: Tensor  # (G,) baseline rate (Hz)
     pair_group: Tensor  # (P,) each pair's group
-    pair_query: Tensor  # (P,) each pair's query (0..Q-1)
     overlap: Tensor  # (P, K) seconds of the query's span in each interval
 
 

@@ -158,12 +158,14 @@ class LikelihoodHead(nn.Module):
         beta = h[:, 3] if self.before else torch.zeros_like(h[:, 2])
         return F.softplus(h[:, 0]) + 1e-3, F.softplus(h[:, 1]) + 0.02, h[:, 2], beta
 
-    def filter_params(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+    def filter_params(self, rows: Tensor, amp0: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """rows (R, D) of OPhys ROIs -> the noise's lag-1 correlation rho (R,), |rho| < 0.49, and the taps (R,
-        len(TAPS)) in ``calcium_filter.TAPS`` order (-1, 0, 1, 2), A[0] the amplitude of :meth:`calcium`."""
+        len(TAPS)) in ``calcium_filter.TAPS`` order (-1, 0, 1, 2), A[0] the amplitude of :meth:`calcium` (``amp0``:
+        that amplitude where the caller has it already)."""
         assert self.filter_map is not None
         h = self.filter_map(self.norm(rows))
-        amp0 = self.calcium(rows)[0]
+        if amp0 is None:
+            amp0 = self.calcium(rows)[0]
         return 0.49 * torch.tanh(h[:, 0]), torch.stack([h[:, 1], amp0, h[:, 2], h[:, 3]], 1)
 
     def rates(self, b: Tensor, g: Tensor, v: Tensor, k: Tensor, task: int) -> Tensor:
@@ -317,8 +319,9 @@ def ophys_filter_logits(head: LikelihoodHead, unit_rows, unit: Tensor, time: Ten
     present, inv = torch.unique(grid.unit, return_inverse=True)
     rows = unit_rows(present)
     b, noise, gain, v, sharp = (x[inv] for x in head.params(rows, modality))
-    _, tau, off, _ = (x[inv] for x in head.calcium(rows))
-    rho, amp = (x[inv] for x in head.filter_params(rows))
+    amp0, tau, off, _ = head.calcium(rows)
+    rho, amp = (x[inv] for x in head.filter_params(rows, amp0))
+    tau, off = tau[inv], off[inv]
     d, valid, t_lo, t_hi = cf.innovations(grid, tau)
     # pairs: every (query, group of its sample)
     per_sample = torch.diff(grid.first)
@@ -330,7 +333,7 @@ def ophys_filter_logits(head: LikelihoodHead, unit_rows, unit: Tensor, time: Ten
     overlap = (torch.minimum(t_hi[pg], hi[pq, None]) - torch.maximum(t_lo[pg], lo[pq, None])).clamp(min=0.0)
     overlap = overlap * valid[pg]
     base = F.softplus(b)
-    inp = cf.FilterInputs(d, valid, (t_hi - t_lo) * valid, amp, off, noise ** 2, rho, base, pg, pq, overlap)
+    inp = cf.FilterInputs(d, valid, (t_hi - t_lo) * valid, amp, off, noise ** 2, rho, base, pg, overlap)
     tasks = {k: (task[pq] == k).nonzero().squeeze(1) for k in task[pq].unique().tolist()
              if head.tasks[k] is not None}
     rate = {k: head.rates(b[pg[r]], gain[pg[r]], v[pg[r]], sharp[pg[r]], k) for k, r in tasks.items()}
