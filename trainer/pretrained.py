@@ -16,7 +16,7 @@ from trainer.config import TrainConfig
 from trainer.model.config import ModelConfig
 from trainer.model.io import grow_vocab, model_from_checkpoint
 from trainer.row_prior import RowPrior, fit_row_prior, start_at_prior_mean
-from trainer.sessions import session_modalities
+from trainer.sessions import session_modalities, unit_regions
 from trainer.unit_init import predict_rows, response_features
 
 
@@ -46,7 +46,9 @@ def load_pretrained(cfg: TrainConfig, vocab, sessions_here: list[str], init_rows
     prior = None
     if cfg.unit_prior > 0 and new_units:
         modality = session_modalities(cfg.shards)
-        prior = row_prior(model.unit_emb.weight, unit_row, set(new_units), seen | here, modality, cfg.unit_prior)
+        regions = unit_regions(cfg.shards) if cfg.unit_prior_groups == "region" else {}
+        prior = row_prior(model.unit_emb.weight, unit_row, set(new_units), seen | here, modality, regions,
+                          cfg.unit_prior)
         if cfg.unit_init == "random" and init_rows:
             start_at_prior_mean(model.unit_emb.weight, prior)  # (new sessions' rows at their modality's mean
             # trained row too was level: docs/model.md section 20)
@@ -61,11 +63,12 @@ def load_pretrained(cfg: TrainConfig, vocab, sessions_here: list[str], init_rows
 
 
 def row_prior(table, unit_row: dict[str, int], new_units: set[str], sessions: set[str], modality: dict[str, str],
-              weight: float) -> RowPrior:
+              regions: dict[str, str], weight: float) -> RowPrior:
     """The new rows' prior from the trained ones, each unit's modality its session's (a unit whose session the
-    store does not hold falls to the pooled fit)."""
-    def of(u: str) -> str | None:
-        return modality.get(session_of(u, sessions) or "")
+    store does not hold falls to the pooled fit) and its region from ``regions`` {unit id: region} (empty: the
+    prior's groups are the modalities)."""
+    def of(u: str) -> tuple[str | None, str | None]:
+        return modality.get(session_of(u, sessions) or ""), regions.get(u)
     known = {r: of(u) for u, r in unit_row.items() if u not in new_units}
     return fit_row_prior(table, known, {unit_row[u]: of(u) for u in new_units}, weight)
 

@@ -34,6 +34,7 @@ from torch import Tensor
 
 SHRINK = 0.1  # covariance -> (1 - SHRINK) cov + SHRINK (trace / D) I
 MIN_ROWS_PER_DIM = 2  # a modality needs this many pretrained rows per row dimension for its own fit
+MIN_REGION_ROWS = 20  # a (modality, region) needs this many pretrained rows for its own mean (unit_prior_groups=region)
 
 
 @dataclass
@@ -71,24 +72,48 @@ def gaussian(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.linalg.inv(cov)
 
 
-def fit_row_prior(table: Tensor, known: dict[int, str | None], new: dict[int, str | None], weight: float) -> RowPrior:
-    """The prior of the ``new`` rows {model row: modality or None} from the ``known`` (pretrained) rows {model row:
-    modality or None} of ``table`` (rows, D)."""
+Group = tuple[str | None, str | None]  # (modality, region) of a row; region None when the prior groups by modality
+
+
+def within_groups(x: np.ndarray, labels: list) -> np.ndarray:
+    """The rows ``x`` (n, D) less their group's mean: their spread around it, pooled over the groups."""
+    out = x.copy()
+    for g in set(labels):
+        idx = [i for i, k in enumerate(labels) if k == g]
+        out[idx] -= x[idx].mean(0)
+    return out
+
+
+def fit_row_prior(table: Tensor, known: dict[int, Group], new: dict[int, Group], weight: float) -> RowPrior:
+    """The prior of the ``new`` rows {model row: (modality, region)} from the ``known`` (pretrained) rows of
+    ``table`` (rows, D), either name None where unknown or not grouped by.
+
+    A modality with enough rows (``MIN_ROWS_PER_DIM`` per dimension) gets its own Gaussian, else the pooled one.
+    A new row whose (modality, region) has at least ``MIN_REGION_ROWS`` pretrained rows gets that region's mean
+    and the modality's covariance *within* regions (each trained row less its region's mean, pooled): the
+    generator's regions, as the Allen areas, differ in their units' mean preference and in how sharply they are
+    tuned to each task, which the new-session observer is told and a modality-wide prior blurs."""
     if not known:
         raise ValueError("unit_prior: the pretrained model has no trained unit rows to fit a prior to")
     w = table.detach().float().cpu().numpy()
     dim = w.shape[1]
     pooled = gaussian(w[sorted(known)])
-    fits: dict[str | None, tuple[np.ndarray, np.ndarray]] = {}
-    for m in sorted({m for m in new.values() if m is not None}):
-        mine = sorted(r for r, k in known.items() if k == m)
-        fits[m] = gaussian(w[mine]) if len(mine) >= MIN_ROWS_PER_DIM * dim else pooled
-    fits[None] = pooled
+    fits: dict[Group, tuple[np.ndarray, np.ndarray]] = {}
+    for m, r in sorted(set(new.values()), key=str):
+        mine = sorted(i for i, (k, _) in known.items() if k == m and m is not None)
+        if len(mine) < MIN_ROWS_PER_DIM * dim:
+            fits[(m, r)] = pooled
+            continue
+        region = [i for i in mine if r is not None and known[i][1] == r]
+        if len(region) >= MIN_REGION_ROWS:
+            spread = within_groups(w[mine], [known[i][1] for i in mine])
+            fits[(m, r)] = (w[region].mean(0), gaussian(spread)[1])
+        else:
+            fits[(m, r)] = gaussian(w[mine])
     names = list(fits)
     rows = sorted(new)
     return RowPrior(rows=torch.as_tensor(rows, dtype=torch.int64),
-                    group=torch.as_tensor([names.index(new[r] if new[r] in fits else None) for r in rows],
-                                          dtype=torch.int64),
+                    group=torch.as_tensor([names.index(new[r]) for r in rows], dtype=torch.int64),
                     mean=torch.as_tensor(np.stack([fits[n][0] for n in names]), dtype=torch.float32),
                     precision=torch.as_tensor(np.stack([fits[n][1] for n in names]), dtype=torch.float32),
                     weight=weight)

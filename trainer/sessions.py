@@ -28,6 +28,12 @@ def session_modalities(store: str, sessions: list[str] | None = None) -> dict[st
     return {s: mods[s] for s in sessions}
 
 
+def unit_regions(store: str) -> dict[str, str]:
+    """{unit id: its region} for every unit the store's units table holds."""
+    table = manifest.load(Store(store)).units.to_pandas()
+    return dict(zip(table.unit_id, table.region))
+
+
 def records_per_modality(store: str, sessions: list[str]) -> dict[str, int]:
     """{modality: how many records (session x region rows of sessions.parquet) ``sessions`` hold}, sorted by
     modality; ValueError naming the sessions the store does not hold."""

@@ -28,8 +28,8 @@ def test_the_prior_is_each_modalitys_gaussian_and_its_penalty_the_mahalanobis_di
     a = rng.normal(size=(40, dim)) * [1.0, 0.1, 0.1, 0.1] + 2.0  # 40 rows: enough for a modality's own fit
     b = rng.normal(size=(5, dim)) - 1.0  # 5 rows: too few, pooled
     table = torch.as_tensor(np.concatenate([a, b, rng.normal(size=(3, dim))]), dtype=torch.float32)
-    known = {**{i: "ephys" for i in range(40)}, **{40 + i: "ophys" for i in range(5)}}
-    new = {45: "ephys", 46: "ophys", 47: None}
+    known = {**{i: ("ephys", None) for i in range(40)}, **{40 + i: ("ophys", None) for i in range(5)}}
+    new = {45: ("ephys", None), 46: ("ophys", None), 47: (None, None)}
     prior = fit_row_prior(table, known, new, weight=0.3)
     ab = np.concatenate([a, b])
     expect = {45: (a.mean(0), shrunk_precision(a)), 46: (ab.mean(0), shrunk_precision(ab)),
@@ -44,12 +44,39 @@ def test_the_prior_is_each_modalitys_gaussian_and_its_penalty_the_mahalanobis_di
     # the shrinkage: a direction the rows never vary in is stiff, not infinitely so
     flat = torch.as_tensor(np.concatenate([np.c_[rng.normal(size=(40, 3)), np.zeros(40)], np.ones((1, dim))]),
                            dtype=torch.float32)
-    assert torch.isfinite(fit_row_prior(flat, dict.fromkeys(range(40), "ephys"), {40: "ephys"}, 1.0).penalty(flat))
+    assert torch.isfinite(fit_row_prior(flat, dict.fromkeys(range(40), ("ephys", None)), {40: ("ephys", None)},
+                                         1.0).penalty(flat))
+
+
+def test_grouped_by_region_a_new_row_gets_its_regions_mean_and_the_spread_within_regions():
+    rng = np.random.default_rng(1)
+    dim = 3
+    centre = {"VISp": np.array([3.0, 0.0, 0.0]), "VISl": np.array([-3.0, 1.0, 0.0])}
+    noise = [1.0, 0.5, 0.2]
+    p = rng.normal(size=(30, dim)) * noise + centre["VISp"]
+    q = rng.normal(size=(25, dim)) * noise + centre["VISl"]
+    few = rng.normal(size=(4, dim)) * noise  # VISal: too few rows for a mean of its own
+    table = torch.as_tensor(np.concatenate([p, q, few, np.zeros((4, dim))]), dtype=torch.float32)
+    known = {**{i: ("ephys", "VISp") for i in range(30)}, **{30 + i: ("ephys", "VISl") for i in range(25)},
+             **{55 + i: ("ephys", "VISal") for i in range(4)}}
+    new = {59: ("ephys", "VISp"), 60: ("ephys", "VISl"), 61: ("ephys", "VISal"), 62: ("ephys", "VISam")}
+    prior = fit_row_prior(table, known, new, weight=1.0)
+    within = np.concatenate([p - p.mean(0), q - q.mean(0), few - few.mean(0)])
+    everything = np.concatenate([p, q, few])
+    expect = {59: (p.mean(0), shrunk_precision(within)), 60: (q.mean(0), shrunk_precision(within)),
+              61: (everything.mean(0), shrunk_precision(everything)),
+              62: (everything.mean(0), shrunk_precision(everything))}
+    for i, r in enumerate(prior.rows.tolist()):
+        mean, prec = expect[r]
+        assert np.allclose(prior.mean[prior.group[i]].numpy(), mean, atol=1e-5)
+        assert np.allclose(prior.precision[prior.group[i]].numpy(), prec, rtol=1e-4, atol=1e-4)
+    # the regions' own means are far apart, so the spread within them is far tighter than the modality's
+    assert np.linalg.det(shrunk_precision(within)) > 10 * np.linalg.det(shrunk_precision(everything))
 
 
 def test_an_empty_pretraining_is_refused():
     with pytest.raises(ValueError, match="no trained unit rows"):
-        fit_row_prior(torch.zeros(3, 4), {}, {2: "ephys"}, 1.0)
+        fit_row_prior(torch.zeros(3, 4), {}, {2: ("ephys", None)}, 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +100,11 @@ def test_a_finetunings_new_rows_start_at_the_prior_mean_and_a_heavier_prior_hold
     store, pretrained = store_and_run
     pre = load_model_file(str(pretrained / "model_best.pt"))
     trained = [i for i, u in enumerate(pre["meta"]["unit_ids"]) if u.split("/")[0] not in HELD_OUT]
-    old, start, n_old = finetuned_rows(store, pretrained, tmp_path / "start", "--unit-prior", "1e-3", "--lr", "1e-12")
+    old, start, n_old = finetuned_rows(store, pretrained, tmp_path / "start", "--unit-prior", "1e-3", "--lr", "1e-12",
+                                      "--unit-prior-groups", "region")
     assert torch.equal(start[:n_old], old)
-    # 12 EPhys and 10 OPhys trained rows of width 32: too few for a modality's own fit, so the pooled mean
+    # 12 EPhys and 10 OPhys trained rows of width 32: too few for a modality's own fit (let alone a region's), so
+    # the pooled mean
     assert torch.allclose(start[n_old:], old[trained].mean(0).expand_as(start[n_old:]), atol=1e-6)
     assert len(start) - n_old == 11
     mean = old[trained].mean(0)
