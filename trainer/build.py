@@ -115,10 +115,14 @@ def restore_schedule(scheduler: OneCycleLR, state: dict, step: int, total_steps:
         scheduler.step()
 
 
-def frozen_parameters(net: torch.nn.Module, epoch: int, unfreeze_epoch: int) -> list[torch.nn.Parameter]:
+def frozen_parameters(net: torch.nn.Module, epoch: int, unfreeze_epoch: int,
+                      keep_readout: bool = False) -> list[torch.nn.Parameter]:
     """Gradual unfreezing (papers' App. C): before ``unfreeze_epoch`` only the unit and session
-    embeddings train; everything else is frozen."""
+    embeddings train; everything else is frozen. ``keep_readout``: the likelihood readout (its maps from rows
+    to encoding parameters, its class codes and scales) stays frozen throughout (``freeze_readout``)."""
+    readout = getattr(net, "likelihood_head", None)
+    kept = list(readout.parameters()) if keep_readout and readout is not None else []
     if epoch >= unfreeze_epoch:
-        return []
+        return kept
     train = {id(p) for p in net.param_groups()["embeddings"]}
     return [p for p in net.parameters() if id(p) not in train]

@@ -88,6 +88,7 @@ class TrainConfig:
     # trainer.unit_init
     unit_init: str = "random"
     unit_prior: float = 0.0  # finetuning: weight of a Gaussian prior on the new rows, fit to the pretrained ones; they start at its mean (0: none; trainer.row_prior)
+    freeze_readout: bool = False  # finetuning: the likelihood readout's maps, codes and scales stay as pretrained
     unit_prior_groups: str = "modality"  # the prior's mean per modality, or per (modality, region) (trainer.row_prior)
     save_epoch_models: bool = False  # RUN/model_epoch{e}.pt after each epoch
     # ---- run ----
@@ -234,6 +235,8 @@ class TrainConfig:
             raise self._bad("unit_prior", "must be in [0, 1e6) (the weight of the new rows' prior)")
         if self.unit_prior_groups not in ("modality", "region"):
             raise self._bad("unit_prior_groups", "modality or region (the groups whose pretrained rows give a mean)")
+        if self.freeze_readout and not self.init_from:
+            raise self._bad("freeze_readout", "keeps a pretrained readout as it is (needs a pretrained model)")
         if self.unit_prior and not self.init_from:
             raise self._bad("unit_prior", "is a prior for a finetuning's new rows (needs a pretrained model)")
         if self.unit_init == "pca" and self.init_from:

@@ -212,7 +212,7 @@ def train_epoch(w: Worker, s: RunState) -> bool:
     cfg, loader, timer = w.cfg, w.loader, w.timer
     epoch = s.epoch = loader.state.epoch
     n_batches = len(loader)
-    frozen = frozen_parameters(w.net, epoch, cfg.unfreeze_epoch)
+    frozen = frozen_parameters(w.net, epoch, cfg.unfreeze_epoch, cfg.freeze_readout)
     if cfg.unfreeze_epoch and epoch == cfg.unfreeze_epoch:
         w.say(f"epoch {epoch}: unfreezing the decoder, encoders and trunk")
     for i, batch in enumerate(timer.timed(loader)):

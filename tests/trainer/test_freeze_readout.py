@@ -1,0 +1,52 @@
+"""``--freeze-readout``: a finetuning keeps the pretrained likelihood readout (its maps from rows to encoding
+parameters, its class codes and temperatures) as it is while the new rows, the decoder and the trunk train."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.support.runs import short_pretraining
+from tests.support.storegen import held_out_records, make_store
+from trainer.checkpoint import load_model_file
+from trainer.finetune import main as finetune
+
+HELD_OUT = ["e2", "o2"]
+
+
+@pytest.fixture(scope="module")
+def store_and_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fr")
+    st = make_store(str(tmp / "store"), held_out_records())
+    return st, short_pretraining(st.uri, tmp / "pre", HELD_OUT, overrides={"likelihood_readout": True})
+
+
+def finetuned(store, pretrained, out, *flags: str) -> dict[str, torch.Tensor]:
+    finetune(["--from", str(pretrained), "--shards", store.uri, "--sessions", ",".join(HELD_OUT), "--out", str(out),
+              "--workers", "0", "--batch-size", "8", "--loader-workers", "0", "--epochs", "2", "--unfreeze-epoch", "1",
+              "--lr", "1e-2", *flags])
+    return load_model_file(str(out / "model_last.pt"))["state_dict"]
+
+
+def test_a_frozen_readout_stays_as_pretrained_while_the_rest_trains(store_and_run, tmp_path):
+    store, pretrained = store_and_run
+    before = load_model_file(str(pretrained / "model_best.pt"))["state_dict"]
+    readout = [k for k in before if k.startswith("likelihood_head.")]
+    assert readout, "the pretraining has a likelihood readout"
+    frozen = finetuned(store, pretrained, tmp_path / "frozen", "--freeze-readout")
+    free = finetuned(store, pretrained, tmp_path / "free")
+    for k in readout:
+        assert torch.equal(frozen[k], before[k]), k
+    assert any(not torch.equal(free[k], before[k]) for k in readout)
+    # the decoder and the trunk still train after the unfreezing epoch
+    for k in ("task_emb.weight", "dec_ffn.0.weight"):
+        match = [n for n in before if n.startswith(k.split(".")[0])]
+        assert match and any(not torch.equal(frozen[n], before[n]) for n in match), k
+
+
+def test_freezing_a_readout_without_a_pretrained_model_is_refused(store_and_run, tmp_path):
+    store, pretrained = store_and_run
+    with pytest.raises(SystemExit, match=r"freeze_readout.*needs a pretrained model"):
+        finetune(["--from", str(pretrained), "--shards", store.uri, "--sessions", ",".join(HELD_OUT),
+                  "--out", str(tmp_path / "s"), "--workers", "0", "--mode", "scratch", "--freeze-readout"])
+    assert not (tmp_path / "s" / "metrics.json").exists()
