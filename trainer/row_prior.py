@@ -18,6 +18,10 @@ about (new units) / (presentations per unit x units per window), ~1e-3 on the be
 (1e-3 to 1 on two seeds, docs/model.md section 20): the cross-entropy also moves the rows, and the pretrained rows'
 spread holds their own overfit, so the prior is wider than the truth's and needs the extra weight.
 
+With ``unit_prior_groups=region`` a new row whose (modality, region) has enough pretrained rows gets that region's
+mean and the modality's spread within regions (measured level with the modality's prior on the benchmark, 3 seeds:
+docs/model.md section 23; so not the default).
+
 A modality whose pretrained rows are too few to estimate a covariance (< ``MIN_ROWS_PER_DIM`` per row dimension),
 or whose sessions the store does not describe, uses the pooled fit of all pretrained rows. The prior is on the
 encoder's table (``unit_emb``); with ``likelihood_own_rows`` the readout's own table is left free.
