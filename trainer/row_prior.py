@@ -103,6 +103,8 @@ def fit_row_prior(table: Tensor, known: dict[int, Group], new: dict[int, Group],
     dim = w.shape[1]
     pooled = gaussian(w[sorted(known)])
     fits: dict[Group, tuple[np.ndarray, np.ndarray]] = {}
+    whole: dict[str | None, tuple[np.ndarray, np.ndarray]] = {}  # each modality's own Gaussian, fit once
+    within: dict[str | None, np.ndarray] = {}  # and its precision within regions, fit once
     for m, r in sorted(set(new.values()), key=str):
         mine = sorted(i for i, (k, _) in known.items() if k == m and m is not None)
         if len(mine) < MIN_ROWS_PER_DIM * dim:
@@ -110,10 +112,13 @@ def fit_row_prior(table: Tensor, known: dict[int, Group], new: dict[int, Group],
             continue
         region = [i for i in mine if r is not None and known[i][1] == r]
         if len(region) >= MIN_REGION_ROWS:
-            spread = within_groups(w[mine], [known[i][1] for i in mine])
-            fits[(m, r)] = (w[region].mean(0), gaussian(spread)[1])
+            if m not in within:
+                within[m] = gaussian(within_groups(w[mine], [known[i][1] for i in mine]))[1]
+            fits[(m, r)] = (w[region].mean(0), within[m])
         else:
-            fits[(m, r)] = gaussian(w[mine])
+            if m not in whole:
+                whole[m] = gaussian(w[mine])
+            fits[(m, r)] = whole[m]
     names = list(fits)
     rows = sorted(new)
     return RowPrior(rows=torch.as_tensor(rows, dtype=torch.int64),

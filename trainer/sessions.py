@@ -29,8 +29,8 @@ def session_modalities(store: str, sessions: list[str] | None = None) -> dict[st
 
 
 def unit_regions(store: str) -> dict[str, str]:
-    """{unit id: its region} for every unit the store's units table holds."""
-    table = manifest.load(Store(store)).units.to_pandas()
+    """{unit id: its region} for every unit the store's units table holds (that table alone is read)."""
+    table = manifest.read_table(Store(store), manifest.UNITS).to_pandas()
     return dict(zip(table.unit_id, table.region))
 
 
