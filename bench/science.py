@@ -16,6 +16,9 @@ On exactly the test presentations of those sessions, per record (session x regio
 - ``new_session``: the ideal observer told everything the sessions share (stimulus code, regions' tuning),
   with each unit's own 10 parameters fit on the record's train split (``ingest.synth.new_session``, EPhys):
   what a model whose pretraining carried over all there is to carry could reach;
+- ``corpus``: the same, but told only the generator's form: the stimulus code and the pretraining units are fit
+  in turn on the pretraining sessions' train split, then the held-out units (``ingest.synth.code_fit``, EPhys):
+  what pretraining on *this many* sessions can carry over, learnt rather than told;
 - ``mlp``: the per-session MLP (``trainer.finetune --mode mlp``);
 - ``scratch``: the model trained from scratch on the held-out sessions only (``--mode scratch``);
 - ``model``: the model pretrained on the other sessions (``trainer.train``), then finetuned on the held-out
@@ -207,6 +210,16 @@ def new_session(store: Path, nwb: Path, sessions: list[str]) -> dict:
     return per_task(new_session_observer(str(store), str(nwb), sessions))[0]
 
 
+def corpus(store: Path, nwb: Path, held: list[str]) -> dict:
+    from ingest.synth.code_fit import corpus_observer
+    from shards import manifest
+    from shards.store import Store
+
+    pretraining = [s for s in manifest.load(Store(str(store))).sessions.column("session_id").to_pylist()
+                   if s not in held]
+    return per_task(corpus_observer(str(store), str(nwb), pretraining, held)[0])[0]
+
+
 def per_task(rows: list) -> tuple[dict, dict]:
     """{modality: {task: mean over records}} of observer rows (``IdealResult``): accuracy, and the upper bound."""
     acc: dict = {}
@@ -286,7 +299,7 @@ def train_seed(work: Path, store: Path, held: list[str], cfg: BenchConfig, seed:
                          for mode in ("pretrained", "scratch", "mlp")})
 
 
-def plot(path: Path, table: dict, ideal_acc: dict, fitted: dict | None = None) -> None:
+def plot(path: Path, table: dict, ideal_acc: dict, fitted: dict | None = None, learnt: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -308,6 +321,9 @@ def plot(path: Path, table: dict, ideal_acc: dict, fitted: dict | None = None) -
         if (fitted or {}).get(mod):
             new = [fitted[mod].get(t, math.nan) / ideal_acc.get(mod, {}).get(t, math.nan) for t in TASKS]
             ax.scatter(x, new, marker="*", s=120, color="k", label="new-session observer", zorder=3)
+        if (learnt or {}).get(mod):
+            got = [learnt[mod].get(t, math.nan) / ideal_acc.get(mod, {}).get(t, math.nan) for t in TASKS]
+            ax.scatter(x, got, marker="D", s=40, color="k", label="corpus observer (code learnt)", zorder=3)
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_xticks(x, [t.replace("_", " ") for t in TASKS])
         ax.set_title(f"{mod}: test accuracy / ideal observer")
@@ -370,6 +386,7 @@ def main() -> None:
     try:  # bad input (no truth files, another generator's, sessions missing from them): one line, before training
         ideal_acc, ideal_upper = ideal(store, nwb, held_all)
         fitted_units = new_session(store, nwb, held_all)
+        learnt_code = corpus(store, nwb, held_all)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
     from trainer.logreg import logreg_record
@@ -389,6 +406,7 @@ def main() -> None:
             for m in MODALITIES}
     result = {
         "ideal_accuracy": ideal_acc, "ideal_upper_bound": ideal_upper, "new_session_observer": fitted_units,
+        "corpus_observer": learnt_code,
         "model_accuracy": {m: {t: v[0] for t, v in ts.items()} for m, ts in table["model"].items()},
         "model_sem": {m: {t: v[1] for t, v in ts.items()} for m, ts in table["model"].items()},
         "fraction_of_ideal": frac,
@@ -403,14 +421,14 @@ def main() -> None:
         result.update({k: old[k] for k in GAIN_KEYS if k in old})
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, json.dumps(result, indent=1))
-    plot(Path(a.plot), table, ideal_acc, fitted_units)
-    print(f"{'modality':8} {'task':18} {'chance':>7} {'ideal':>7} {'new-ses':>7} {'logreg':>7} {'nbayes':>7} {'mlp':>13} {'scratch':>13} "
+    plot(Path(a.plot), table, ideal_acc, fitted_units, learnt_code)
+    print(f"{'modality':8} {'task':18} {'chance':>7} {'ideal':>7} {'new-ses':>7} {'corpus':>7} {'logreg':>7} {'nbayes':>7} {'mlp':>13} {'scratch':>13} "
           f"{'model':>13} {'model/ideal':>11}")
     for m in MODALITIES:
         for t in TASKS:
             f = lambda k, m=m, t=t: "{:.3f}±{:.3f}".format(*table[k][m][t])  # noqa: E731
             print(f"{m:8} {t:18} {CHANCE[t]:7.3f} {ideal_acc.get(m, {}).get(t, math.nan):7.3f} "
-                  f"{fitted_units.get(m, {}).get(t, math.nan):7.3f} "
+                  f"{fitted_units.get(m, {}).get(t, math.nan):7.3f} {learnt_code.get(m, {}).get(t, math.nan):7.3f} "
                   f"{table['logreg'][m].get(t, (math.nan,))[0]:7.3f} {table['naive_bayes'][m].get(t, (math.nan,))[0]:7.3f} {f('mlp'):>13} {f('scratch'):>13} {f('model'):>13} "
                   f"{frac[m].get(t, math.nan):11.3f}")
     print(f"wall {result['wall_s']:.0f} s -> {a.out}, {a.plot}")

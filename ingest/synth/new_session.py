@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.synth.generative import SessionTruth, UnitParams, softplus
+from ingest.synth.generative import CorpusModel, SessionTruth, UnitParams, softplus
 from ingest.synth.ideal import IdealPrediction, _ephys_record, _queries, _records, ephys_counts, summarize
 from ingest.synth.ideal_ophys import subset_units
 from ingest.synth.schedule import TASK_CODE
@@ -154,11 +154,34 @@ def fit_units(truth: SessionTruth, unit_index: np.ndarray, data: TrainData) -> U
     return dataclasses.replace(units, w=w, gain=np.exp(theta[:, dim]), baseline=np.exp(theta[:, dim + 1]))
 
 
+def with_codes(truth: SessionTruth, codes: dict[str, np.ndarray]) -> SessionTruth:
+    """``truth`` with another stimulus code (the regions' tuning and the units kept)."""
+    return dataclasses.replace(truth, model=CorpusModel(codes=dict(codes), regions=truth.model.regions))
+
+
+def form_only(truth: SessionTruth) -> SessionTruth:
+    """``truth`` as an observer sees it that is told only the generator's form, not the regions' tuning: every
+    region's projection the identity and its mean preference 0 (so a unit's preference is its own ``y``, under
+    the same N(0, tuning_spread^2) prior), every unit's task gain the session's mean for that task, every latency
+    the corpus's mean. Units' own parameters (``w``, gain, baseline) are left for the caller to replace."""
+    d = truth.config.code_dim
+    regions = {k: dataclasses.replace(r, projection=np.eye(d), mean=np.zeros(d))
+               for k, r in truth.model.regions.items()}
+    u = truth.units
+    units = dataclasses.replace(u, task_gain=np.broadcast_to(u.task_gain.mean(0), u.task_gain.shape).copy(),
+                                latency_s=np.full(len(u.latency_s), truth.config.latency_s))
+    return dataclasses.replace(truth, model=dataclasses.replace(truth.model, regions=regions), units=units)
+
+
 def new_session_predictions(store: str, truth_dir: str, sessions: list[str] | None = None, split: str = "test",
-                            train_fraction: float = 1.0, seed: int = 0) -> list[IdealPrediction]:
+                            train_fraction: float = 1.0, seed: int = 0,
+                            codes: dict[str, np.ndarray] | None = None,
+                            told_form_only: bool = False) -> list[IdealPrediction]:
     """Every labelled presentation of ``split`` of the EPhys records of ``sessions``, decoded with unit parameters
     fit on the record's train split (``train_fraction``: the seeded share of its train chunks a run with
-    ``--train-fraction`` trains on; ``seed`` that run's seed)."""
+    ``--train-fraction`` trains on; ``seed`` that run's seed). ``codes`` (task -> (classes, code_dim)): a stimulus
+    code to use for the fit and the decoding instead of the true one (:mod:`ingest.synth.code_fit`);
+    ``told_form_only``: not told the regions' tuning either (:func:`form_only`)."""
     st = Store(store)
     tables = manifest.load(st)
     records = [r for r in _records(tables, Path(truth_dir), sessions) if r.modality == "ephys"]
@@ -170,6 +193,10 @@ def new_session_predictions(store: str, truth_dir: str, sessions: list[str] | No
         by_stem[r.stem].append(r)
     for stem, recs in by_stem.items():
         truth = SessionTruth.load(stem)
+        if told_form_only:
+            truth = form_only(truth)
+        if codes is not None:
+            truth = with_codes(truth, codes)
         index = {str(u): i for i, u in enumerate(truth.unit_ids)}
         for rec in recs:
             unit_index = np.asarray([index[u] for u in rec.local_ids], dtype=np.int64)
