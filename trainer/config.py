@@ -90,6 +90,7 @@ class TrainConfig:
     unit_prior: float = 0.0  # finetuning: weight of a Gaussian prior on the new rows, fit to the pretrained ones; they start at its mean (0: none; trainer.row_prior)
     freeze_readout: bool = False  # finetuning: the likelihood readout's maps, codes and scales stay as pretrained
     unit_prior_groups: str = "modality"  # the prior's mean per modality, or per (modality, region) (trainer.row_prior)
+    readout_fit: int = 0  # finetuning: full-batch steps fitting the readout's code, then the new units' rows, to train counts (trainer.readout_fit; 0: off)
     save_epoch_models: bool = False  # RUN/model_epoch{e}.pt after each epoch
     # ---- run ----
     out: str = ""  # the run folder: config.yaml, metrics.json, tb/, checkpoints in ray/
@@ -237,6 +238,10 @@ class TrainConfig:
             raise self._bad("unit_prior_groups", "modality or region (the groups whose pretrained rows give a mean)")
         if self.freeze_readout and not self.init_from:
             raise self._bad("freeze_readout", "keeps a pretrained readout as it is (needs a pretrained model)")
+        if self.readout_fit and not self.init_from:
+            raise self._bad("readout_fit", "fits a pretrained readout to the counts (needs a pretrained model)")
+        if not 0 <= self.readout_fit <= 100_000:
+            raise self._bad("readout_fit", "must be a number of steps in [0, 100000]")
         if self.unit_prior and not self.init_from:
             raise self._bad("unit_prior", "is a prior for a finetuning's new rows (needs a pretrained model)")
         if self.unit_init == "pca" and self.init_from:

@@ -36,8 +36,8 @@ Fit = Callable[[np.ndarray, np.ndarray, int, float], object]
 Predict = Callable[[object, np.ndarray], np.ndarray]
 
 
-def _features_of_chunk(sample, task: str, columns: dict[str, int], latency: float) -> tuple[np.ndarray, np.ndarray]:
-    """(features (P, U) with NaN for absent units, labels (P,)) of the presentations whose midpoint is in the chunk."""
+def _presentations(sample, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start, end, label) of the chunk's labelled presentations of ``task`` whose midpoint is in the chunk."""
     m = sample.meta
     st = m["stimuli"]
     names = np.asarray(st["task"], dtype=str)
@@ -45,7 +45,22 @@ def _features_of_chunk(sample, task: str, columns: dict[str, int], latency: floa
     label = np.asarray(st["label"], np.int64)
     mid = (start + end) / 2
     keep = (names == task) & (label >= 0) & (mid >= m["t_start"]) & (mid < m["t_end"])
-    start, end, label = start[keep], end[keep], label[keep]
+    return start[keep], end[keep], label[keep]
+
+
+def record_durations(samples: list, task: str) -> np.ndarray:
+    """Each presentation's length (s), in :func:`record_features`' order (an EPhys count's window)."""
+    spans = []
+    for sample in samples:
+        start, end, _ = _presentations(sample, task)
+        spans.append(end - start)
+    return np.concatenate(spans) if spans else np.zeros(0)
+
+
+def _features_of_chunk(sample, task: str, columns: dict[str, int], latency: float) -> tuple[np.ndarray, np.ndarray]:
+    """(features (P, U) with NaN for absent units, labels (P,)) of the presentations whose midpoint is in the chunk."""
+    m = sample.meta
+    start, end, label = _presentations(sample, task)
     x = np.full((len(label), len(columns)), np.nan)
     cols = np.array([columns[str(u)] for u in m["units"]], dtype=np.int64)
     if m["modality"] == "ephys":

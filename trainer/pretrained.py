@@ -15,6 +15,7 @@ from trainer.checkpoint import load_model_file, make_meta
 from trainer.config import TrainConfig
 from trainer.model.config import ModelConfig
 from trainer.model.io import grow_vocab, model_from_checkpoint
+from trainer.readout_fit import fit_readout, summary
 from trainer.row_prior import RowPrior, fit_row_prior, start_at_prior_mean
 from trainer.sessions import session_modalities, unit_regions
 from trainer.unit_init import predict_rows, response_features
@@ -52,6 +53,10 @@ def load_pretrained(cfg: TrainConfig, vocab, sessions_here: list[str], init_rows
         if cfg.unit_init == "random" and init_rows:
             start_at_prior_mean(model.unit_emb.weight, prior)  # (new sessions' rows at their modality's mean
             # trained row too was level: docs/model.md section 20)
+
+    if cfg.readout_fit and init_rows:
+        init["readout_fit"] = summary(fit_readout(model, cfg.shards, pretraining=sorted(seen), unit_row=unit_row,
+                                                  steps=cfg.readout_fit))
 
     to_model = StoreToModel.from_rows(vocab, unit_row, session_row)
     meta_out = make_meta(variant=meta["variant"], model_config=ModelConfig.from_dict(meta["model_config"]),

@@ -6,19 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.support.runs import short_pretraining
-from tests.support.storegen import held_out_records, make_store
+from tests.support.runs import HELD_OUT, assert_refused_without_pretraining, readout_pretraining
 from trainer.checkpoint import load_model_file
 from trainer.finetune import main as finetune
-
-HELD_OUT = ["e2", "o2"]
 
 
 @pytest.fixture(scope="module")
 def store_and_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fr")
-    st = make_store(str(tmp / "store"), held_out_records())
-    return st, short_pretraining(st.uri, tmp / "pre", HELD_OUT, overrides={"likelihood_readout": True})
+    return readout_pretraining(tmp_path_factory.mktemp("fr"))
 
 
 def finetuned(store, pretrained, out, *flags: str) -> dict[str, torch.Tensor]:
@@ -45,8 +40,4 @@ def test_a_frozen_readout_stays_as_pretrained_while_the_rest_trains(store_and_ru
 
 
 def test_freezing_a_readout_without_a_pretrained_model_is_refused(store_and_run, tmp_path):
-    store, pretrained = store_and_run
-    with pytest.raises(SystemExit, match=r"freeze_readout.*needs a pretrained model"):
-        finetune(["--from", str(pretrained), "--shards", store.uri, "--sessions", ",".join(HELD_OUT),
-                  "--out", str(tmp_path / "s"), "--workers", "0", "--mode", "scratch", "--freeze-readout"])
-    assert not (tmp_path / "s" / "metrics.json").exists()
+    assert_refused_without_pretraining(*store_and_run, tmp_path / "s", "freeze_readout", "--freeze-readout")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.support.runs import short_pretraining
+from tests.support.runs import assert_refused_without_pretraining, short_pretraining
 from tests.support.storegen import held_out_records, make_store
 from trainer.checkpoint import load_model_file
 from trainer.finetune import main as finetune
@@ -129,8 +129,4 @@ def tb_scalars(folder, tag: str) -> list:
 
 
 def test_a_prior_without_a_pretrained_model_is_refused(store_and_run, tmp_path):
-    store, pretrained = store_and_run
-    with pytest.raises(SystemExit, match=r"unit_prior.*needs a pretrained model"):
-        finetune(["--from", str(pretrained), "--shards", store.uri, "--sessions", ",".join(HELD_OUT),
-                  "--out", str(tmp_path / "s"), "--workers", "0", "--mode", "scratch", "--unit-prior", "1e-2"])
-    assert not (tmp_path / "s" / "metrics.json").exists()
+    assert_refused_without_pretraining(*store_and_run, tmp_path / "s", "unit_prior", "--unit-prior", "1e-2")
