@@ -307,7 +307,7 @@ def plot(path: Path, table: dict, ideal_acc: dict, fitted: dict | None = None, l
 
     methods = ["logreg", "naive_bayes", "mlp", "scratch", "model"]
     width = 0.8 / len(methods)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4), sharey=True)
     for ax, mod in zip(axes, MODALITIES):
         x = np.arange(len(TASKS))
         for i, m in enumerate(methods):
@@ -328,7 +328,8 @@ def plot(path: Path, table: dict, ideal_acc: dict, fitted: dict | None = None, l
         ax.set_xticks(x, [t.replace("_", " ") for t in TASKS])
         ax.set_title(f"{mod}: test accuracy / ideal observer")
     axes[0].set_ylabel("fraction of the ideal observer")
-    axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=8)  # the EPhys panel has every entry
+    axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=8,  # the EPhys panel has every entry
+                   loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: inside it hid OPhys bars
     save_figure(fig, path)
 
 
