@@ -94,13 +94,16 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = finetune_config(source, args.shards, sessions, args.out, mode)
         requested = args.model if isinstance(args.model, str) else None
         cfg = resolve(args, cfg)
-        if mode == "pretrained" and (requested is not None or cfg.unit_init == "tuning"):
-            theirs = load_model_file(cfg.init_from)["meta"]  # read once for both checks
+        if mode == "pretrained" and (requested is not None or cfg.unit_init == "tuning" or cfg.readout_fit):
+            theirs = load_model_file(cfg.init_from)["meta"]  # read once for every check
             if requested is not None and theirs["variant"] != requested:
                 raise ValueError(f"--from {source} holds a {theirs['variant']!r} model, but --model asks for "
                                  f"{requested!r}")
             if cfg.unit_init == "tuning":
                 check_store(cfg.shards, theirs["trained_sessions"], sessions)
+            if cfg.readout_fit and not theirs["model_config"].get("likelihood_readout"):
+                raise ValueError(f"--readout-fit: --from {source} has no likelihood readout to fit (it was pretrained "
+                                 "without --model-override likelihood_readout=true)")
         if mode == "mlp":
             metrics = run_mlp_baseline(cfg)
         else:

@@ -28,10 +28,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from shards.schema import MODALITY_INDEX
 from trainer.model.network import MultiModalPOYO
 from trainer.presentations import iter_records, record_durations, record_features
 
-EPHYS = 0  # the readout's EPhys map (shards.schema.MODALITY_INDEX)
+EPHYS = MODALITY_INDEX["ephys"]  # the readout's EPhys map
 LR = 3e-3  # Adam, full batch: 50 steps reach the fit above from a pretrained readout
 
 

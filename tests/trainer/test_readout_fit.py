@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.support.runs import HELD_OUT, assert_refused_without_pretraining, readout_pretraining
+from tests.support.runs import HELD_OUT, assert_refused_without_pretraining, readout_pretraining, short_pretraining
 from trainer.checkpoint import load_model_file
 from trainer.finetune import main as finetune
 from trainer.model.io import model_from_checkpoint
@@ -85,3 +85,12 @@ def test_a_finetuning_records_the_fits_falling_objective(store_and_run, tmp_path
 
 def test_a_readout_fit_without_a_pretrained_model_is_refused(store_and_run, tmp_path):
     assert_refused_without_pretraining(*store_and_run, tmp_path / "s", "readout_fit", "--readout-fit", "5")
+
+
+def test_a_readout_fit_of_a_model_without_a_readout_is_a_one_line_error(store_and_run, tmp_path):
+    store, _ = store_and_run
+    plain = short_pretraining(store.uri, tmp_path / "plain", HELD_OUT)
+    with pytest.raises(SystemExit, match=r"^error: --readout-fit: --from .*plain.* has no likelihood readout"):
+        finetune(["--from", str(plain), "--shards", store.uri, "--sessions", ",".join(HELD_OUT),
+                  "--out", str(tmp_path / "ft"), "--workers", "0", "--readout-fit", "5"])
+    assert not (tmp_path / "ft" / "metrics.json").exists()
