@@ -90,7 +90,7 @@ class TrainConfig:
     unit_prior: float = 0.0  # finetuning: weight of a Gaussian prior on the new rows, fit to the pretrained ones; they start at its mean (0: none; trainer.row_prior)
     freeze_readout: bool = False  # finetuning: the likelihood readout's maps, codes and scales stay as pretrained
     unit_prior_groups: str = "modality"  # the prior's mean per modality, or per (modality, region) (trainer.row_prior)
-    readout_fit: int = 0  # finetuning: full-batch steps fitting the readout's code, then the new units' rows, to train counts (trainer.readout_fit; 0: off)
+    readout_fit: int = 0  # finetuning: full-batch steps fitting the pretrained readout's EPhys part and codes to the pretraining sessions' train counts first (trainer.readout_fit; 0: off)
     save_epoch_models: bool = False  # RUN/model_epoch{e}.pt after each epoch
     # ---- run ----
     out: str = ""  # the run folder: config.yaml, metrics.json, tb/, checkpoints in ray/

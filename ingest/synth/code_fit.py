@@ -176,13 +176,14 @@ def corpus_observer_predictions(store: str, truth_dir: str, pretraining: Sequenc
     ``pretraining`` sessions (``joint`` rounds, 0: their units told; ``told_form_only``: neither the pretraining
     nor the held-out sessions' regions' tuning told, :func:`ingest.synth.new_session.form_only`), and, where the
     code is fit in the truth's coordinates (``joint`` 0), its agreement with the true code per task."""
-    codes = fit_codes(pretraining_data(store, truth_dir, pretraining, told_form_only=told_form_only), joint=joint)
+    records = pretraining_data(store, truth_dir, pretraining, told_form_only=told_form_only)
+    codes = fit_codes(records, joint=joint)
     preds = new_session_predictions(store, truth_dir, list(held_out), split, codes=codes,
                                     told_form_only=told_form_only)
     if joint:
         return preds, None  # codes and units are fit up to a shared linear map: no agreement to read
-    stem = next(r.stem for r in _records(manifest.load(Store(store)), Path(truth_dir), list(held_out)))
-    return preds, code_agreement(codes, SessionTruth.load(stem).model)
+    # the corpus's true code, as the pretraining truths already loaded hold it (form_only keeps the code)
+    return preds, code_agreement(codes, records[0].truth.model)
 
 
 def corpus_observer(store: str, truth_dir: str, pretraining: Sequence[str], held_out: Sequence[str],
