@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ingest.synth.generative import CorpusModel, SessionTruth, UnitParams, softplus
-from ingest.synth.ideal import IdealPrediction, _records, summarize
+from ingest.synth.ideal import IdealPrediction, _records, observer_parser, summarize
 from ingest.synth.ideal_ophys import subset_units
 from ingest.synth.new_session import (
     TrainData,
@@ -196,13 +196,9 @@ def corpus_observer(store: str, truth_dir: str, pretraining: Sequence[str], held
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m ingest.synth.code_fit --store S --truth DIR --pretraining A,B --held-out C``: its table."""
-    import argparse
     import sys
 
-    p = argparse.ArgumentParser(prog="python -m ingest.synth.code_fit", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--store", required=True, help="shard store (local folder or s3://...)")
-    p.add_argument("--truth", required=True, help="folder with the <stem>.truth.json/.npz files (the synth --out)")
+    p = observer_parser("ingest.synth.code_fit", __doc__)
     p.add_argument("--pretraining", required=True, help="comma-separated store session ids the code is fit on")
     p.add_argument("--held-out", required=True, help="comma-separated store session ids to decode")
     p.add_argument("--joint", type=int, default=JOINT_ROUNDS,

@@ -275,16 +275,23 @@ def summary_table(results: list[IdealResult]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ingest.synth.ideal --store STORE --truth DIR``: the ideal observer's table."""
+def observer_parser(module: str, doc: str):
+    """The command line every observer module opens with: ``python -m MODULE --store STORE --truth DIR``."""
     import argparse
-    import sys
-    from dataclasses import asdict
 
-    p = argparse.ArgumentParser(prog="python -m ingest.synth.ideal", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--store", required=True, help="shard store (local folder or s3://...)")
     p.add_argument("--truth", required=True, help="folder with the <stem>.truth.json/.npz files (the synth --out)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ingest.synth.ideal --store STORE --truth DIR``: the ideal observer's table."""
+    import sys
+    from dataclasses import asdict
+
+    p = observer_parser("ingest.synth.ideal", __doc__)
     p.add_argument("--split", default="test", choices=("train", "valid", "test"))
     p.add_argument("--sessions", default=None, help="comma-separated store session ids (default: all)")
     p.add_argument("--json", default=None, help="also write the per-record results here")

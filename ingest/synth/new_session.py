@@ -218,15 +218,11 @@ def new_session_observer(store: str, truth_dir: str, sessions: list[str] | None 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m ingest.synth.new_session --store STORE --truth DIR``: its table beside the ideal observer's."""
-    import argparse
     import sys
 
-    from ingest.synth.ideal import ideal_observer
+    from ingest.synth.ideal import ideal_observer, observer_parser
 
-    p = argparse.ArgumentParser(prog="python -m ingest.synth.new_session", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--store", required=True, help="shard store (local folder or s3://...)")
-    p.add_argument("--truth", required=True, help="folder with the <stem>.truth.json/.npz files (the synth --out)")
+    p = observer_parser("ingest.synth.new_session", __doc__)
     p.add_argument("--sessions", default=None, help="comma-separated store session ids (default: all EPhys)")
     p.add_argument("--train-fraction", type=float, default=1.0, help="share of each record's train chunks to fit on")
     p.add_argument("--seed", type=int, default=0, help="seed of the train-fraction draw (a run's --seed)")
