@@ -86,7 +86,10 @@ class ModelConfig:
     likelihood_own_rows: bool = False  # the readout reads its own unit table (True) or the encoder's rows
     likelihood_ophys: bool = True  # the readout also scores OPhys queries, by calcium innovations (off: EPhys only)
     likelihood_decoder_loss: float = 1.0  # weight of the decoder's own logits' loss beside the summed logits'
-    likelihood_fit: float = 1.0  # weight of its encoding model's own fit (negative log-likelihood) in the loss
+    # weight of its encoding model's own fit (negative log-likelihood) in the loss; the fit is a mean over (query,
+    # unit) pairs and the cross-entropy a mean over queries, so near a record's units per query (60 in the
+    # benchmark) a query's units' fit weighs what its cross-entropy does (docs/model.md section 25)
+    likelihood_fit: float = 1.0
     likelihood_rank: int = 16  # width of the likelihood readout's class code
     likelihood_ophys_before: bool = False  # OPhys: each span's innovations conditioned on the one just before it
     # OPhys: "filter", a matched filter over the window's innovations with decision feedback for the neighbours
