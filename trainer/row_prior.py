@@ -16,7 +16,8 @@ the posterior instead of the likelihood: ``loss += weight * mean over new units 
 Scale: the data term of a row is a mean over the (query, unit) pairs of a batch, so a MAP-consistent weight is
 about (new units) / (presentations per unit x units per window), ~1e-3 on the benchmark. Measured, 0.3 does better
 (1e-3 to 1 on two seeds, docs/model.md section 20): the cross-entropy also moves the rows, and the pretrained rows'
-spread holds their own overfit, so the prior is wider than the truth's and needs the extra weight.
+spread holds their own overfit, so the prior is wider than the truth's and needs the extra weight. With the readout's
+fit weighted 60 times heavier (``likelihood_fit=60``) the benchmark finetunes at 3 (section 25).
 
 With ``unit_prior_groups=region`` a new row whose (modality, region) has enough pretrained rows gets that region's
 mean and the modality's spread within regions (measured level with the modality's prior on the benchmark, 3 seeds:
