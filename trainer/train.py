@@ -58,6 +58,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import TrainConfig, dump_yaml, parse_args
 from trainer.loop import INTERRUPT_FILE, train_loop_per_worker
+from trainer.model.io import model_from_checkpoint
 from trainer.model.network import MultiModalPOYO, n_parameters
 from trainer.model.variants import variant_config
 from trainer.report import print_summary
@@ -268,7 +269,12 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.init_from:
         if not os.path.exists(cfg.init_from):
             raise FileNotFoundError(f"--init-from {cfg.init_from}: no such model file")
-        check_same_model(load_model_file(cfg.init_from)["meta"], cfg.model, base, f"pretrained model {cfg.init_from}")
+        pretrained = load_model_file(cfg.init_from)
+        check_same_model(pretrained["meta"], cfg.model, base, f"pretrained model {cfg.init_from}")
+        try:  # before any worker starts: a file whose parameters do not build is a one-line error, not a traceback
+            model_from_checkpoint(pretrained)
+        except ValueError as exc:
+            raise ValueError(f"pretrained model {cfg.init_from}: {exc}") from None
     if latest:
         check_same_model(read_meta(latest), cfg.model, base, f"checkpoint {latest}")
 

@@ -187,3 +187,19 @@ def test_the_finetuning_mix_gives_every_record_the_same_share(store, pretrained,
     plan = stream.plan(0)
     share = {s.name: float(np.mean(plan.selector == i)) for i, s in enumerate(stream.selectors)}
     assert share == pytest.approx({"ephys": 2 / 3, "ophys": 1 / 3}, abs=0.01)
+
+
+def test_a_model_file_whose_parameters_do_not_build_is_a_one_line_error_before_training(store, pretrained, tmp_path):
+    """A model file from another version of the code (here: a buffer this version does not have) is refused in one
+    line naming the file, and nothing is trained or written."""
+    ck = torch.load(pretrained / "model_best.pt", weights_only=True)
+    ck["state_dict"]["likelihood_head.tied_from"] = torch.tensor(-1)
+    odd = tmp_path / "odd.pt"
+    torch.save(ck, odd)
+    (tmp_path / "config.yaml").write_text((pretrained / "config.yaml").read_text())  # the run's settings beside it
+    with pytest.raises(SystemExit) as err:
+        finetune(ft_args(store, odd, tmp_path / "ft"))
+    message = str(err.value)
+    assert "\n" not in message and str(odd) in message
+    assert "do not fit the model" in message and "likelihood_head.tied_from" in message
+    assert not (tmp_path / "ft" / "metrics.json").exists() and not (tmp_path / "ft" / "model_last.pt").exists()

@@ -45,7 +45,11 @@ def model_from_checkpoint(ck: Mapping[str, Any], **config_changes: Any) -> Multi
     if config_changes:
         config = config.replace(**config_changes)
     model = MultiModalPOYO(config=config, n_units=ck["n_units"], n_sessions=ck["n_sessions"])
-    model.load_state_dict(ck["state_dict"])
+    try:
+        model.load_state_dict(ck["state_dict"])
+    except RuntimeError as exc:  # torch's message spans lines: the first key it names is enough to act on
+        detail = " ".join(str(exc).split("\n", 1)[-1].split())
+        raise ValueError(f"its parameters do not fit the model its config builds ({detail[:300]})") from None
     return model
 
 
