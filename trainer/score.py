@@ -60,7 +60,10 @@ def score(run: str, splits: tuple[str, ...] = SPLITS, weights: str = "best") -> 
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such model file (weights 'best' or 'last')")
     ck = load_model_file(path)
-    model = model_from_checkpoint(ck, amp=cfg.bf16)
+    try:
+        model = model_from_checkpoint(ck, amp=cfg.bf16)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     out = {}
     for split in splits:
         sc = dataclasses.replace(cfg.stream_config(split), score_train=True)
