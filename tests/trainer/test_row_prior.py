@@ -8,13 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.support.runs import assert_refused_without_pretraining, short_pretraining
+from tests.support.runs import HELD_OUT, assert_refused_without_pretraining, short_pretraining
 from tests.support.storegen import held_out_records, make_store
 from trainer.checkpoint import load_model_file
 from trainer.finetune import main as finetune
 from trainer.row_prior import SHRINK, fit_row_prior
-
-HELD_OUT = ["e2", "o2"]
 
 
 def shrunk_precision(x: np.ndarray) -> np.ndarray:
